@@ -1,0 +1,130 @@
+"""dtdispatch: fast dispatch for PyTorch DTensor.
+
+``accelerate(x)`` opts a DTensor (or every DTensor parameter and buffer of an ``nn.Module``) into dtdispatch;
+``to_torch(x)`` takes it back. ``stats()`` says where dispatch time goes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from dtdispatch import cache as _cache
+from dtdispatch import dispatcher as _dispatcher
+from dtdispatch import native as _native
+from dtdispatch._tensor import FastDTensor, as_fast, as_stock
+
+__all__ = [
+    "FastDTensor",
+    "accelerate",
+    "clear_cache",
+    "native_status",
+    "reset_stats",
+    "set_cache_capacity",
+    "stats",
+    "to_torch",
+]
+
+T = TypeVar("T")
+
+
+def _convert_module(module: nn.Module, convert: Any) -> None:
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if isinstance(param, DTensor):
+                new = nn.Parameter(convert(param.detach()), requires_grad=param.requires_grad)
+                if param.grad is not None:
+                    new.grad = convert(param.grad)
+                sub._parameters[name] = new
+        for name, buf in list(sub._buffers.items()):
+            if isinstance(buf, DTensor):
+                sub._buffers[name] = convert(buf)
+
+
+def accelerate(x: T) -> T:
+    """Opt ``x`` into dtdispatch.
+
+    A ``DTensor`` gives a ``FastDTensor`` sharing its local shard and spec (zero-copy; differentiable). An
+    ``nn.Module`` has its DTensor parameters (still ``nn.Parameter``, same ``requires_grad``) and buffers
+    converted in place and is returned. Create optimizers after this call: they hold parameter objects.
+    """
+    if isinstance(x, nn.Module):
+        _convert_module(x, as_fast)
+        return x
+    if isinstance(x, DTensor):
+        return as_fast(x)  # type: ignore[return-value]
+    raise TypeError(f"dtdispatch.accelerate expects a DTensor or an nn.Module, got {type(x).__name__}")
+
+
+def to_torch(x: T) -> T:
+    """The inverse of ``accelerate``: plain DTensors again (zero-copy)."""
+    if isinstance(x, nn.Module):
+        _convert_module(x, as_stock)
+        return x
+    if isinstance(x, DTensor):
+        return as_stock(x)  # type: ignore[return-value]
+    raise TypeError(f"dtdispatch.to_torch expects a DTensor or an nn.Module, got {type(x).__name__}")
+
+
+def _merge(total: dict[str, Any], part: dict[str, Any]) -> None:
+    for field in ("hits", "misses", "evictions"):
+        total[field] += part.get(field, 0)
+    total["entries"] += part.get("entries", 0)
+    for reason, n in part["bailouts"].items():
+        total["bailouts"][reason] = total["bailouts"].get(reason, 0) + n
+    for op, c in part["per_op"].items():
+        mine = total["per_op"].setdefault(op, {"hits": 0, "misses": 0, "bailouts": 0})
+        for field in ("hits", "misses", "bailouts"):
+            mine[field] += c[field]
+
+
+def stats() -> dict[str, Any]:
+    """Plan-cache telemetry of this process, aggregated over all threads (finished ones included).
+
+    Keys: ``hits``, ``misses``, ``entries`` (live plans), ``evictions``, ``bailouts`` {reason: count} (calls the
+    native path handed to Python, by reason), ``per_op`` {op: {hits, misses, bailouts}}, ``threads`` (the same
+    per live thread, by thread name), ``implementation`` ("native" or "python").
+    """
+    total: dict[str, Any] = {"hits": 0, "misses": 0, "entries": 0, "evictions": 0, "bailouts": {}, "per_op": {}}
+    retired = _cache.retired_totals()
+    retired["entries"] = 0
+    _merge(total, retired)
+    threads = {}
+    for thread_cache in _cache.all_caches():
+        snap = thread_cache.snapshot()
+        threads[thread_cache.thread_name] = snap
+        _merge(total, snap)
+    total["threads"] = threads
+    total["implementation"] = _dispatcher.active()
+    return total
+
+
+def reset_stats() -> None:
+    """Zero every counter (plans stay cached)."""
+    _cache.reset_retired()
+    for thread_cache in _cache.all_caches():
+        thread_cache.reset_stats()
+
+
+def clear_cache() -> None:
+    """Drop every cached plan in every thread (counters stay)."""
+    for thread_cache in _cache.all_caches():
+        thread_cache.entries.clear()
+
+
+def set_cache_capacity(capacity: int) -> None:
+    """Bound each thread's plan cache to ``capacity`` plans (LRU; evictions are counted)."""
+    if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
+        raise ValueError(f"cache capacity must be a positive int, got {capacity!r}")
+    _cache.set_default_capacity(capacity)
+
+
+def native_status() -> tuple[bool, str]:
+    """(whether the C extension is the active implementation, why)."""
+    active = _dispatcher.active() == "native"
+    return active, _native.REASON if active or _dispatcher.active() == _native.DEFAULT else "Python twin selected"
+
+

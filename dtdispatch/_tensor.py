@@ -1,0 +1,110 @@
+"""The dtdispatch tensor: a DTensor whose ops dispatch through dtdispatch (DESIGN §4)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._dtensor_spec import DTensorSpec
+
+__all__ = ["FastDTensor", "as_fast", "as_stock"]
+
+_new = torch.Tensor._dtensor__new__
+
+
+class FastDTensor(DTensor):
+    """A ``DTensor`` whose aten ops go through dtdispatch.
+
+    It *is* a DTensor (``isinstance``, ``placements``, ``to_local`` ...). Because it overrides
+    ``__torch_dispatch__``, torch's C++ routes every op with at least one FastDTensor argument here instead of
+    to its own fast path; outputs are FastDTensors, so a program stays on dtdispatch.
+    """
+
+    __slots__ = ()
+
+    # NOTE: __torch_dispatch__ is installed by dtdispatch.dispatcher (the native entry point, C or its Python
+    # twin), so that the hot path does not pay for an extra Python frame here.
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return (
+            f"FastDTensor(local_tensor={self._local_tensor}, device_mesh={self._spec.mesh}, "
+            f"placements={self._spec.placements})"
+        )
+
+    def redistribute(self, *args: Any, **kwargs: Any) -> FastDTensor:  # type: ignore[override]
+        return _ToFast.apply(DTensor.redistribute(self, *args, **kwargs))
+
+    @staticmethod
+    def from_local(  # type: ignore[override]
+        local_tensor: torch.Tensor,
+        device_mesh: Any = None,
+        placements: Sequence[Any] | None = None,
+        **kwargs: Any,
+    ) -> FastDTensor:
+        """``DTensor.from_local`` that returns a FastDTensor (autograd-correct)."""
+        return _ToFast.apply(DTensor.from_local(local_tensor, device_mesh, placements, **kwargs))
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        # NOTE: pickles as a stock DTensor plus a rebuild hook, so torch.load never needs to trust a new
+        # global beyond dtdispatch's own function (see _rebuild).
+        return (_rebuild, (as_stock(self.detach()), self.requires_grad))
+
+
+def _rebuild(stock: DTensor, requires_grad: bool) -> FastDTensor:
+    out = _new(FastDTensor, stock._local_tensor, stock._spec, requires_grad=requires_grad)
+    return out
+
+
+def _fast_from(t: DTensor) -> FastDTensor:
+    return _new(FastDTensor, t._local_tensor, t._spec, requires_grad=t.requires_grad)
+
+
+class _ToFast(torch.autograd.Function):
+    """Zero-copy DTensor -> FastDTensor that keeps the autograd graph (gradients pass through unchanged)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: DTensor) -> FastDTensor:  # type: ignore[override]
+        return _new(FastDTensor, t._local_tensor, t._spec, requires_grad=False)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Any) -> Any:  # type: ignore[override]
+        return grad
+
+
+class _ToStock(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, t: DTensor) -> DTensor:  # type: ignore[override]
+        return _new(DTensor, t._local_tensor, t._spec, requires_grad=False)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Any) -> Any:  # type: ignore[override]
+        return grad
+
+
+def as_fast(t: DTensor) -> FastDTensor:
+    """The FastDTensor view of ``t`` (same local shard, same spec). Differentiable when ``t`` needs grad."""
+    if type(t) is FastDTensor:
+        return t
+    if not isinstance(t, DTensor):
+        raise TypeError(f"dtdispatch.accelerate expects a DTensor or an nn.Module, got {type(t).__name__}")
+    if t.requires_grad and not t.is_leaf:
+        return _ToFast.apply(t)
+    return _fast_from(t)
+
+
+def as_stock(t: DTensor) -> DTensor:
+    """The plain DTensor view of ``t``: the way back from dtdispatch."""
+    if type(t) is DTensor:
+        return t
+    if not isinstance(t, DTensor):
+        raise TypeError(f"dtdispatch.to_torch expects a DTensor or an nn.Module, got {type(t).__name__}")
+    if t.requires_grad and not t.is_leaf:
+        return _ToStock.apply(t)
+    return _new(DTensor, t._local_tensor, t._spec, requires_grad=t.requires_grad)
+
+
+def wrap_spec(local: torch.Tensor, spec: DTensorSpec) -> FastDTensor:
+    """The output constructor (torch's ``OpDispatcher.wrap`` for one tensor)."""
+    return _new(FastDTensor, local, spec, requires_grad=local.requires_grad)

@@ -1,0 +1,312 @@
+"""The sharding cache key, the plan and the per-thread plan cache.
+
+The key rules are DESIGN §5 (torch 2.13's ``OpSchema`` comparison key), with one declared deviation, see
+``scalar_value_free_ops``. ``build_key`` is the specification that ``native/_speedups.c`` mirrors block by
+block; change both together.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch._ops import OpOverload
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._dtensor_spec import DTensorSpec
+from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
+
+__all__ = [
+    "KWARG_SEPARATOR",
+    "Plan",
+    "ThreadCache",
+    "build_key",
+    "schema_info",
+    "scalar_value_free_ops",
+    "thread_cache",
+]
+
+_propagator = DTensor._op_dispatcher.sharding_propagator
+
+# Marker objects inside keys. They are module singletons so the C code can compare by identity.
+KWARG_SEPARATOR = object()
+"""Separates positional entries from (name, value) kwarg entries in a key."""
+_LIST = object()
+"""Starts a list argument's entry: (_LIST, len, elements...)."""
+_SCALAR_TENSOR = object()
+"""A plain one-element tensor taken as Replicate: (_SCALAR_TENSOR, shape, stride, dtype)."""
+_UNKEYED = object()
+"""A non-tensor argument whose value torch leaves out of the key (index < static_argnum)."""
+
+_DEFAULT_SCHEMA_INFO = RuntimeSchemaInfo()
+
+
+def schema_info(op: OpOverload) -> RuntimeSchemaInfo:
+    """torch's declared ``RuntimeSchemaInfo`` for ``op`` (read at run time, never a copy)."""
+    info = _propagator.op_to_schema_info.get(op)
+    if info is None:
+        info = _propagator.op_to_schema_info_for_single_dim_strategy.get(op)
+    return _DEFAULT_SCHEMA_INFO if info is None else info
+
+
+def _is_torch_pointwise_rule(op: OpOverload) -> bool:
+    entry = _propagator.op_single_dim_strategy_funcs.get(op)
+    func = getattr(entry, "func", None)
+    return getattr(func, "__qualname__", "") == "_register_single_dim_pointwise.<locals>.strategy_fn"
+
+
+def scalar_value_free_ops() -> frozenset[OpOverload]:
+    """Ops whose Python-scalar arguments enter the key by type, not by value.
+
+    torch 2.13 registers every pointwise op with ``static_argnum=0``, so ``x / 0.999`` and ``x / 0.998`` get
+    different cache entries: an optimizer's step-varying bias corrections add one entry per step
+    (pytorch#178276 and kin). The pointwise rule (``_register_single_dim_pointwise``'s ``strategy_fn``) reads
+    only the tensor arguments' metadata, and the output's metadata depends on a scalar's type (dtype
+    promotion), never its value. So for exactly these ops the key holds ``type(scalar)``.
+    NOTE: the set is derived from torch's registry at import; do not hand-maintain it. An op registered with
+    any other rule keeps torch's value keys.
+    """
+    return frozenset(op for op in _propagator.op_single_dim_strategy_funcs if _is_torch_pointwise_rule(op))
+
+
+_VALUE_FREE_OPS = scalar_value_free_ops()
+_SCALAR_TYPES = (bool, int, float, complex)
+
+
+def _tensor_entry(arg: torch.Tensor) -> object | None:
+    """Rules 2–3 for one tensor: its spec, a scalar-tensor marker, or None (no key)."""
+    if isinstance(arg, DTensor):
+        spec = arg._spec
+        meta = spec.tensor_meta
+        # NOTE: symbolic sizes belong to one trace's ShapeEnv; caching them replays stale symbols.
+        if meta is None or not all(type(s) is int for s in meta.shape):
+            return None
+        return spec
+    if arg.numel() == 1 and arg.ndim == 0:
+        # NOTE: ndim == 0 only: a (1,)-shaped plain tensor makes torch warn on every call, so it takes the
+        # slow path, which warns exactly as torch does.
+        return (_SCALAR_TENSOR, tuple(arg.shape), arg.stride(), arg.dtype)
+    # Non-scalar plain tensor: torch raises (or replicates under implicit replication) on the slow path.
+    return None
+
+
+def _value_entry(value: object, keyed: bool, by_type: bool) -> object:
+    if value is None:
+        return None
+    if not keyed:
+        return _UNKEYED
+    if by_type and type(value) in _SCALAR_TYPES:
+        return type(value)
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def build_key(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[object, ...] | None:
+    """The plan-cache key of one call, or None when the call must not be cached (DESIGN §5).
+
+    Two calls get equal keys exactly when torch's ``OpSchema`` comparison keys are equal (tested against
+    torch), except that scalars of ``scalar_value_free_ops`` are keyed by type.
+    """
+    info = schema_info(op)
+    static_argnum = info.static_argnum
+    by_type = op in _VALUE_FREE_OPS
+    # Rule 1: args arrive with trailing defaulted arguments already dropped by the dispatcher, so
+    # len(args) is torch's args_schema_len.
+    key: list[object] = [op, len(args)]
+    has_dtensor = False
+    for index, arg in enumerate(args):
+        if isinstance(arg, torch.Tensor):
+            entry = _tensor_entry(arg)
+            if entry is None:
+                return None
+            has_dtensor = has_dtensor or isinstance(arg, DTensor)
+            key.append(entry)
+        elif isinstance(arg, (list, tuple)) and any(isinstance(e, torch.Tensor) for e in arg):
+            # Rule 4: a list holding tensors (cat, stack, _foreach_*).
+            key.append(_LIST)
+            key.append(len(arg))
+            for element in arg:
+                if isinstance(element, torch.Tensor):
+                    entry = _tensor_entry(element)
+                    if entry is None:
+                        return None
+                    has_dtensor = has_dtensor or isinstance(element, DTensor)
+                    key.append(entry)
+                else:
+                    key.append(_value_entry(element, index >= static_argnum, by_type))
+        else:
+            # Rule 5.
+            key.append(_value_entry(arg, index >= static_argnum, by_type))
+    if kwargs:
+        # Rule 6. NOTE: tensor kwargs always enter the key, even where torch's static_kwargkey is None: a
+        # finer key only costs a miss, a coarser one replays the wrong spec.
+        static_kwargs = info.static_kwargkey or ()
+        key.append(KWARG_SEPARATOR)
+        for name, value in kwargs.items():
+            if isinstance(value, torch.Tensor):
+                entry = _tensor_entry(value)
+                if entry is None:
+                    return None
+                has_dtensor = has_dtensor or isinstance(value, DTensor)
+                key.append((name, entry))
+            elif name in static_kwargs:
+                key.append((name, _value_entry(value, True, by_type)))
+            elif isinstance(value, (list, tuple)) and any(isinstance(e, torch.Tensor) for e in value):
+                return None  # tensor lists in kwargs are rare; let the slow path decide each time
+    # Rule 7: no DTensor anywhere means torch's "no mesh" error, raised by the slow path.
+    return tuple(key) if has_dtensor else None
+
+
+# Output kinds of a plan.
+NEW = 0
+VIEW = 1
+INPLACE = 2
+OUT = 3
+EQUAL = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What the slow path decided for one key; replayed on every hit. Treat as immutable.
+
+    ``transforms`` has one entry per flattened positional argument: None (use the local tensor as is) or the
+    target ``DTensorSpec`` to redistribute to. ``rewritten_args`` holds the flattened positional values that
+    replace non-tensor arguments (sharded view shapes), or None. ``fast`` is True when the native path may run
+    the plan without Python (see ``native._native.fast_dispatch``); otherwise ``reason`` names why not.
+    """
+
+    op_call: OpOverload
+    mesh: Any
+    output_spec: Any
+    kind: int
+    transforms: tuple[DTensorSpec | None, ...] | None
+    communicates: bool
+    rewritten_args: tuple[object, ...] | None
+    needs_pytree: bool
+    random: bool
+    participating: bool
+    fast: bool
+    reason: str
+
+
+_registry_lock = threading.Lock()
+_all_caches: weakref.WeakSet[ThreadCache] = weakref.WeakSet()
+_retired: dict[str, Any] = {"hits": 0, "misses": 0, "evictions": 0, "bailouts": {}, "per_op": {}}
+"""Counters of finished threads (their caches are freed, their counts stay in the totals)."""
+_default_capacity = 4096
+
+
+class ThreadCache:
+    """One thread's plan cache (bounded LRU) and its counters.
+
+    NOTE: not locked. Every method runs with the GIL held and a ThreadCache is only ever touched by its own
+    thread (``thread_cache()``), except ``snapshot()`` and ``clear()`` which copy/replace whole containers.
+    """
+
+    __slots__ = ("__weakref__", "bailouts", "capacity", "entries", "evicted", "per_op", "thread_name")
+
+    def __init__(self, capacity: int) -> None:
+        self.entries: OrderedDict[tuple[object, ...], Plan] = OrderedDict()
+        self.capacity = capacity
+        self.evicted = [0]  # a box, so the finalizer can fold it in after the cache is gone
+        # per_op[op] = [hits, misses, bailouts]: lists so the hot path increments in place.
+        self.per_op: dict[OpOverload, list[int]] = {}
+        self.bailouts: dict[str, int] = {}
+        self.thread_name = threading.current_thread().name
+        with _registry_lock:
+            _all_caches.add(self)
+        weakref.finalize(self, _retire, self.per_op, self.bailouts, self.evicted)
+
+    def insert(self, key: tuple[object, ...], plan: Plan) -> None:
+        entries = self.entries
+        entries[key] = plan
+        if len(entries) > self.capacity:
+            entries.popitem(last=False)
+            self.evicted[0] += 1
+
+    def count_bailout(self, op: OpOverload, reason: str) -> None:
+        self.bailouts[reason] = self.bailouts.get(reason, 0) + 1
+        self.op_counters(op)[2] += 1
+
+    def op_counters(self, op: OpOverload) -> list[int]:
+        counters = self.per_op.get(op)
+        if counters is None:
+            counters = self.per_op[op] = [0, 0, 0]
+        return counters
+
+    def snapshot(self) -> dict[str, Any]:
+        per_op = {str(op): {"hits": c[0], "misses": c[1], "bailouts": c[2]} for op, c in list(self.per_op.items())}
+        return {
+            "hits": sum(c["hits"] for c in per_op.values()),
+            "misses": sum(c["misses"] for c in per_op.values()),
+            "entries": len(self.entries),
+            "evictions": self.evicted[0],
+            "bailouts": dict(self.bailouts),
+            "per_op": per_op,
+        }
+
+    def reset_stats(self) -> None:
+        self.per_op.clear()
+        self.bailouts.clear()
+        self.evicted[0] = 0
+
+
+def _retire(per_op: dict[OpOverload, list[int]], bailouts: dict[str, int], evicted: list[int]) -> None:
+    """Fold a finished thread's counters into the process totals (its plans are already freed)."""
+    with _registry_lock:
+        _retired["evictions"] += evicted[0]
+        for op, (h, m, b) in per_op.items():
+            c = _retired["per_op"].setdefault(str(op), {"hits": 0, "misses": 0, "bailouts": 0})
+            c["hits"] += h
+            c["misses"] += m
+            c["bailouts"] += b
+            _retired["hits"] += h
+            _retired["misses"] += m
+        for reason, n in bailouts.items():
+            _retired["bailouts"][reason] = _retired["bailouts"].get(reason, 0) + n
+
+
+_local = threading.local()
+
+
+def thread_cache() -> ThreadCache:
+    """This thread's cache, created on first use; freed with the thread (``threading.local``)."""
+    cache = getattr(_local, "cache", None)
+    if cache is None:
+        cache = _local.cache = ThreadCache(_default_capacity)
+    return cache
+
+
+def set_default_capacity(capacity: int) -> None:
+    global _default_capacity
+    _default_capacity = capacity
+    for cache in list(_all_caches):
+        cache.capacity = capacity
+        while len(cache.entries) > capacity:
+            cache.entries.popitem(last=False)
+            cache.evicted[0] += 1
+
+
+def all_caches() -> list[ThreadCache]:
+    with _registry_lock:
+        return list(_all_caches)
+
+
+def retired_totals() -> dict[str, Any]:
+    with _registry_lock:
+        return {
+            "hits": _retired["hits"],
+            "misses": _retired["misses"],
+            "evictions": _retired["evictions"],
+            "bailouts": dict(_retired["bailouts"]),
+            "per_op": {k: dict(v) for k, v in _retired["per_op"].items()},
+        }
+
+
+def reset_retired() -> None:
+    with _registry_lock:
+        _retired.update(hits=0, misses=0, evictions=0, bailouts={}, per_op={})

@@ -1,0 +1,115 @@
+"""The slow path: ask torch's sharding propagator, write the plan, run it (DESIGN §2).
+
+The native entry (``native._speedups.dispatch`` or its twin) is FastDTensor's ``__torch_dispatch__``; it calls
+``slow_path`` for everything it does not replay itself.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch._ops import OpOverload
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._op_schema import OutputSharding
+from torch.utils import _pytree as pytree
+
+from dtdispatch import cache as _cache
+from dtdispatch import native as _native_pkg
+from dtdispatch._tensor import FastDTensor
+from dtdispatch.local_results import execute, make_plan
+
+__all__ = ["install", "slow_path"]
+
+_op_dispatcher = DTensor._op_dispatcher
+_custom_handlers = _op_dispatcher._custom_op_handlers
+
+
+def _to_fast(result: object) -> object:
+    def convert(t: object) -> object:
+        if isinstance(t, DTensor) and type(t) is not FastDTensor:
+            return torch.Tensor._dtensor__new__(FastDTensor, t._local_tensor, t._spec, requires_grad=t.requires_grad)
+        return t
+
+    return pytree.tree_map(convert, result)
+
+
+def _keys_every_rewritten_value(op: OpOverload, args: tuple[Any, ...], sharding: OutputSharding) -> bool:
+    """False when the plan would replay a rewritten value that the key does not pin.
+
+    A sharded view's plan stores the local shape computed from the call's shape argument; that is only safe to
+    replay when the argument is part of the key (index >= static_argnum, keyed by value).
+    """
+    if not sharding.use_val_from_redistribute_schema:
+        return True
+    if op in _cache._VALUE_FREE_OPS:
+        return False
+    static_argnum = _cache.schema_info(op).static_argnum
+    return all(
+        index >= static_argnum or arg is None or isinstance(arg, torch.Tensor)
+        for index, arg in enumerate(args)
+    )
+
+
+def slow_path(
+    op: OpOverload,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    reason: str,
+    key: tuple[object, ...] | None,
+    plan: Any,
+) -> object:
+    """Handle one call the native path handed over. ``plan`` is set on a hit whose plan is not ``fast``."""
+    cache = _cache.thread_cache()
+    cache.count_bailout(op, reason)
+    if plan is not None:
+        # The decision is cached; only its execution needs Python (no new sharding propagation).
+        return execute(plan, op, args, kwargs)
+    if reason == "custom handler":
+        return _to_fast(_custom_handlers[op](op, args, kwargs))
+    op_info = _op_dispatcher.unwrap_to_op_info(op, args, kwargs)
+    # torch's own slow path: non-cached propagation, torch's exception types and messages, and the
+    # CompositeImplicitAutograd decomposition when no strategy exists.
+    sharding = _op_dispatcher._propagate_op_sharding_dispatch_slow_path(op, args, kwargs, op_info, try_cache=False)
+    if not isinstance(sharding, OutputSharding):
+        cache.count_bailout(op, "decomposition")
+        return sharding
+    cacheable = key is not None and _keys_every_rewritten_value(op, args, sharding)
+    new_plan = make_plan(op, op_info, sharding, cacheable=cacheable)
+    if key is not None and cacheable:
+        cache.insert(key, new_plan)
+    return execute(new_plan, op, args, kwargs)
+
+
+_active = ""
+
+
+def install(name: str) -> None:
+    """Make implementation ``name`` ("native" or "python") FastDTensor's ``__torch_dispatch__``."""
+    global _active
+    impls: dict[str, ModuleType] = _native_pkg.implementations()
+    if name not in impls:
+        raise ValueError(f"dtdispatch implementation {name!r} is not available (have {sorted(impls)}): "
+                         f"{_native_pkg.REASON}")
+    module = impls[name]
+    module.configure(
+        {
+            "slow_path": slow_path,
+            "custom_ops": frozenset(_custom_handlers),
+            "dtensor_type": DTensor,
+            "tensor_type": torch.Tensor,
+            "fast_type": FastDTensor,
+            "new": torch.Tensor._dtensor__new__,
+            "thread_cache": _cache.thread_cache,
+        }
+    )
+    FastDTensor.__torch_dispatch__ = classmethod(module.dispatch)  # type: ignore[assignment]
+    _active = name
+
+
+def active() -> str:
+    return _active
+
+
+install(_native_pkg.DEFAULT)
