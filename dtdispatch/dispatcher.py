@@ -52,6 +52,20 @@ def _keys_every_rewritten_value(op: OpOverload, args: tuple[Any, ...], sharding:
     )
 
 
+def _raise_if_mixed(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """torch's C++ error for a plain multi-element tensor beside DTensors (same type, same message)."""
+    if _op_dispatcher._allow_implicit_replication:
+        return
+    leaves = pytree.tree_leaves((args, kwargs))
+    if any(isinstance(t, DTensor) for t in leaves) and any(
+        isinstance(t, torch.Tensor) and not isinstance(t, DTensor) and t.numel() != 1 for t in leaves
+    ):
+        raise RuntimeError(
+            f"{op} got mixed torch.Tensor and DTensor, need to convert all torch.Tensor to DTensor before "
+            "calling distributed operators!"
+        )
+
+
 def slow_path(
     op: OpOverload,
     args: tuple[Any, ...],
@@ -68,6 +82,8 @@ def slow_path(
         return execute(plan, op, args, kwargs)
     if reason == "custom handler":
         return _to_fast(_custom_handlers[op](op, args, kwargs))
+    if reason == "no key":
+        _raise_if_mixed(op, args, kwargs)
     op_info = _op_dispatcher.unwrap_to_op_info(op, args, kwargs)
     # torch's own slow path: non-cached propagation, torch's exception types and messages, and the
     # CompositeImplicitAutograd decomposition when no strategy exists.
