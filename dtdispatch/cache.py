@@ -144,19 +144,26 @@ def build_key(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
     if kwargs:
         # Rule 6. NOTE: tensor kwargs always enter the key, even where torch's static_kwargkey is None: a
         # finer key only costs a miss, a coarser one replays the wrong spec.
+        # The separator only appears when an entry follows, so kwargs that do not count (alpha=2 on add)
+        # leave the key equal to the call without them, as in torch.
         static_kwargs = info.static_kwargkey or ()
-        key.append(KWARG_SEPARATOR)
+        separated = False
         for name, value in kwargs.items():
             if isinstance(value, torch.Tensor):
                 entry = _tensor_entry(value)
                 if entry is None:
                     return None
                 has_dtensor = has_dtensor or isinstance(value, DTensor)
-                key.append((name, entry))
             elif name in static_kwargs:
-                key.append((name, _value_entry(value, True, by_type)))
+                entry = _value_entry(value, True, by_type)
             elif isinstance(value, (list, tuple)) and any(isinstance(e, torch.Tensor) for e in value):
                 return None  # tensor lists in kwargs are rare; let the slow path decide each time
+            else:
+                continue
+            if not separated:
+                key.append(KWARG_SEPARATOR)
+                separated = True
+            key.append((name, entry))
     # Rule 7: no DTensor anywhere means torch's "no mesh" error, raised by the slow path.
     return tuple(key) if has_dtensor else None
 
