@@ -24,7 +24,6 @@ from torch.distributed.tensor._utils import (
     ExplicitRedistributionContext,
     _format_implicit_redistribution_msg,
 )
-from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import return_and_correct_aliasing
 
 from dtdispatch._tensor import FastDTensor
@@ -76,7 +75,7 @@ def make_plan(op: OpOverload, op_info: OpInfo, sharding: OutputSharding, *, cach
         if schema is None:
             raise AssertionError(f"{op}: needs_redistribute without a redistribute_schema")
         flat_target = (
-            tuple(pytree.tree_leaves(schema.args_schema)) if op_info.args_tree_spec is not None else schema.args_schema
+            tuple(_flatten(schema.args_schema)[0]) if op_info.args_tree_spec is not None else schema.args_schema
         )
         targets: list[DTensorSpec | None] = []
         for i, current in enumerate(op_info.flat_args_schema):
@@ -168,10 +167,50 @@ def _non_participating_results(op: OpOverload, spec: object) -> object:
     raise AssertionError(f"{op}: unexpected output spec {spec!r}")
 
 
+def _flatten(args: tuple[Any, ...]) -> tuple[list[Any], list[Any]]:
+    """``pytree.tree_flatten(args)`` for aten argument tuples, without pytree's cost.
+
+    aten arguments nest one level (``Tensor[]``, ``Tensor?[]``, ``int[]``). Like pytree, ``None`` is a node
+    without leaves, so it is not in ``flat``: torch's plan indices (``flat_args_schema``) count this way.
+    ``shape`` records how to rebuild: None, "leaf", or (list/tuple type, per-element is-None flags).
+    """
+    flat: list[Any] = []
+    shape: list[Any] = []
+    for arg in args:
+        if arg is None:
+            shape.append(None)
+        elif type(arg) is list or type(arg) is tuple:
+            flags = tuple(e is None for e in arg)
+            if any(type(e) is list or type(e) is tuple for e in arg):
+                raise NotImplementedError("dtdispatch: nested list arguments are not supported")
+            flat.extend(e for e in arg if e is not None)
+            shape.append((type(arg), flags))
+        else:
+            flat.append(arg)
+            shape.append("leaf")
+    return flat, shape
+
+
+def _unflatten(flat: list[Any], shape: list[Any]) -> list[Any]:
+    """The inverse of ``_flatten`` (extra trailing leaves, from a rewrite, are appended)."""
+    out: list[Any] = []
+    it = iter(flat)
+    for entry in shape:
+        if entry is None:
+            out.append(None)
+        elif entry == "leaf":
+            out.append(next(it))
+        else:
+            kind, flags = entry
+            out.append(kind(None if is_none else next(it) for is_none in flags))
+    out.extend(it)
+    return out
+
+
 def _local_args(plan: Plan, op: OpOverload, args: tuple[Any, ...]) -> tuple[list[Any], Any]:
     """Flattened positional args with DTensors unwrapped, redistributed and rewritten per the plan."""
     if plan.needs_pytree:
-        flat, tree = pytree.tree_flatten(args)
+        flat, tree = _flatten(args)
     else:
         flat, tree = list(args), None
     transforms = plan.transforms
@@ -221,7 +260,7 @@ def execute(plan: Plan, op: OpOverload, args: tuple[Any, ...], kwargs: dict[str,
     """Run ``plan`` for this call: local results, then the output kind's return semantics."""
     if plan.participating:
         local_args, tree = _local_args(plan, op, args)
-        call_args = pytree.tree_unflatten(local_args, tree) if tree is not None else local_args
+        call_args = _unflatten(local_args, tree) if tree is not None else local_args
         local_kwargs = {k: (v._local_tensor if isinstance(v, DTensor) else v) for k, v in kwargs.items()}
         if plan.random:
             local_results = _run_random(op, args, call_args, local_kwargs, plan.mesh)
