@@ -1,0 +1,45 @@
+# Two commands on a fresh machine (Python 3.10+ and gcc): `make demo` and `make test`.
+# Both create or reuse the project-local virtual environment $(VENV) and install what they need.
+
+VENV ?= .venv
+PYTHON ?= python3
+# The local CPU build. Never leave torch unpinned here: a bare `torch` pulls a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS ?= test,mpi
+PYTEST_ARGS ?=
+
+PY := $(VENV)/bin/python
+# Reinstall when the build inputs change (the native sources included, once they exist).
+STAMP := $(VENV)/.dtdispatch-installed
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard dtdispatch/native/*.c dtdispatch/native/*.h)
+
+.PHONY: install demo test lint clean
+
+install: $(STAMP)
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): $(BUILD_INPUTS) | $(PY)
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
+	touch $@
+
+# The main job. For now: the launch smoke workload on 2 CPU ranks.
+demo: $(STAMP)
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 launch/smoke.py
+
+# The whole suite. No -n: the multi-rank tests already keep both cores busy (see README).
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+lint: $(VENV)/.dtdispatch-dev
+	$(VENV)/bin/ruff check dtdispatch launch tests setup.py
+	$(VENV)/bin/mypy dtdispatch
+
+$(VENV)/.dtdispatch-dev: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[$(EXTRAS),dev]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,24 @@
+"""Build script. The package is pure Python for now; the native core (dtdispatch/native, a C
+extension built with gcc and Python.h only) adds its ``Extension`` to ``ext_modules`` below.
+
+``DTDISPATCH_REQUIRE_NATIVE=1`` (set by .ci/run) makes a failed extension build fatal; without
+it the extension is optional and dtdispatch falls back to its Python twin (and says so at import).
+"""
+
+import os
+
+from setuptools import Extension, setup
+
+REQUIRE_NATIVE = os.environ.get("DTDISPATCH_REQUIRE_NATIVE") == "1"
+
+# Each native Extension must be declared with optional=not REQUIRE_NATIVE.
+ext_modules: list[Extension] = [
+    Extension(
+        "dtdispatch.native._speedups",
+        ["dtdispatch/native/_speedups.c"],
+        optional=not REQUIRE_NATIVE,
+        extra_compile_args=["-Wall", "-Wextra", "-O2"],
+    ),
+]
+
+setup(ext_modules=ext_modules)
