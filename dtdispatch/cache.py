@@ -198,6 +198,10 @@ class Plan:
     participating: bool
     fast: bool
     reason: str
+    out_names: tuple[str, ...]
+    """OUT plans: the ``out=`` argument names in schema order (their specs are ``output_spec``)."""
+    alias_pairs: tuple[tuple[int, int], ...]
+    """VIEW plans: (argument index, return index) pairs whose storages ``return_and_correct_aliasing`` ties."""
 
 
 _registry_lock = threading.Lock()

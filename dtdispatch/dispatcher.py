@@ -118,6 +118,7 @@ def install(name: str) -> None:
             "fast_type": FastDTensor,
             "new": torch.Tensor._dtensor__new__,
             "thread_cache": _cache.thread_cache,
+            "unsafe_set": torch._functionalize_unsafe_set,
         }
     )
     FastDTensor.__torch_dispatch__ = classmethod(module.dispatch)  # type: ignore[assignment]

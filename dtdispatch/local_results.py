@@ -24,7 +24,7 @@ from torch.distributed.tensor._utils import (
     ExplicitRedistributionContext,
     _format_implicit_redistribution_msg,
 )
-from torch.utils._python_dispatch import return_and_correct_aliasing
+from torch.utils._python_dispatch import get_alias_info, return_and_correct_aliasing
 
 from dtdispatch._tensor import FastDTensor
 from dtdispatch.cache import EQUAL, INPLACE, NEW, OUT, VIEW, Plan
@@ -96,20 +96,31 @@ def make_plan(op: OpOverload, op_info: OpInfo, sharding: OutputSharding, *, cach
     kind = _output_kind(op)
     random = op in _RANDOM_OPS
     needs_pytree = op_info.args_tree_spec is not None
+    spec = sharding.output_spec
+    # NOTE: each condition below is something the native replay does not do. Widening the fast path means
+    # teaching _native.dispatch (and the C mirror) the case first, then removing its line here.
     if not cacheable:
         reason = "unkeyed rewrite"
     elif not participating:
         reason = "non-participating"
     elif random:
         reason = "random"
-    elif transforms is not None or rewritten is not None or op_call is not op:
+    elif transforms is not None:
         reason = "needs redistribution"
-    elif kind in (INPLACE, OUT):
-        reason = "in-place/out"
-    elif kind != NEW or needs_pytree or op_info.local_kwargs:
+    elif rewritten is not None and needs_pytree:
         reason = "python-only plan"
+    elif kind == INPLACE and spec is not None and (
+        not isinstance(spec, DTensorSpec) or op_info.flat_args_schema[0].placements != spec.placements
+    ):
+        reason = "in-place placement change"
+    elif kind == EQUAL:
+        reason = "equal"
     else:
         reason = ""
+    out_names = tuple(a.name for a in op._schema.arguments if a.is_out) if kind == OUT else ()
+    alias_pairs = (
+        tuple(get_alias_info(op).read_only_alias_match_indexes) if kind == VIEW else ()
+    )
     return Plan(
         op_call=op_call,
         mesh=op_info.compute_mesh,
@@ -123,6 +134,8 @@ def make_plan(op: OpOverload, op_info: OpInfo, sharding: OutputSharding, *, cach
         participating=participating,
         fast=not reason,
         reason=reason,
+        out_names=out_names,
+        alias_pairs=alias_pairs,
     )
 
 

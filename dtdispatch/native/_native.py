@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dtdispatch.cache import build_key, thread_cache
+from dtdispatch.cache import INPLACE, OUT, VIEW, build_key, thread_cache
 
 __all__ = ["build_key", "configure", "dispatch"]
 
@@ -45,20 +45,65 @@ def dispatch(cls: type, func: Any, types: Any, args: tuple[Any, ...] = (), kwarg
     counters[0] += 1
     if not plan.fast:
         return c["slow_path"](func, args, kwargs, plan.reason, key, plan)
-    # Block: replay (participating, no redistribution, not random, new outputs, positional args only).
+    # Block: unwrap (the plan is participating, not random, with no redistribution).
     dtensor_type = c["dtensor_type"]
-    local = [a._local_tensor if isinstance(a, dtensor_type) else a for a in args]
-    result = plan.op_call(*local)
-    # Block: wrap.
-    return _wrap(result, plan.output_spec, c["fast_type"], c["new"])
+    if plan.needs_pytree:
+        # aten lists nest one level: unwrap DTensors inside list/tuple arguments.
+        local: list[Any] = [
+            type(a)(e._local_tensor if isinstance(e, dtensor_type) else e for e in a)
+            if type(a) is list or type(a) is tuple
+            else (a._local_tensor if isinstance(a, dtensor_type) else a)
+            for a in args
+        ]
+    elif plan.rewritten_args is None:
+        local = [a._local_tensor if isinstance(a, dtensor_type) else a for a in args]
+    else:
+        # Sharded views: non-tensor positions take the plan's rewritten values (local shapes), and values
+        # the rewrite appended come last.
+        rewritten = plan.rewritten_args
+        tensor_type = c["tensor_type"]
+        local = [
+            a._local_tensor if isinstance(a, dtensor_type) else (a if isinstance(a, tensor_type) else rewritten[i])
+            for i, a in enumerate(args)
+        ]
+        local.extend(rewritten[len(args):])
+    # Block: local op.
+    if kwargs:
+        local_kwargs = {k: (v._local_tensor if isinstance(v, dtensor_type) else v) for k, v in kwargs.items()}
+        result = plan.op_call(*local, **local_kwargs)
+    else:
+        result = plan.op_call(*local)
+    # Block: return, by output kind (torch's _dispatch_fast_path_python_tail and wrap).
+    kind = plan.kind
+    if kind == INPLACE:
+        # The plan is fast only when placements do not change: return self, as torch does.
+        return args[0] if plan.output_spec is not None else None
+    if kind == OUT:
+        spec = plan.output_spec
+        specs = spec if isinstance(spec, tuple) else (spec,)
+        outs = [kwargs[name] for name in plan.out_names]
+        for out, out_spec in zip(outs, specs):
+            out._spec = out_spec
+        return tuple(outs) if len(outs) > 1 else outs[0]
+    wrapped = _wrap(result, plan.output_spec, c["fast_type"], c["new"], c["tensor_type"])
+    if kind == VIEW:
+        # return_and_correct_aliasing's storage fix for views (torch._functionalize_unsafe_set).
+        outs_tuple = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+        unsafe_set = c["unsafe_set"]
+        for arg_index, return_index in plan.alias_pairs:
+            ret = outs_tuple[return_index]
+            for r in ret if isinstance(ret, list) else (ret,):
+                unsafe_set(r, args[arg_index])
+    return wrapped
 
 
-def _wrap(result: Any, spec: Any, fast_type: type, new: Any) -> Any:
-    if spec is None:
-        return result
+def _wrap(result: Any, spec: Any, fast_type: type, new: Any, tensor_type: type) -> Any:
+    """torch's ``OpDispatcher.wrap`` with FastDTensor outputs (a spec-less tensor output is a 0-d tensor)."""
+    if isinstance(result, tensor_type):
+        if spec is None:
+            return result
+        return new(fast_type, result, spec, requires_grad=result.requires_grad)
     if isinstance(result, (tuple, list)):
-        wrapped = [_wrap(r, s, fast_type, new) for r, s in zip(result, spec)]
+        wrapped = [_wrap(r, s, fast_type, new, tensor_type) for r, s in zip(result, spec)]
         return tuple(wrapped) if isinstance(result, tuple) else wrapped
-    if result is None:
-        return None
-    return new(fast_type, result, spec, requires_grad=result.requires_grad)
+    return result
