@@ -15,7 +15,7 @@ import torch.distributed.tensor._random as dt_random
 from torch._logging import LazyString
 from torch._ops import OpOverload
 from torch._prims.rng_prims import run_dtensor_rng_op
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor._op_schema import OpInfo, OutputSharding
 from torch.distributed.tensor._random import is_rng_supported_mesh
@@ -62,6 +62,38 @@ def _communicates(src: DTensorSpec, dst: DTensorSpec) -> bool:
     return any(s != d and not (s.is_replicate() and d.is_shard()) for s, d in zip(src.placements, dst.placements))
 
 
+def _local_chunk(
+    local: torch.Tensor, src: DTensorSpec, dst: DTensorSpec
+) -> tuple[int, int, int] | None:
+    """(dim, offset, length) when src -> dst is one Replicate -> Shard(d) step that torch runs as a local
+    chunk, verified against torch's ``redistribute_local_tensor`` on this very tensor; else None."""
+    if src.mesh != dst.mesh or len(src.placements) != len(dst.placements):
+        return None
+    changed = [i for i, (s, d) in enumerate(zip(src.placements, dst.placements)) if s != d]
+    if len(changed) != 1:
+        return None
+    mesh_dim = changed[0]
+    s, d = src.placements[mesh_dim], dst.placements[mesh_dim]
+    if not (s.is_replicate() and type(d) is Shard) or any(type(p) is not Shard for p in dst.placements if p.is_shard()):
+        return None
+    coordinate = src.mesh.get_coordinate()
+    if coordinate is None:
+        return None
+    dim = cast(Shard, d).dim
+    length, offset = Shard.local_shard_size_and_offset(local.size(dim), src.mesh.size(mesh_dim), coordinate[mesh_dim])
+    candidate = local.narrow(dim, offset, length).clone()
+    reference = redistribute_local_tensor(local, src, dst)
+    same = (
+        candidate.shape == reference.shape
+        and candidate.stride() == reference.stride()
+        and candidate.dtype == reference.dtype
+        and torch.equal(candidate.reshape(-1).view(torch.uint8) if candidate.numel() else candidate,
+                        reference.reshape(-1).view(torch.uint8) if reference.numel() else reference)
+    )
+    # NOTE: when in doubt the plan stays on the Python executor (a wrong chunk is a silent wrong result).
+    return (dim, int(offset), int(length)) if same else None
+
+
 def make_plan(op: OpOverload, op_info: OpInfo, sharding: OutputSharding, *, cacheable: bool) -> Plan:
     """The cache value for this decision (DESIGN §6). ``cacheable`` is False when the key does not pin every
     value the plan replays; such a plan is used once and never inserted."""
@@ -70,6 +102,7 @@ def make_plan(op: OpOverload, op_info: OpInfo, sharding: OutputSharding, *, cach
     rewritten: tuple[object, ...] | None = None
     op_call = op
     communicates = False
+    chunks: tuple[tuple[int, int, int, int], ...] | None = None
     if sharding.needs_redistribute:
         schema = sharding.redistribute_schema
         if schema is None:
@@ -87,6 +120,14 @@ def make_plan(op: OpOverload, op_info: OpInfo, sharding: OutputSharding, *, cach
                 targets.append(None)
         if any(t is not None for t in targets):
             transforms = tuple(targets)
+            if not communicates and op_info.args_tree_spec is None:
+                found = [
+                    (i, _local_chunk(cast(torch.Tensor, op_info.local_args[i]), cast(DTensorSpec, current), t))
+                    for i, (current, t) in enumerate(zip(op_info.flat_args_schema, targets))
+                    if t is not None
+                ]
+                if all(chunk is not None for _, chunk in found):
+                    chunks = tuple((i, *cast(tuple[int, int, int], chunk)) for i, chunk in found)
         if sharding.use_val_from_redistribute_schema:
             # Non-tensor positions take the rewritten values (e.g. a sharded view's local shape); extra
             # values the rewrite appends come after the original positions.
@@ -105,7 +146,7 @@ def make_plan(op: OpOverload, op_info: OpInfo, sharding: OutputSharding, *, cach
         reason = "non-participating"
     elif random:
         reason = "random"
-    elif transforms is not None:
+    elif transforms is not None and chunks is None:
         reason = "needs redistribution"
     elif rewritten is not None and needs_pytree:
         reason = "python-only plan"
@@ -135,6 +176,7 @@ def make_plan(op: OpOverload, op_info: OpInfo, sharding: OutputSharding, *, cach
         fast=not reason,
         reason=reason,
         out_names=out_names,
+        chunks=chunks,
         alias_pairs=alias_pairs,
     )
 

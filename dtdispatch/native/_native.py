@@ -45,7 +45,11 @@ def dispatch(cls: type, func: Any, types: Any, args: tuple[Any, ...] = (), kwarg
     counters[0] += 1
     if not plan.fast:
         return c["slow_path"](func, args, kwargs, plan.reason, key, plan)
-    # Block: unwrap (the plan is participating, not random, with no redistribution).
+    chunks = plan.chunks
+    if chunks is not None and getattr(c["explicit_local"], "_active", None) is not None:
+        # Under ExplicitRedistributionContext every implicit redistribution must be observed (and may raise).
+        return c["slow_path"](func, args, kwargs, "explicit redistribution context", key, plan)
+    # Block: unwrap (the plan is participating, not random, and communicates nothing).
     dtensor_type = c["dtensor_type"]
     if plan.needs_pytree:
         # aten lists nest one level: unwrap DTensors inside list/tuple arguments.
@@ -67,6 +71,10 @@ def dispatch(cls: type, func: Any, types: Any, args: tuple[Any, ...] = (), kwarg
             for i, a in enumerate(args)
         ]
         local.extend(rewritten[len(args):])
+    if chunks is not None:
+        # Communication-free redistribution (Replicate -> Shard): the plan's verified local chunk.
+        for index, dim, offset, length in chunks:
+            local[index] = local[index].narrow(dim, offset, length).clone()
     # Block: local op.
     if kwargs:
         local_kwargs = {k: (v._local_tensor if isinstance(v, dtensor_type) else v) for k, v in kwargs.items()}
