@@ -87,7 +87,8 @@ def run(info: DistInfo, checks: Checks) -> list[str]:
     out = ds + 1
     checks.true("sub-mesh global shape", isinstance(out, DTensor) and out.shape == a.shape)
     if info.rank in members:
-        checks.true("sub-mesh coordinate", list(sub.get_coordinate() or ()) == [members.index(info.rank)])
+        coordinate = list(sub.get_coordinate() or ())
+        checks.true("sub-mesh coordinate", coordinate == [members.index(info.rank)])
         checks.close("sub-mesh add", out.full_tensor, a + 1)
     else:  # non-participating: an empty local shard, no compute, no collective
         checks.true("sub-mesh non-participating coordinate", sub.get_coordinate() is None)

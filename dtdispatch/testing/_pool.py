@@ -19,7 +19,9 @@ from typing import Any
 from dtdispatch.testing import _worker
 
 # Imported once in the forkserver, so each rank starts in ~0.03 s instead of ~0.6 s (DESIGN §10).
-PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "dtdispatch.testing._worker"]
+# torch._dynamo: DTensor's first distribute_tensor imports it lazily (~1.5 s per rank otherwise).
+PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "torch._dynamo",
+           "dtdispatch", "dtdispatch.testing._worker"]
 START_TIMEOUT_S = 120.0  # first start imports torch in the forkserver: seconds on a loaded machine
 GRACE_S = 2.0  # after the first failure, how long the other ranks may take to report theirs
 STACK_DUMP_WAIT_S = 0.3
@@ -55,7 +57,7 @@ class RankPool:
         self._procs: list[Any] = []
         self._conns: list[Connection] = []
         self.pids: list[int] = []  # of the ranks
-        self.forkserver_pid = 0  # the ranks' parent, shared by all pools; it exits with this process
+        self.forkserver_pid = 0  # the ranks' parent, shared by all pools; exits with this process
         for rank in range(world_size):
             parent_end, child_end = ctx.Pipe()
             proc = ctx.Process(
@@ -69,6 +71,7 @@ class RankPool:
             child_end.close()
             self._procs.append(proc)
             self._conns.append(parent_end)
+            assert proc.pid is not None  # started
             self.pids.append(proc.pid)
         try:
             self._await_ready()
@@ -121,7 +124,7 @@ class RankPool:
             remaining = limit - time.monotonic()
             if remaining <= 0:
                 break
-            waitables = {self._conns[r]: r for r in pending}
+            waitables: dict[Any, int] = {self._conns[r]: r for r in pending}
             waitables.update({self._procs[r].sentinel: r for r in pending})
             for ready in wait(list(waitables), remaining):
                 rank = waitables[ready]

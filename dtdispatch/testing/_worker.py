@@ -25,7 +25,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Job:
-    """One distributed test body: where it lives and its keyword arguments (besides rank/world_size)."""
+    """One distributed test body: where it lives, and its arguments besides rank/world_size."""
 
     module_name: str
     module_file: str
@@ -52,7 +52,7 @@ def main(
     try:
         if backend == "nccl":
             torch.cuda.set_device(rank)
-        store = dist.FileStore(store_path, world_size)
+        store = dist.FileStore(store_path, world_size)  # type: ignore[attr-defined]
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
     except BaseException:
         conn.send(("error", "", traceback.format_exc()))

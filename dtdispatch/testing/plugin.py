@@ -125,7 +125,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 def _marked(request: pytest.FixtureRequest) -> DistSpec:
-    spec = request.node.stash.get(_SPEC, None)
+    spec: DistSpec | None = request.node.stash.get(_SPEC, None)
     if spec is None:
         pytest.fail(f"the {request.fixturename!r} fixture only exists in tests marked "
                     "@pytest.mark.distributed", pytrace=False)
