@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import inspect
+import multiprocessing.forkserver
 import os
 import pickle
 import sys
@@ -200,9 +201,16 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 
 
 def shutdown_pools() -> None:
-    """Stop every pool of this process (session end, and atexit as a fallback)."""
+    """Stop every pool of this process, then the forkserver (session end; atexit as a fallback).
+
+    The forkserver would exit by itself once this process is gone, but only later; stopping it
+    here (a private but long-standing multiprocessing method) leaves nothing behind at exit.
+    """
     while _pools:
         _pools.popitem()[1].shutdown()
+    stop = getattr(multiprocessing.forkserver._forkserver, "_stop", None)
+    if stop is not None:
+        stop()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
