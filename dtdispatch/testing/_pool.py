@@ -104,17 +104,22 @@ class RankPool:
             c.closed or c.poll() for c in self._conns
         )
 
-    def run(self, job: _worker.Job, timeout: float) -> str | None:
-        """Run ``job`` on every rank. Returns None on success, else a failure report.
+    def run(self, job: _worker.Job, timeout: float) -> tuple[str, str]:
+        """Run ``job`` on every rank: ("passed", ""), ("skipped", reason) or ("failed", report).
 
+        A test is skipped when no rank failed and at least one called ``pytest.skip``.
         On failure the pool is killed before returning; callers must drop it.
         Output the ranks printed is written to this process's stdout, prefixed by rank.
         """
         for conn in self._conns:
-            conn.send(job)
+            try:
+                conn.send(job)
+            except OSError:  # the rank just died: the wait below reports how
+                pass
         pending = set(range(self.world_size))
         reports: list[str] = []  # in order of arrival: the first one is the likely cause
         outputs: dict[int, str] = {}
+        skip_reasons: list[str] = []
         start = time.monotonic()
         first_failure: float | None = None
         while pending:
@@ -132,8 +137,9 @@ class RankPool:
                     continue
                 msg = self._receive(rank)
                 pending.discard(rank)
-                if msg is not None and msg[0] == "ok":
+                if msg is not None and msg[0] in ("ok", "skip"):
                     outputs[rank] = msg[1]
+                    skip_reasons.extend(msg[2:])
                     continue
                 if msg is None:
                     self._procs[rank].join(5)
@@ -147,7 +153,7 @@ class RankPool:
             for line in outputs[rank].splitlines():
                 print(f"[rank {rank}] {line}")
         if not reports and not pending:
-            return None
+            return ("skipped", skip_reasons[0]) if skip_reasons else ("passed", "")
         if pending:
             ranks = ", ".join(map(str, sorted(pending)))
             if first_failure is None:
@@ -160,7 +166,7 @@ class RankPool:
         head = f"distributed test failed (world size {self.world_size}, {self.backend})"
         if len(reports) > 1:
             head += "; the first report is the likely cause, later ones may be consequences"
-        return head + "\n\n" + "\n\n".join(r.rstrip() for r in reports)
+        return "failed", head + "\n\n" + "\n\n".join(r.rstrip() for r in reports)
 
     def _receive(self, rank: int) -> tuple[Any, ...] | None:
         """The rank's reply, or None if it died (its pipe closed or its process ended)."""

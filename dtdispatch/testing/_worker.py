@@ -1,8 +1,9 @@
 """The rank process of a pool: joins the default process group once, then runs test jobs.
 
 Protocol over the rank's pipe (parent -> rank): ``Job`` to run a test body, ``None`` to exit.
-Replies (rank -> parent): ``("ready", pid, ppid)`` once the group is up, then ``("ok", output)``
-or ``("error", output, traceback)`` per job. Anything else (EOF, a signal) means the rank died.
+Replies (rank -> parent): ``("ready", pid, ppid)`` once the group is up, then per job
+``("ok", output)``, ``("skip", output, reason)`` (``pytest.skip`` in the body) or
+``("error", output, traceback)``. Anything else (EOF, a signal) means the rank died.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import types
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
+
+import pytest
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ def _run(job: Job, rank: int, world_size: int) -> tuple[str, ...]:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
             fn = getattr(_import_test_module(job), job.function_name)
             fn(rank=rank, world_size=world_size, **job.kwargs)
+    except pytest.skip.Exception as e:
+        return ("skip", out.getvalue(), str(e.msg))
     except BaseException as e:
         # Drop this frame so the traceback starts at the test body.
         tb = e.__traceback__.tb_next if e.__traceback__ is not None else None
@@ -103,7 +108,8 @@ def _import_test_module(job: Job) -> types.ModuleType:
     with open(job.module_file, "rb") as f:
         source = f.read()
     tree = ast.parse(source, filename=job.module_file)
-    from _pytest.assertion.rewrite import rewrite_asserts  # private, but stable since pytest 3
+    # Private, but stable since pytest 3.
+    from _pytest.assertion.rewrite import rewrite_asserts
 
     rewrite_asserts(tree, source, job.module_file, None)
     code = compile(tree, job.module_file, "exec", dont_inherit=True)

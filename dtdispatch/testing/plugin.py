@@ -193,10 +193,12 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
         return None
     job = _job(pyfuncitem)
     pool = _pool(spec)
-    report = pool.run(job, spec.timeout)
-    if report is not None:
+    outcome, message = pool.run(job, spec.timeout)
+    if outcome == "failed":
         del _pools[(spec.world_size, spec.backend)]  # run() killed it
-        pytest.fail(report, pytrace=False)
+        pytest.fail(message, pytrace=False)
+    if outcome == "skipped":
+        pytest.skip(message)
     return True
 
 

@@ -8,6 +8,11 @@ from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 from dtdispatch.testing import current_rank, current_world_size, mesh_1d, mesh_2d, sub_mesh
 
 
+def _device() -> str:
+    """Where collectives of the default group run: "auto" picks nccl when there are enough GPUs."""
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
 @pytest.mark.parametrize(
     "n", [pytest.param(n, marks=pytest.mark.distributed(world_size=n)) for n in (1, 2, 4)]
 )
@@ -15,7 +20,7 @@ def test_ranks_see_one_group(rank: int, world_size: int, n: int) -> None:
     assert world_size == n == dist.get_world_size() == current_world_size()
     assert rank == dist.get_rank() == current_rank()
     assert torch.get_num_threads() == 1
-    total = torch.tensor([rank])
+    total = torch.tensor([rank], device=_device())
     dist.all_reduce(total)
     assert total.item() == n * (n - 1) // 2
 
@@ -31,7 +36,7 @@ def test_parametrize_arguments_reach_every_rank(rank: int, world_size: int, valu
 @pytest.mark.distributed(world_size=2)
 def test_mesh_1d_spans_all_ranks_and_is_cached(rank: int, world_size: int) -> None:
     mesh = mesh_1d()
-    assert mesh.device_type == "cpu"
+    assert mesh.device_type == _device()
     assert mesh.mesh.tolist() == [0, 1]
     assert tuple(mesh.get_coordinate() or ()) == (rank,)
     assert mesh_1d() is mesh
@@ -76,3 +81,16 @@ def test_mesh_helpers_reject_bad_arguments(rank: int, world_size: int) -> None:
     for bad in [(), (0, 0), (0, 2), (-1,)]:
         with pytest.raises(ValueError, match=r"sub_mesh ranks .* got"):
             sub_mesh(bad)
+
+
+@pytest.mark.distributed(world_size=2)
+def test_skip_in_the_body_skips(rank: int, world_size: int) -> None:
+    dist.barrier()  # every rank gets here, then all skip: the pool stays usable
+    pytest.skip("skipped on every rank")
+
+
+@pytest.mark.distributed(world_size=2)
+def test_pool_usable_after_a_skip(rank: int, world_size: int) -> None:
+    t = torch.ones(1, device=_device())
+    dist.all_reduce(t)
+    assert t.item() == 2
