@@ -16,11 +16,13 @@ from dtdispatch import cache as _cache
 from dtdispatch import dispatcher as _dispatcher
 from dtdispatch import native as _native
 from dtdispatch._tensor import FastDTensor, as_fast, as_stock
+from dtdispatch._training import coverage, unwrap_hooks, wrap_hooks
 
 __all__ = [
     "FastDTensor",
     "accelerate",
     "clear_cache",
+    "coverage",
     "native_status",
     "reset_stats",
     "set_cache_capacity",
@@ -31,16 +33,18 @@ __all__ = [
 T = TypeVar("T")
 
 
-def _convert_module(module: nn.Module, convert: Any) -> None:
+def _convert_module(module: nn.Module, convert: Any, target: type) -> None:
     for sub in module.modules():
         for name, param in list(sub._parameters.items()):
-            if isinstance(param, DTensor):
+            # NOTE: a parameter already of the target type is kept (same object), so accelerating
+            # twice does not orphan an optimizer built in between.
+            if isinstance(param, DTensor) and type(param) is not target:
                 new = nn.Parameter(convert(param.detach()), requires_grad=param.requires_grad)
                 if param.grad is not None:
                     new.grad = convert(param.grad)
                 sub._parameters[name] = new
         for name, buf in list(sub._buffers.items()):
-            if isinstance(buf, DTensor):
+            if isinstance(buf, DTensor) and type(buf) is not target:
                 sub._buffers[name] = convert(buf)
 
 
@@ -50,9 +54,15 @@ def accelerate(x: T) -> T:
     A ``DTensor`` gives a ``FastDTensor`` sharing its local shard and spec (zero-copy; differentiable). An
     ``nn.Module`` has its DTensor parameters (still ``nn.Parameter``, same ``requires_grad``) and buffers
     converted in place and is returned. Create optimizers after this call: they hold parameter objects.
+
+    For a module, the whole training step then runs on dtdispatch: the forward (pre-)hooks of
+    torch's parallel styles (``parallelize_module``, ``distribute_module``) hand out FastDTensor
+    activations instead of plain DTensors (``dtdispatch._training``) and gradients come out as
+    FastDTensors. Results are unchanged; ``coverage(step)`` says how much of a step was on it.
     """
     if isinstance(x, nn.Module):
-        _convert_module(x, as_fast)
+        _convert_module(x, as_fast, FastDTensor)
+        wrap_hooks(x)
         return x
     if isinstance(x, DTensor):
         return as_fast(x)  # type: ignore[return-value]
@@ -60,9 +70,10 @@ def accelerate(x: T) -> T:
 
 
 def to_torch(x: T) -> T:
-    """The inverse of ``accelerate``: plain DTensors again (zero-copy)."""
+    """The inverse of ``accelerate``: plain DTensors (zero-copy), torch's own hooks on modules."""
     if isinstance(x, nn.Module):
-        _convert_module(x, as_stock)
+        unwrap_hooks(x)
+        _convert_module(x, as_stock, DTensor)
         return x
     if isinstance(x, DTensor):
         return as_stock(x)  # type: ignore[return-value]
