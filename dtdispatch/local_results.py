@@ -14,7 +14,6 @@ import torch.distributed as dist
 import torch.distributed.tensor._random as dt_random
 from torch._logging import LazyString
 from torch._ops import OpOverload
-from torch._prims.rng_prims import run_dtensor_rng_op
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor._op_schema import OpInfo, OutputSharding
@@ -27,6 +26,11 @@ from torch.distributed.tensor._utils import (
 from torch.utils._python_dispatch import get_alias_info, return_and_correct_aliasing
 
 from dtdispatch._tensor import FastDTensor
+
+try:
+    from torch._prims.rng_prims import run_dtensor_rng_op
+except ImportError:  # torch < 2.13 runs every random op under _distribute_region, as below
+    run_dtensor_rng_op = None
 from dtdispatch.cache import EQUAL, INPLACE, NEW, OUT, VIEW, Plan
 
 __all__ = ["execute", "make_plan", "random_ops", "wrap"]
@@ -301,7 +305,12 @@ def _run_random(
     generator = local_kwargs.pop("generator", None)
     tracker = dt_random._rng_tracker
     if tracker and not first_local.is_meta and tracker.distribute_region_enabled:
-        if generator is not None or first_local.device.type != "cuda" or type(first_local) is not torch.Tensor:
+        if (
+            run_dtensor_rng_op is None
+            or generator is not None
+            or first_local.device.type != "cuda"
+            or type(first_local) is not torch.Tensor
+        ):
             with tracker._distribute_region(first_arg._spec, generator=generator):
                 return op(*local_args, **local_kwargs)
         if not isinstance(tracker, dt_random.OffsetBasedRNGTracker):
