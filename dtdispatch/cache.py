@@ -19,6 +19,8 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
 
+from dtdispatch import _compat
+
 __all__ = [
     "KWARG_SEPARATOR",
     "Plan",
@@ -48,12 +50,12 @@ def schema_info(op: OpOverload) -> RuntimeSchemaInfo:
     """torch's declared ``RuntimeSchemaInfo`` for ``op`` (read at run time, never a copy)."""
     info = _propagator.op_to_schema_info.get(op)
     if info is None:
-        info = _propagator.op_to_schema_info_for_single_dim_strategy.get(op)
+        info = _compat.single_dim_schema_infos.get(op)
     return _DEFAULT_SCHEMA_INFO if info is None else info
 
 
 def _is_torch_pointwise_rule(op: OpOverload) -> bool:
-    entry = _propagator.op_single_dim_strategy_funcs.get(op)
+    entry = _compat.single_dim_strategy_funcs.get(op)
     func = getattr(entry, "func", None)
     return getattr(func, "__qualname__", "") == "_register_single_dim_pointwise.<locals>.strategy_fn"
 
@@ -69,7 +71,7 @@ def scalar_value_free_ops() -> frozenset[OpOverload]:
     NOTE: the set is derived from torch's registry at import; do not hand-maintain it. An op registered with
     any other rule keeps torch's value keys.
     """
-    return frozenset(op for op in _propagator.op_single_dim_strategy_funcs if _is_torch_pointwise_rule(op))
+    return frozenset(op for op in _compat.single_dim_strategy_funcs if _is_torch_pointwise_rule(op))
 
 
 _VALUE_FREE_OPS = scalar_value_free_ops()

@@ -13,9 +13,9 @@ import torch
 from torch._ops import OpOverload
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._op_schema import OutputSharding
-from torch.distributed.tensor._utils import ExplicitRedistributionContext
 from torch.utils import _pytree as pytree
 
+from dtdispatch import _compat
 from dtdispatch import cache as _cache
 from dtdispatch import native as _native_pkg
 from dtdispatch._tensor import FastDTensor
@@ -120,7 +120,7 @@ def install(name: str) -> None:
             "new": torch.Tensor._dtensor__new__,
             "thread_cache": _cache.thread_cache,
             "unsafe_set": torch._functionalize_unsafe_set,
-            "explicit_local": ExplicitRedistributionContext._local,
+            "explicit_local": _compat.explicit_redistribution_local,
         }
     )
     FastDTensor.__torch_dispatch__ = classmethod(module.dispatch)  # type: ignore[assignment]

@@ -19,18 +19,10 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor._op_schema import OpInfo, OutputSharding
 from torch.distributed.tensor._random import is_rng_supported_mesh
 from torch.distributed.tensor._redistribute import redistribute_local_tensor
-from torch.distributed.tensor._utils import (
-    ExplicitRedistributionContext,
-    _format_implicit_redistribution_msg,
-)
 from torch.utils._python_dispatch import get_alias_info, return_and_correct_aliasing
 
+from dtdispatch import _compat
 from dtdispatch._tensor import FastDTensor
-
-try:
-    from torch._prims.rng_prims import run_dtensor_rng_op
-except ImportError:  # torch < 2.13 runs every random op under _distribute_region, as below
-    run_dtensor_rng_op = None
 from dtdispatch.cache import EQUAL, INPLACE, NEW, OUT, VIEW, Plan
 
 __all__ = ["execute", "make_plan", "random_ops", "wrap"]
@@ -84,7 +76,7 @@ def _local_chunk(
     if coordinate is None:
         return None
     dim = cast(Shard, d).dim
-    length, offset = Shard.local_shard_size_and_offset(local.size(dim), src.mesh.size(mesh_dim), coordinate[mesh_dim])
+    length, offset = _compat.local_shard_size_and_offset(local.size(dim), src.mesh.size(mesh_dim), coordinate[mesh_dim])
     candidate = local.narrow(dim, offset, length).clone()
     reference = redistribute_local_tensor(local, src, dst)
     same = (
@@ -280,9 +272,10 @@ def _local_args(plan: Plan, op: OpOverload, args: tuple[Any, ...]) -> tuple[list
             tensor = arg._local_tensor
             target = transforms[i] if transforms is not None else None
             if target is not None:
-                ExplicitRedistributionContext.observe_redistribution(
-                    arg._spec, target, LazyString(_format_implicit_redistribution_msg, op)
-                )
+                if _compat.ExplicitRedistributionContext is not None:
+                    _compat.ExplicitRedistributionContext.observe_redistribution(
+                        arg._spec, target, LazyString(_compat.format_implicit_redistribution_msg, op)
+                    )
                 tensor = redistribute_local_tensor(tensor, arg._spec, target)
             local.append(tensor)
         elif rewritten is not None and not isinstance(arg, torch.Tensor):
@@ -306,7 +299,7 @@ def _run_random(
     tracker = dt_random._rng_tracker
     if tracker and not first_local.is_meta and tracker.distribute_region_enabled:
         if (
-            run_dtensor_rng_op is None
+            _compat.run_dtensor_rng_op is None
             or generator is not None
             or first_local.device.type != "cuda"
             or type(first_local) is not torch.Tensor
@@ -316,7 +309,7 @@ def _run_random(
         if not isinstance(tracker, dt_random.OffsetBasedRNGTracker):
             raise AssertionError
         start, end = tracker._compute_rng_offsets(first_arg._spec)
-        return run_dtensor_rng_op(start, end, op, *local_args, **local_kwargs)
+        return _compat.run_dtensor_rng_op(start, end, op, *local_args, **local_kwargs)
     return op(*local_args, **local_kwargs)
 
 

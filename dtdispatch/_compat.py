@@ -1,0 +1,49 @@
+"""The torch internals dtdispatch reads whose names moved between the supported releases (2.11–2.13).
+
+NOTE: every lookup of a private torch name that is not in all supported releases goes through here, so the
+version differences sit in one place and the rest of the code reads as if only torch 2.13 existed.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from torch.distributed.tensor import DTensor, Shard
+
+__all__ = [
+    "ExplicitRedistributionContext",
+    "explicit_redistribution_local",
+    "format_implicit_redistribution_msg",
+    "local_shard_size_and_offset",
+    "run_dtensor_rng_op",
+    "single_dim_schema_infos",
+    "single_dim_strategy_funcs",
+]
+
+_propagator = DTensor._op_dispatcher.sharding_propagator
+
+# Ops registered through single-dim strategies keep their RuntimeSchemaInfo (and rule) in separate tables.
+single_dim_schema_infos: dict[Any, Any] = getattr(_propagator, "op_to_schema_info_for_single_dim_strategy", {})
+single_dim_strategy_funcs: dict[Any, Any] = getattr(_propagator, "op_single_dim_strategy_funcs", {})
+
+try:
+    from torch.distributed.tensor._utils import (  # type: ignore[attr-defined]
+        ExplicitRedistributionContext,
+        _format_implicit_redistribution_msg as format_implicit_redistribution_msg,
+    )
+
+    explicit_redistribution_local: Any = ExplicitRedistributionContext._local
+except ImportError:  # no explicit-redistribution mode in this torch: nothing to observe
+    ExplicitRedistributionContext = None  # type: ignore[assignment,misc]
+    format_implicit_redistribution_msg = None  # type: ignore[assignment]
+    explicit_redistribution_local = threading.local()
+
+try:
+    from torch._prims.rng_prims import run_dtensor_rng_op  # type: ignore[attr-defined]
+except ImportError:  # older torch runs every random op under _distribute_region
+    run_dtensor_rng_op = None
+
+local_shard_size_and_offset = getattr(Shard, "local_shard_size_and_offset", None) or getattr(
+    Shard, "_local_shard_size_and_offset"
+)
