@@ -25,9 +25,11 @@ $(STAMP): $(BUILD_INPUTS) | $(PY)
 	$(PY) -m pip install --quiet -e '.[$(EXTRAS)]'
 	touch $@
 
-# The main job. For now: the launch smoke workload on 2 CPU ranks.
+# The main job on 2 CPU ranks: the correctness table (stock vs dtdispatch, both implementations), then the
+# training throughput comparison with merged telemetry.
 demo: $(STAMP)
-	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 launch/smoke.py
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 launch/correctness.py
+	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 launch/throughput.py
 
 # The whole suite. No -n: the multi-rank tests already keep both cores busy (see README).
 test: $(STAMP)
