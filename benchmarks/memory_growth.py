@@ -55,14 +55,17 @@ def _live_objects() -> int:
 
 def _cache_size(variant: str) -> int:
     if variant == "stock":
-        return int(torch._C._get_DTensor_sharding_propagator_cache_stats()[1])
+        counters = getattr(torch._C, "_get_DTensor_sharding_propagator_cache_stats", None)
+        return int(counters()[1]) if counters is not None else -1  # -1: torch cannot tell
     return int(dtdispatch.stats()["entries"])
 
 
 def measure(mesh: Any, config: TrainConfig, variant: str, steps: int) -> dict[str, Any]:
     """One run: objects and cache size after step 2 and after step ``steps``, and the time per
     step."""
-    torch._C._clear_DTensor_sharding_propagator_cache()
+    clear_torch_cache = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if clear_torch_cache is not None:
+        clear_torch_cache()
     dtdispatch.clear_cache()
     if variant != "stock":
         dispatcher.install(variant.split(":")[1])

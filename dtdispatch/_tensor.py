@@ -42,16 +42,12 @@ class FastDTensor(DTensor):
     # would leave dtdispatch (a training step fell to 77% on dtdispatch). These overrides run
     # torch's own method and hook its fresh, per-call graph node so that it hands the gradient on
     # as a FastDTensor: same values, same grad_fn names, no extra node.
-    def to_local(  # type: ignore[override]
-        self, *, grad_placements: Sequence[Any] | None = None
-    ) -> torch.Tensor:
+    def to_local(self, *, grad_placements: Sequence[Any] | None = None) -> torch.Tensor:
         result = DTensor.to_local(self, grad_placements=grad_placements)
         # Without grad mode torch returns the local shard itself: no graph node to hook.
         return _fast_grads(result) if torch.is_grad_enabled() else result
 
-    def full_tensor(  # type: ignore[override]
-        self, *, grad_placements: Sequence[Any] | None = None
-    ) -> torch.Tensor:
+    def full_tensor(self, *, grad_placements: Sequence[Any] | None = None) -> torch.Tensor:
         return _fast_grads(DTensor.full_tensor(self, grad_placements=grad_placements))
 
     @staticmethod
@@ -74,7 +70,7 @@ def _grads_to_fast(grad_inputs: tuple[Any, ...], grad_outputs: tuple[Any, ...]) 
     return tuple(as_fast(g) if isinstance(g, DTensor) else g for g in grad_inputs)
 
 
-def _fast_grads(result: Any) -> Any:
+def _fast_grads(result: torch.Tensor) -> torch.Tensor:
     """``result``, unchanged; the node that made it hands on DTensor gradients as FastDTensors."""
     node = result.grad_fn
     if node is not None:

@@ -49,7 +49,7 @@ def _fast_activation(t: DTensor) -> FastDTensor:
     """The FastDTensor view of one hook output (zero-copy). When it needs grad, leaf or not, through
     ``_ToFast`` (gradients pass unchanged), so the graph stays connected to what the hook made."""
     if t.requires_grad:
-        return _ToFast.apply(t)  # type: ignore[no-any-return]
+        return _ToFast.apply(t)  # type: ignore[no-any-return,no-untyped-call]
     return _fast_from(t)
 
 
@@ -125,16 +125,21 @@ def _dtdispatch_count() -> int:
     )
 
 
+_torch_counters = getattr(torch._C, "_get_DTensor_sharding_propagator_cache_stats", None)
+"""torch's per-thread fast-path counters (torch 2.10+); without them ``coverage`` counts stock
+dispatches with a dispatch mode instead."""
+
+
 def _stock_count() -> int:
-    hits, misses = torch._C._get_DTensor_sharding_propagator_cache_stats()
+    hits, misses = _torch_counters()  # type: ignore[misc]
     return int(hits + misses)
 
 
-class _StockOps(TorchDispatchMode):
+class _StockOps(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Names the ops that reached plain DTensors (only with ``coverage(..., by_op=True)``)."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.ops: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -161,23 +166,25 @@ def coverage(step: Callable[[], Any], *, by_op: bool = False) -> dict[str, Any]:
     threads, so where backward runs on other threads (autograd's CUDA device threads) stock's
     backward dispatches are missed and the fraction reads high (measure on CPU); redistributions
     and ``from_local``/``to_local`` are not op dispatches and count on neither side. ``fraction``
-    is NaN when the step dispatched no DTensor op.
+    is NaN when the step dispatched no DTensor op. On a torch without those counters, ``m`` is
+    counted with the dispatch mode of ``by_op``.
     """
-    mode = _StockOps() if by_op else None
-    before_fast, before_stock = _dtdispatch_count(), _stock_count()
+    counted = _torch_counters is not None
+    mode = _StockOps() if by_op or not counted else None
+    before_fast, before_stock = _dtdispatch_count(), _stock_count() if counted else 0
     if mode is not None:
         with mode:
             result = step()
     else:
         result = step()
     n = _dtdispatch_count() - before_fast
-    m = _stock_count() - before_stock
+    m = _stock_count() - before_stock if counted else sum(mode.ops.values())  # type: ignore[union-attr]
     report: dict[str, Any] = {
         "dtdispatch": n,
         "stock": m,
         "fraction": n / (n + m) if n + m else math.nan,
         "result": result,
     }
-    if mode is not None:
+    if by_op and mode is not None:
         report["stock_ops"] = mode.ops
     return report

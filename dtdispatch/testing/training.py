@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -88,7 +88,8 @@ class Block(nn.Module):
 
     def _heads(self, t: torch.Tensor) -> torch.Tensor:
         b, s, _ = t.shape
-        return t.view(b, s, -1, self.head_dim).transpose(1, 2)
+        heads: torch.Tensor = t.view(b, s, -1, self.head_dim).transpose(1, 2)
+        return heads
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.attn_norm(x)
@@ -96,7 +97,8 @@ class Block(nn.Module):
         attn = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         b, _, s, _ = attn.shape
         x = x + self.wo(attn.transpose(1, 2).reshape(b, s, -1))
-        return x + self.w2(F.gelu(self.w1(self.mlp_norm(x))))
+        out: torch.Tensor = x + self.w2(F.gelu(self.w1(self.mlp_norm(x))))
+        return out
 
 
 class Model(nn.Module):
@@ -108,7 +110,8 @@ class Model(nn.Module):
         self.head = nn.Linear(DIM, DIM)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.block(x))
+        out: torch.Tensor = self.head(self.block(x))
+        return out
 
 
 def _tp_plan(*, sequence_parallel: bool, head_output: Any) -> dict[str, Any]:
@@ -148,11 +151,18 @@ class TrainConfig:
     seed: int = 0
 
 
+def _device(mesh: DeviceMesh) -> torch.device:
+    """The mesh's device on this rank (the current CUDA device under nccl)."""
+    return torch.empty(0, device=mesh.device_type).device
+
+
 def build_model(mesh: DeviceMesh, config: TrainConfig, *, accelerate: bool) -> Model:
     """The parallelized model, tensor parallel on ``mesh`` (1-D) or on ``mesh["tp"]`` (2-D)."""
     tp_mesh = mesh["tp"] if mesh.ndim == 2 else mesh
     torch.manual_seed(config.seed)
-    model = Model()
+    # NOTE: on the mesh's device before parallelizing: SequenceParallel wraps parameters with
+    # from_local, which does not move them.
+    model = Model().to(_device(mesh))
     head_output = Partial() if config.loss == "partial" else Replicate()
     act = Shard(1) if config.sequence_parallel else Replicate()
     # The block's input: a plain local tensor (the sequence shard under sequence parallel) made a
@@ -218,8 +228,9 @@ class Trainer:
         )
         dp_rank = mesh.get_coordinate()[0] if mesh.ndim == 2 else 0  # type: ignore[index]
         gen = torch.Generator().manual_seed(1000 + config.seed * 31 + dp_rank)
-        self.inputs = torch.randn(BATCH, SEQ, DIM, generator=gen)
-        target = torch.randn(BATCH, SEQ, DIM, generator=gen)
+        device = _device(mesh)
+        self.inputs = torch.randn(BATCH, SEQ, DIM, generator=gen).to(device)
+        target = torch.randn(BATCH, SEQ, DIM, generator=gen).to(device)
         self.target_local = target
         # A stock DTensor in both runs: stock data meeting dtdispatch activations is normal use.
         self.target = distribute_tensor(target, self.tp_mesh, [Replicate()])
@@ -238,14 +249,14 @@ class Trainer:
             # out is Partial: a loss linear in it stays Partial (no collective until it is read).
             return (out * self.target).mean()
         if kind == "local":
-            return (out.to_local() - self.target_local).square().mean()
+            return (cast(DTensor, out).to_local() - self.target_local).square().mean()
         raise ValueError(f"unknown loss kind {kind!r}; use one of {LOSSES}")
 
     def step(self) -> torch.Tensor:
         self.optimizer.zero_grad()
         out = self.model(self.inputs)
         loss = self.loss(out)
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         if self.dp_group is not None:
             self._average_over_dp()
         if self.config.clip:
@@ -271,7 +282,7 @@ class Trainer:
         with torch.no_grad():
             for p in self.model.parameters():
                 if p.grad is not None:
-                    local = p.grad.to_local()
+                    local = cast(DTensor, p.grad).to_local()
                     dist.all_reduce(local, group=self.dp_group)
                     local.div_(size)
 
@@ -280,7 +291,7 @@ def compare_models(stock: Trainer, fast: Trainer) -> str:
     """Empty when every parameter and EMA shadow of ``fast`` is a FastDTensor bitwise equal to
     ``stock``'s plain DTensor (local shard, placements, global shape and stride); else why not."""
     named = zip(stock.model.named_parameters(), fast.model.named_parameters(), strict=True)
-    pairs = [(name, a, b) for (name, a), (_, b) in named]
+    pairs: list[tuple[str, torch.Tensor, torch.Tensor]] = [(n, a, b) for (n, a), (_, b) in named]
     pairs += [(f"ema[{i}]", a, b) for i, (a, b) in enumerate(zip(stock.ema, fast.ema, strict=True))]
     for name, a, b in pairs:
         if type(a) is not DTensor or type(b) is not dtdispatch.FastDTensor:
@@ -292,6 +303,21 @@ def compare_models(stock: Trainer, fast: Trainer) -> str:
         if not torch.equal(a.to_local(), b.to_local()):
             diff = (a.to_local() - b.to_local()).abs().max().item()
             return f"{name}: values differ from stock (max abs diff {diff:.3g})"
+    return ""
+
+
+def _dp_replicas_agree(trainer: Trainer) -> str:
+    """Empty when every parameter shard is identical on all "dp" replicas (2-D), else which not."""
+    if trainer.dp_group is None:
+        return ""
+    size = dist.get_world_size(trainer.dp_group)
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            local = cast(DTensor, p).to_local().contiguous()
+            replicas = [torch.empty_like(local) for _ in range(size)]
+            dist.all_gather(replicas, local, group=trainer.dp_group)
+            if not all(torch.equal(r, local) for r in replicas):
+                return f"{name}: the dp replicas differ"
     return ""
 
 
@@ -336,7 +362,7 @@ def train_parity(
         losses.append(expected.item())
         if not failure and not torch.equal(expected, got):
             failure = f"step {i}: loss {got.item()!r} != stock {expected.item()!r}"
-    failure = failure or compare_models(stock, fast)
+    failure = failure or compare_models(stock, fast) or _dp_replicas_agree(fast)
     return ParityReport(
         failure=f"{config}: {failure}" if failure else "",
         coverage=fraction,

@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 import dtdispatch
 import dtdispatch._tensor as fast_tensor
+import dtdispatch._training as training
 from dtdispatch import FastDTensor, dispatcher, native
 from dtdispatch._training import unwrap_hooks, wrap_hooks
 from dtdispatch.testing import mesh_1d, mesh_2d
@@ -187,6 +188,12 @@ def test_coverage_measures_both_mechanisms(rank: int, world_size: int, impl: str
     assert unwrap_hooks(trainer.model) > 0
     no_hooks = dtdispatch.coverage(trainer.step, by_op=True)
     assert no_hooks["stock"] > 0 and no_hooks["stock_ops"]["aten.view.default"] > 0, no_hooks
+    assert no_hooks["stock"] == sum(no_hooks["stock_ops"].values())  # torch's counters agree
+    counters, training._torch_counters = training._torch_counters, None  # a torch without them
+    try:
+        assert dtdispatch.coverage(trainer.step)["stock"] == no_hooks["stock"]
+    finally:
+        training._torch_counters = counters
     assert wrap_hooks(trainer.model) > 0
 
     # Without the gradient hook of to_local/redistribute, their backward hands out plain DTensors
