@@ -1,0 +1,193 @@
+"""Reference counting of the C hot path (``dtdispatch.native._speedups``): many dispatches leave
+nothing behind.
+
+Single process, world size 1 (gloo, file store). Each workload runs through the native
+implementation (after a warm-up that writes its plan), then: Python objects tracked by the GC,
+memory traced by tracemalloc, the RSS, and the reference counts of every object a dispatch touches
+(arguments, specs, the op, the plan, the cache, the counters) must be where they were. A missing
+Py_DECREF on any of those paths leaks one object per call, which the counts catch exactly; a leaked
+tensor shows in the RSS (release builds have no sys.gettotalrefcount).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import tracemalloc
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+import dtdispatch
+from dtdispatch import cache, dispatcher, native
+
+_speedups = native.implementations().get("native")
+pytestmark = pytest.mark.skipif(
+    _speedups is None,
+    reason=f"the C extension dtdispatch.native._speedups is not built: {native.REASON}",
+)
+
+aten = torch.ops.aten
+CALLS = 100_000  # the plain hit path
+CALLS_OTHER = 10_000  # every other replayed path
+CALLS_SLOW = 2_000  # paths that run the Python slow path on every call
+SLOW = {"python-only plan (random)", "no key (slow path)"}
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeviceMesh]:
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    store = tmp_path_factory.mktemp("native_leaks") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    try:
+        dispatcher.install("native")
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dispatcher.install(native.DEFAULT)
+        dist.destroy_process_group()
+
+
+def _rss_bytes() -> int:
+    with open(f"/proc/{os.getpid()}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _workloads(mesh: DeviceMesh) -> dict[str, tuple[Callable[[], Any], list[Any]]]:
+    """name -> (one call, the objects whose reference counts must not move)."""
+
+    def dt(placement: Any, shape: tuple[int, ...] = (8, 8)) -> Any:
+        return dtdispatch.accelerate(distribute_tensor(torch.randn(shape), mesh, [placement]))
+
+    x, r, inplace, out = dt(Shard(0)), dt(Replicate()), dt(Shard(0)), dt(Shard(0))
+    scalar = torch.tensor(1.0)
+    kwargs_dtype = torch.float64
+    touched = [x, r, inplace, out, x._spec, r._spec, scalar, kwargs_dtype]
+    touched += [t._local_tensor for t in (x, r, inplace, out)]
+    return {
+        "add (new output)": (lambda: x + x, touched),
+        "mul by a Python scalar": (lambda: x * 2.5, touched),
+        "mul by a 0-d plain tensor": (lambda: x * scalar, touched),
+        "Shard + Replicate (local chunk)": (lambda: x + r, touched),
+        "view (aliasing)": (lambda: x.view(64), touched),
+        "in-place": (lambda: inplace.mul_(1.0), touched),
+        "out=": (lambda: torch.add(x, x, out=out), touched),
+        "cat (tensor list)": (lambda: torch.cat([x, x], 0), touched),
+        "_foreach_add (list result)": (lambda: torch._foreach_add([x, r], 1.0), touched),
+        "layer_norm (tuple result)": (lambda: F.layer_norm(x, (8,)), touched),
+        "kwargs (_to_copy)": (lambda: x.to(kwargs_dtype), touched),
+        "sum with keepdim": (lambda: x.sum(0, keepdim=True), touched),
+        "python-only plan (random)": (lambda: torch.rand_like(x), touched),
+        "no key (slow path)": (lambda: x + torch.ones(8, 8), touched),
+    }
+
+
+WORKLOADS = [
+    "add (new output)",
+    "mul by a Python scalar",
+    "mul by a 0-d plain tensor",
+    "Shard + Replicate (local chunk)",
+    "view (aliasing)",
+    "in-place",
+    "out=",
+    "cat (tensor list)",
+    "_foreach_add (list result)",
+    "layer_norm (tuple result)",
+    "kwargs (_to_copy)",
+    "sum with keepdim",
+    "python-only plan (random)",
+    "no key (slow path)",
+]
+
+
+def _plan_objects() -> list[Any]:
+    tc = cache.thread_cache()
+    return [
+        tc,
+        tc.entries,
+        tc.per_op,
+        *tc.entries.values(),
+        *tc.per_op.values(),
+        *tc.entries.keys(),
+    ]
+
+
+@pytest.mark.parametrize("name", WORKLOADS)
+def test_dispatch_leaves_nothing_behind(mesh: DeviceMesh, name: str) -> None:
+    dispatcher.install("native")
+    fn, touched = _workloads(mesh)[name]
+    n = CALLS if name == "add (new output)" else CALLS_SLOW if name in SLOW else CALLS_OTHER
+
+    def call() -> None:
+        try:
+            fn()
+        except (
+            RuntimeError
+        ) as exc:  # the mixed-tensor error of the "no key" workload, raised every call
+            assert "mixed torch.Tensor and DTensor" in str(exc)
+
+    for _ in range(200):  # warm-up: the plan is written, caches in torch and Python are filled
+        call()
+    ops = [
+        aten.add.Tensor,
+        aten.mul.Tensor,
+        aten.view.default,
+        aten.mul_.Tensor,
+        aten.add.out,
+        aten.cat.default,
+        aten._foreach_add.Scalar,
+        aten.native_layer_norm.default,
+        aten._to_copy.default,
+        aten.sum.dim_IntList,
+        aten.rand_like.default,
+    ]
+    # None / True / False / the output kinds: a leaked reference to a singleton or a small int shows
+    # only here
+    watched = [
+        *touched,
+        *ops,
+        *_plan_objects(),
+        None,
+        True,
+        False,
+        cache.VIEW,
+        cache.INPLACE,
+        cache.OUT,
+    ]
+    gc.collect()
+    refs_before = [sys.getrefcount(o) for o in watched]
+    objects_before = len(gc.get_objects())
+    rss_before = _rss_bytes()
+    tracemalloc.start()
+    traced_before, _ = tracemalloc.get_traced_memory()
+    for _ in range(n):
+        call()
+    gc.collect()
+    traced_after, _ = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    rss_after = _rss_bytes()
+    objects_after = len(gc.get_objects())
+    refs_after = [sys.getrefcount(o) for o in watched]
+    moved = [
+        (repr(o)[:80], b, a)
+        for o, b, a in zip(watched, refs_before, refs_after, strict=True)
+        if a != b
+    ]
+    assert not moved, f"{name}: reference counts changed over {n} calls: {moved}"
+    assert objects_after - objects_before <= 50, (
+        f"{name}: {objects_after - objects_before} GC objects left"
+    )
+    assert traced_after - traced_before < 64 * 1024, (
+        f"{name}: {traced_after - traced_before} bytes traced"
+    )
+    # A leaked 8x8 local tensor is >= 256 bytes of data plus its TensorImpl, per call.
+    assert rss_after - rss_before < 16 * 2**20, (
+        f"{name}: RSS grew by {(rss_after - rss_before) / 2**20:.1f} MiB"
+    )
