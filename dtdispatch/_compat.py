@@ -9,9 +9,11 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import torch
 from torch.distributed.tensor import DTensor, Shard
 
 __all__ = [
+    "dtensor_new",
     "ExplicitRedistributionContext",
     "explicit_redistribution_local",
     "format_implicit_redistribution_msg",
@@ -47,3 +49,25 @@ except ImportError:  # older torch runs every random op under _distribute_region
 local_shard_size_and_offset = getattr(Shard, "local_shard_size_and_offset", None) or getattr(
     Shard, "_local_shard_size_and_offset"
 )
+
+_TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+def _wrapper_new(cls: type, local: torch.Tensor, spec: Any, *, requires_grad: bool) -> Any:
+    if cls is DTensor:
+        return torch.Tensor._dtensor__new__(cls, local, spec, requires_grad=requires_grad)
+    r = torch.Tensor._make_wrapper_subclass(
+        cls, spec.shape, strides=spec.stride, dtype=local.dtype, device=local.device, layout=local.layout,
+        requires_grad=requires_grad,
+    )
+    r._spec = spec
+    r._local_tensor = local
+    return r
+
+
+# NOTE: torch 2.13 sends ops on a DTensor subclass that overrides __torch_dispatch__ to that override. Older
+# releases route every tensor built by _dtensor__new__ (it carries the DTensor dispatch key) straight into
+# torch's C++ DTensor path, so the override never runs and outputs come back as stock DTensors. There the
+# FastDTensor is built as a plain wrapper subclass (Python dispatch key): same slots, same behaviour, slower to
+# construct (and an op mixing it with stock DTensors may still take torch's path).
+dtensor_new: Any = torch.Tensor._dtensor__new__ if _TORCH_VERSION >= (2, 13) else _wrapper_new
