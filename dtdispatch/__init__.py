@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from dtdispatch import _compat
 from dtdispatch import cache as _cache
 from dtdispatch import dispatcher as _dispatcher
 from dtdispatch import native as _native
@@ -59,7 +60,9 @@ def accelerate(x: T) -> T:
     torch's parallel styles (``parallelize_module``, ``distribute_module``) hand out FastDTensor
     activations instead of plain DTensors (``dtdispatch._training``) and gradients come out as
     FastDTensors. Results are unchanged; ``coverage(step)`` says how much of a step was on it.
+    Raises RuntimeError on torch < 2.13, which never calls a DTensor subclass's ``__torch_dispatch__``.
     """
+    _compat.require_subclass_dispatch()
     if isinstance(x, nn.Module):
         _convert_module(x, as_fast, FastDTensor)
         wrap_hooks(x)

@@ -13,7 +13,8 @@ import torch
 from torch.distributed.tensor import DTensor, Shard
 
 __all__ = [
-    "dtensor_new",
+    "SUBCLASS_DISPATCH",
+    "require_subclass_dispatch",
     "ExplicitRedistributionContext",
     "explicit_redistribution_local",
     "format_implicit_redistribution_msg",
@@ -52,22 +53,17 @@ local_shard_size_and_offset = getattr(Shard, "local_shard_size_and_offset", None
 
 _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
-
-def _wrapper_new(cls: type, local: torch.Tensor, spec: Any, *, requires_grad: bool) -> Any:
-    if cls is DTensor:
-        return torch.Tensor._dtensor__new__(cls, local, spec, requires_grad=requires_grad)
-    r = torch.Tensor._make_wrapper_subclass(
-        cls, spec.shape, strides=spec.stride, dtype=local.dtype, device=local.device, layout=local.layout,
-        requires_grad=requires_grad,
-    )
-    r._spec = spec
-    r._local_tensor = local
-    return r
+# NOTE: dtdispatch needs torch >= 2.13. From 2.13 torch's C++ sends an op on a DTensor subclass that overrides
+# __torch_dispatch__ to that override (``is_dtensor`` in python_arg_parser.cpp). torch 2.11 (checked on the GPU
+# machine) sends every DTensor subclass to its own C++ path, so FastDTensor's __torch_dispatch__ never runs:
+# outputs come back as stock DTensors and nn.Parameter refuses the conversion. There is no hook to intercept.
+SUBCLASS_DISPATCH = _TORCH_VERSION >= (2, 13)
 
 
-# NOTE: torch 2.13 sends ops on a DTensor subclass that overrides __torch_dispatch__ to that override. Older
-# releases route every tensor built by _dtensor__new__ (it carries the DTensor dispatch key) straight into
-# torch's C++ DTensor path, so the override never runs and outputs come back as stock DTensors. There the
-# FastDTensor is built as a plain wrapper subclass (Python dispatch key): same slots, same behaviour, slower to
-# construct (and an op mixing it with stock DTensors may still take torch's path).
-dtensor_new: Any = torch.Tensor._dtensor__new__ if _TORCH_VERSION >= (2, 13) else _wrapper_new
+def require_subclass_dispatch() -> None:
+    """Raise when this torch cannot route ops to FastDTensor (see SUBCLASS_DISPATCH)."""
+    if not SUBCLASS_DISPATCH:
+        raise RuntimeError(
+            f"dtdispatch needs torch >= 2.13; torch {torch.__version__} dispatches every DTensor subclass "
+            "through its own C++ path, so dtdispatch tensors would silently run as stock DTensors"
+        )

@@ -9,11 +9,9 @@ import torch
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 
-from dtdispatch import _compat
-
 __all__ = ["FastDTensor", "as_fast", "as_stock"]
 
-_new = _compat.dtensor_new
+_new = torch.Tensor._dtensor__new__
 
 
 class FastDTensor(DTensor):

@@ -30,7 +30,7 @@ _custom_handlers = _op_dispatcher._custom_op_handlers
 def _to_fast(result: object) -> object:
     def convert(t: object) -> object:
         if isinstance(t, DTensor) and type(t) is not FastDTensor:
-            return _compat.dtensor_new(FastDTensor, t._local_tensor, t._spec, requires_grad=t.requires_grad)
+            return torch.Tensor._dtensor__new__(FastDTensor, t._local_tensor, t._spec, requires_grad=t.requires_grad)
         return t
 
     return pytree.tree_map(convert, result)
@@ -117,7 +117,7 @@ def install(name: str) -> None:
             "dtensor_type": DTensor,
             "tensor_type": torch.Tensor,
             "fast_type": FastDTensor,
-            "new": _compat.dtensor_new,
+            "new": torch.Tensor._dtensor__new__,
             "thread_cache": _cache.thread_cache,
             "unsafe_set": torch._functionalize_unsafe_set,
             "explicit_local": _compat.explicit_redistribution_local,

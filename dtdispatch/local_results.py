@@ -28,7 +28,7 @@ from dtdispatch.cache import EQUAL, INPLACE, NEW, OUT, VIEW, Plan
 __all__ = ["execute", "make_plan", "random_ops", "wrap"]
 
 aten = torch.ops.aten
-_new = _compat.dtensor_new
+_new = torch.Tensor._dtensor__new__
 
 
 def random_ops() -> frozenset[OpOverload]:

@@ -19,7 +19,7 @@ _config: dict[str, Any] = {}
 
 def configure(config: dict[str, Any]) -> None:
     """Hand over what the hot path needs, resolved once: ``slow_path``, ``custom_ops``, ``dtensor_type``,
-    ``fast_type``, ``new`` (``_compat.dtensor_new``)."""
+    ``fast_type``, ``new`` (``torch.Tensor._dtensor__new__``)."""
     _config.update(config)
 
 

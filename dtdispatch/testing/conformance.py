@@ -19,7 +19,6 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.placement_types import Placement
 
 from dtdispatch import FastDTensor
-from dtdispatch._compat import dtensor_new
 
 __all__ = ["CASES", "CASES_2D", "Case", "Inp", "run_case"]
 
@@ -84,7 +83,7 @@ def _make_inputs(case: Case, mesh: DeviceMesh) -> list[Any]:
 
 def _fast_copy(x: Any) -> Any:
     if isinstance(x, DTensor):
-        return dtensor_new(FastDTensor, x._local_tensor.clone(), x._spec, requires_grad=False)
+        return torch.Tensor._dtensor__new__(FastDTensor, x._local_tensor.clone(), x._spec, requires_grad=False)
     if isinstance(x, torch.Tensor):
         return x.clone()
     return x
@@ -92,7 +91,7 @@ def _fast_copy(x: Any) -> Any:
 
 def _stock_copy(x: Any) -> Any:
     if isinstance(x, DTensor):
-        return dtensor_new(DTensor, x._local_tensor.clone(), x._spec, requires_grad=False)
+        return torch.Tensor._dtensor__new__(DTensor, x._local_tensor.clone(), x._spec, requires_grad=False)
     if isinstance(x, torch.Tensor):
         return x.clone()
     return x

@@ -224,3 +224,18 @@ def test_native_status_reports_why(rank: int, world_size: int) -> None:
     active, reason = dtdispatch.native_status()
     assert isinstance(active, bool) and reason
     assert active == (dispatcher.active() == "native")
+
+
+@pytest.mark.distributed(world_size=1)
+def test_accelerate_refuses_torch_without_subclass_dispatch(rank: int, world_size: int) -> None:
+    from dtdispatch import _compat
+
+    x = distribute_tensor(torch.ones(4), mesh_1d(), [Shard(0)])
+    saved = _compat.SUBCLASS_DISPATCH
+    _compat.SUBCLASS_DISPATCH = False  # what torch 2.11 gives
+    try:
+        with pytest.raises(RuntimeError, match="needs torch >= 2.13"):
+            dtdispatch.accelerate(x)
+    finally:
+        _compat.SUBCLASS_DISPATCH = saved
+    assert type(dtdispatch.accelerate(x)) is FastDTensor
