@@ -1,13 +1,14 @@
-"""Per-op dispatch overhead: local tensor vs stock DTensor vs dtdispatch (Python twin) vs dtdispatch (native).
+"""Per-op dispatch overhead: local tensor vs stock DTensor vs dtdispatch (Python twin) vs dtdispatch
+(native).
 
-    python benchmarks/dispatch_overhead.py                 # world sizes 1, 2, 4 via torchrun; writes results
+    python benchmarks/dispatch_overhead.py        # world sizes 1, 2, 4 via torchrun; writes results
     python benchmarks/dispatch_overhead.py --world-sizes 1 --reps 9
 
-Same process, same inputs, variants interleaved in rotating order within every round; the number reported is
-the median over rounds of the per-call mean of one batch. Cache-miss cost: the first call after clearing the
-caches (torch's C++ and Python caches for stock, dtdispatch's plan cache for ours), median over repeats.
-Outputs (``--out``, default benchmarks/results): dispatch_overhead.json, dispatch_overhead.md and, when
-matplotlib is installed, dispatch_overhead.png.
+Same process, same inputs, variants interleaved in rotating order within every round; the number
+reported is the median over rounds of the per-call mean of one batch. Cache-miss cost: the first
+call after clearing the caches (torch's C++ and Python caches for stock, dtdispatch's plan cache for
+ours), median over repeats. Outputs (``--out``, default benchmarks/results): dispatch_overhead.json,
+dispatch_overhead.md and, when matplotlib is installed, dispatch_overhead.png.
 """
 
 from __future__ import annotations
@@ -76,8 +77,14 @@ def _worker(args: argparse.Namespace) -> None:
     sync = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)
     for name, fn, codes in _cases(mesh):
         globals_ = [torch.randn(8, 8, device=info.device) for _ in codes]
-        stock = [distribute_tensor(g, mesh, [Shard(0) if c == "S0" else Replicate()]) for g, c in zip(globals_, codes)]
-        fast = [dtdispatch.accelerate(DTensor.from_local(s._local_tensor.clone(), mesh, s.placements)) for s in stock]
+        stock = [
+            distribute_tensor(g, mesh, [Shard(0) if c == "S0" else Replicate()])
+            for g, c in zip(globals_, codes, strict=False)
+        ]
+        fast = [
+            dtdispatch.accelerate(DTensor.from_local(s._local_tensor.clone(), mesh, s.placements))
+            for s in stock
+        ]
         inputs = {"local": globals_, "stock": stock, "python": fast, "native": fast}
         variants = ["local", "stock", *impls]
         samples: dict[str, list[float]] = {v: [] for v in variants}
@@ -87,7 +94,7 @@ def _worker(args: argparse.Namespace) -> None:
             for _ in range(3):
                 fn(*inputs[v])
         for round_ in range(args.reps):
-            order = variants[round_ % len(variants):] + variants[: round_ % len(variants)]
+            order = variants[round_ % len(variants) :] + variants[: round_ % len(variants)]
             for v in order:
                 if v in impls:
                     dispatcher.install(v)
@@ -116,13 +123,19 @@ def _worker(args: argparse.Namespace) -> None:
         row.update({f"miss {v}": statistics.median(s) for v, s in misses.items()})
         rows.append(row)
         if info.rank == 0:
-            print(f"[ws {info.world_size}] {name:16} " + " ".join(f"{v}={row[v]:.1f}" for v in variants),
-                  file=sys.stderr, flush=True)
+            print(
+                f"[ws {info.world_size}] {name:16} "
+                + " ".join(f"{v}={row[v]:.1f}" for v in variants),
+                file=sys.stderr,
+                flush=True,
+            )
     if info.rank == 0:
         result = {
             "world_size": info.world_size,
             "backend": info.backend,
-            "device": torch.cuda.get_device_name() if info.device.type == "cuda" else platform.processor() or "cpu",
+            "device": torch.cuda.get_device_name()
+            if info.device.type == "cuda"
+            else platform.processor() or "cpu",
             "torch": torch.__version__,
             "implementations": impls,
             "reps": args.reps,
@@ -130,23 +143,33 @@ def _worker(args: argparse.Namespace) -> None:
             "rows": rows,
         }
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / f"dispatch_overhead_ws{info.world_size}.json").write_text(json.dumps(result, indent=1))
+        (Path(args.out) / f"dispatch_overhead_ws{info.world_size}.json").write_text(
+            json.dumps(result, indent=1)
+        )
     dist.destroy_process_group()
 
 
 def _table(results: list[dict[str, Any]]) -> str:
     lines = []
     for res in results:
-        lines.append(f"\n### world size {res['world_size']} ({res['backend']}, {res['device']}, torch {res['torch']})\n")
-        lines.append("| op | local | stock | dtdispatch py | dtdispatch native | native/stock | native − local "
-                     "| miss stock | miss native | miss ratio |")
+        lines.append(
+            f"\n### world size {res['world_size']} ({res['backend']}, {res['device']}, "
+            f"torch {res['torch']})\n"
+        )
+        lines.append(
+            "| op | local | stock | dtdispatch py | dtdispatch native | native/stock "
+            "| native − local "  # noqa: RUF001 (a real minus sign in the results table)
+            "| miss stock | miss native | miss ratio |"
+        )
         lines.append("|---|---|---|---|---|---|---|---|---|---|")
         for r in res["rows"]:
             nat = r.get("native", float("nan"))
             miss_nat = r.get("miss native", float("nan"))
             lines.append(
-                f"| {r['op']} | {r['local']:.1f} | {r['stock']:.1f} | {r.get('python', float('nan')):.1f} | "
-                f"{nat:.1f} | {nat / r['stock']:.2f} | {nat - r['local']:.1f} | {r['miss stock']:.0f} | "
+                f"| {r['op']} | {r['local']:.1f} | {r['stock']:.1f} | "
+                f"{r.get('python', float('nan')):.1f} | "
+                f"{nat:.1f} | {nat / r['stock']:.2f} | {nat - r['local']:.1f} | "
+                f"{r['miss stock']:.0f} | "
                 f"{miss_nat:.0f} | {miss_nat / r['miss stock']:.2f} |"
             )
     return "\n".join(lines) + "\n"
@@ -161,7 +184,7 @@ def _plot(results: list[dict[str, Any]], path: Path) -> bool:
     except ImportError:
         return False
     fig, axes = plt.subplots(len(results), 1, figsize=(12, 4 * len(results)), squeeze=False)
-    for ax, res in zip(axes[:, 0], results):
+    for ax, res in zip(axes[:, 0], results, strict=False):
         ops = [r["op"] for r in res["rows"]]
         width = 0.2
         for i, v in enumerate(VARIANTS):
@@ -178,9 +201,13 @@ def _plot(results: list[dict[str, Any]], path: Path) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--reps", type=int, default=15, help="interleaved rounds per op (median over them)")
+    parser.add_argument(
+        "--reps", type=int, default=15, help="interleaved rounds per op (median over them)"
+    )
     parser.add_argument("--calls", type=int, default=200, help="calls per timed batch")
     parser.add_argument("--miss-reps", type=int, default=9)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -192,9 +219,23 @@ def main() -> None:
     results = []
     for n in args.world_sizes:
         print(f"world size {n}: starting {n} rank(s) under torchrun", file=sys.stderr, flush=True)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", __file__,
-               "--worker", "--reps", str(args.reps), "--calls", str(args.calls), "--miss-reps", str(args.miss_reps),
-               "--out", args.out]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={n}",
+            __file__,
+            "--worker",
+            "--reps",
+            str(args.reps),
+            "--calls",
+            str(args.calls),
+            "--miss-reps",
+            str(args.miss_reps),
+            "--out",
+            args.out,
+        ]
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
         results.append(json.loads((Path(args.out) / f"dispatch_overhead_ws{n}.json").read_text()))
     out = Path(args.out)
@@ -203,7 +244,10 @@ def main() -> None:
     (out / "dispatch_overhead.md").write_text(table)
     plotted = _plot(results, out / "dispatch_overhead.png")
     print(table)
-    print(f"wrote {out}/dispatch_overhead.{{json,md}}" + (" and .png" if plotted else " (no matplotlib: no plot)"))
+    print(
+        f"wrote {out}/dispatch_overhead.{{json,md}}"
+        + (" and .png" if plotted else " (no matplotlib: no plot)")
+    )
 
 
 if __name__ == "__main__":

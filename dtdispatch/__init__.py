@@ -1,14 +1,13 @@
 """dtdispatch: fast dispatch for PyTorch DTensor.
 
-``accelerate(x)`` opts a DTensor (or every DTensor parameter and buffer of an ``nn.Module``) into dtdispatch;
-``to_torch(x)`` takes it back. ``stats()`` says where dispatch time goes.
+``accelerate(x)`` opts a DTensor (or every DTensor parameter and buffer of an ``nn.Module``) into
+dtdispatch; ``to_torch(x)`` takes it back. ``stats()`` says where dispatch time goes.
 """
 
 from __future__ import annotations
 
 from typing import Any, TypeVar
 
-import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -52,15 +51,17 @@ def _convert_module(module: nn.Module, convert: Any, target: type) -> None:
 def accelerate(x: T) -> T:
     """Opt ``x`` into dtdispatch.
 
-    A ``DTensor`` gives a ``FastDTensor`` sharing its local shard and spec (zero-copy; differentiable). An
-    ``nn.Module`` has its DTensor parameters (still ``nn.Parameter``, same ``requires_grad``) and buffers
-    converted in place and is returned. Create optimizers after this call: they hold parameter objects.
+    A ``DTensor`` gives a ``FastDTensor`` sharing its local shard and spec (zero-copy;
+    differentiable). An ``nn.Module`` has its DTensor parameters (still ``nn.Parameter``, same
+    ``requires_grad``) and buffers converted in place and is returned. Create optimizers after this
+    call: they hold parameter objects.
 
     For a module, the whole training step then runs on dtdispatch: the forward (pre-)hooks of
     torch's parallel styles (``parallelize_module``, ``distribute_module``) hand out FastDTensor
     activations instead of plain DTensors (``dtdispatch._training``) and gradients come out as
     FastDTensors. Results are unchanged; ``coverage(step)`` says how much of a step was on it.
-    Raises RuntimeError on torch < 2.13, which never calls a DTensor subclass's ``__torch_dispatch__``.
+    Raises RuntimeError on torch < 2.13, which never calls a DTensor subclass's
+    ``__torch_dispatch__``.
     """
     _compat.require_subclass_dispatch()
     if isinstance(x, nn.Module):
@@ -69,7 +70,9 @@ def accelerate(x: T) -> T:
         return x
     if isinstance(x, DTensor):
         return as_fast(x)  # type: ignore[return-value]
-    raise TypeError(f"dtdispatch.accelerate expects a DTensor or an nn.Module, got {type(x).__name__}")
+    raise TypeError(
+        f"dtdispatch.accelerate expects a DTensor or an nn.Module, got {type(x).__name__}"
+    )
 
 
 def to_torch(x: T) -> T:
@@ -80,7 +83,9 @@ def to_torch(x: T) -> T:
         return x
     if isinstance(x, DTensor):
         return as_stock(x)  # type: ignore[return-value]
-    raise TypeError(f"dtdispatch.to_torch expects a DTensor or an nn.Module, got {type(x).__name__}")
+    raise TypeError(
+        f"dtdispatch.to_torch expects a DTensor or an nn.Module, got {type(x).__name__}"
+    )
 
 
 def _merge(total: dict[str, Any], part: dict[str, Any]) -> None:
@@ -98,11 +103,19 @@ def _merge(total: dict[str, Any], part: dict[str, Any]) -> None:
 def stats() -> dict[str, Any]:
     """Plan-cache telemetry of this process, aggregated over all threads (finished ones included).
 
-    Keys: ``hits``, ``misses``, ``entries`` (live plans), ``evictions``, ``bailouts`` {reason: count} (calls the
-    native path handed to Python, by reason), ``per_op`` {op: {hits, misses, bailouts}}, ``threads`` (the same
-    per live thread, by thread name), ``implementation`` ("native" or "python").
+    Keys: ``hits``, ``misses``, ``entries`` (live plans), ``evictions``, ``bailouts`` {reason:
+    count} (calls the native path handed to Python, by reason), ``per_op`` {op: {hits, misses,
+    bailouts}}, ``threads`` (the same per live thread, by thread name), ``implementation`` ("native"
+    or "python").
     """
-    total: dict[str, Any] = {"hits": 0, "misses": 0, "entries": 0, "evictions": 0, "bailouts": {}, "per_op": {}}
+    total: dict[str, Any] = {
+        "hits": 0,
+        "misses": 0,
+        "entries": 0,
+        "evictions": 0,
+        "bailouts": {},
+        "per_op": {},
+    }
     retired = _cache.retired_totals()
     retired["entries"] = 0
     _merge(total, retired)
@@ -139,6 +152,9 @@ def set_cache_capacity(capacity: int) -> None:
 def native_status() -> tuple[bool, str]:
     """(whether the C extension is the active implementation, why)."""
     active = _dispatcher.active() == "native"
-    return active, _native.REASON if active or _dispatcher.active() == _native.DEFAULT else "Python twin selected"
-
-
+    return (
+        active,
+        _native.REASON
+        if active or _dispatcher.active() == _native.DEFAULT
+        else "Python twin selected",
+    )

@@ -1,12 +1,15 @@
-"""The torch internals dtdispatch reads whose names moved between the supported releases (2.11–2.13).
+"""The torch internals dtdispatch reads whose names moved between the supported releases
+(2.11-2.13).
 
-NOTE: every lookup of a private torch name that is not in all supported releases goes through here, so the
-version differences sit in one place and the rest of the code reads as if only torch 2.13 existed.
+NOTE: every lookup of a private torch name that is not in all supported releases goes through here,
+so the version differences sit in one place and the rest of the code reads as if only torch 2.13
+existed.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,11 +17,11 @@ from torch.distributed.tensor import DTensor, Shard
 
 __all__ = [
     "SUBCLASS_DISPATCH",
-    "require_subclass_dispatch",
     "ExplicitRedistributionContext",
     "explicit_redistribution_local",
     "format_implicit_redistribution_msg",
     "local_shard_size_and_offset",
+    "require_subclass_dispatch",
     "run_dtensor_rng_op",
     "single_dim_schema_infos",
     "single_dim_strategy_funcs",
@@ -26,13 +29,16 @@ __all__ = [
 
 _propagator = DTensor._op_dispatcher.sharding_propagator
 
-# Ops registered through single-dim strategies keep their RuntimeSchemaInfo (and rule) in separate tables.
-single_dim_schema_infos: dict[Any, Any] = getattr(_propagator, "op_to_schema_info_for_single_dim_strategy", {})
+# Ops registered through single-dim strategies keep their RuntimeSchemaInfo (and rule) in separate
+# tables.
+single_dim_schema_infos: dict[Any, Any] = getattr(
+    _propagator, "op_to_schema_info_for_single_dim_strategy", {}
+)
 single_dim_strategy_funcs: dict[Any, Any] = getattr(_propagator, "op_single_dim_strategy_funcs", {})
 
 try:
-    from torch.distributed.tensor._utils import (  # type: ignore[attr-defined]
-        ExplicitRedistributionContext,
+    from torch.distributed.tensor._utils import ExplicitRedistributionContext
+    from torch.distributed.tensor._utils import (
         _format_implicit_redistribution_msg as format_implicit_redistribution_msg,
     )
 
@@ -43,20 +49,22 @@ except ImportError:  # no explicit-redistribution mode in this torch: nothing to
     explicit_redistribution_local = threading.local()
 
 try:
-    from torch._prims.rng_prims import run_dtensor_rng_op  # type: ignore[attr-defined]
+    from torch._prims.rng_prims import run_dtensor_rng_op
 except ImportError:  # older torch runs every random op under _distribute_region
     run_dtensor_rng_op = None
 
-local_shard_size_and_offset = getattr(Shard, "local_shard_size_and_offset", None) or getattr(
-    Shard, "_local_shard_size_and_offset"
+# The fallback is the pre-2.13 staticmethod; torch 2.13's stubs describe it as an instance method.
+local_shard_size_and_offset: Callable[..., Any] = (
+    getattr(Shard, "local_shard_size_and_offset", None) or Shard._local_shard_size_and_offset
 )
 
 _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
-# NOTE: dtdispatch needs torch >= 2.13. From 2.13 torch's C++ sends an op on a DTensor subclass that overrides
-# __torch_dispatch__ to that override (``is_dtensor`` in python_arg_parser.cpp). torch 2.11 (checked on the GPU
-# machine) sends every DTensor subclass to its own C++ path, so FastDTensor's __torch_dispatch__ never runs:
-# outputs come back as stock DTensors and nn.Parameter refuses the conversion. There is no hook to intercept.
+# NOTE: dtdispatch needs torch >= 2.13. From 2.13 torch's C++ sends an op on a DTensor subclass that
+# overrides __torch_dispatch__ to that override (``is_dtensor`` in python_arg_parser.cpp). torch
+# 2.11 (checked on the GPU machine) sends every DTensor subclass to its own C++ path, so
+# FastDTensor's __torch_dispatch__ never runs: outputs come back as stock DTensors and nn.Parameter
+# refuses the conversion. There is no hook to intercept.
 SUBCLASS_DISPATCH = _TORCH_VERSION >= (2, 13)
 
 
@@ -64,6 +72,7 @@ def require_subclass_dispatch() -> None:
     """Raise when this torch cannot route ops to FastDTensor (see SUBCLASS_DISPATCH)."""
     if not SUBCLASS_DISPATCH:
         raise RuntimeError(
-            f"dtdispatch needs torch >= 2.13; torch {torch.__version__} dispatches every DTensor subclass "
-            "through its own C++ path, so dtdispatch tensors would silently run as stock DTensors"
+            f"dtdispatch needs torch >= 2.13; torch {torch.__version__} dispatches every DTensor "
+            "subclass through its own C++ path, so dtdispatch tensors would silently run as stock "
+            "DTensors"
         )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, SupportsIndex, cast
 
 import torch
 from torch.distributed.tensor import DTensor
@@ -18,14 +18,14 @@ class FastDTensor(DTensor):
     """A ``DTensor`` whose aten ops go through dtdispatch.
 
     It *is* a DTensor (``isinstance``, ``placements``, ``to_local`` ...). Because it overrides
-    ``__torch_dispatch__``, torch's C++ routes every op with at least one FastDTensor argument here instead of
-    to its own fast path; outputs are FastDTensors, so a program stays on dtdispatch.
+    ``__torch_dispatch__``, torch's C++ routes every op with at least one FastDTensor argument here
+    instead of to its own fast path; outputs are FastDTensors, so a program stays on dtdispatch.
     """
 
     __slots__ = ()
 
-    # NOTE: __torch_dispatch__ is installed by dtdispatch.dispatcher (the native entry point, C or its Python
-    # twin), so that the hot path does not pay for an extra Python frame here.
+    # NOTE: __torch_dispatch__ is installed by dtdispatch.dispatcher (the native entry point, C or
+    # its Python twin), so that the hot path does not pay for an extra Python frame here.
 
     def __repr__(self) -> str:  # type: ignore[override]
         return (
@@ -33,8 +33,8 @@ class FastDTensor(DTensor):
             f"placements={self._spec.placements})"
         )
 
-    def redistribute(self, *args: Any, **kwargs: Any) -> FastDTensor:  # type: ignore[override]
-        return _ToFast.apply(_fast_grads(DTensor.redistribute(self, *args, **kwargs)))
+    def redistribute(self, *args: Any, **kwargs: Any) -> FastDTensor:
+        return _ToFast.apply(_fast_grads(DTensor.redistribute(self, *args, **kwargs)))  # type: ignore[no-untyped-call,no-any-return]  # torch: Function.apply is untyped
 
     # NOTE: torch's backward of to_local / full_tensor / redistribute builds the input's gradient
     # as a plain DTensor (``_ToTorchTensor.backward`` calls ``DTensor.from_local``,
@@ -51,19 +51,19 @@ class FastDTensor(DTensor):
         return _fast_grads(DTensor.full_tensor(self, grad_placements=grad_placements))
 
     @staticmethod
-    def from_local(  # type: ignore[override]
+    def from_local(
         local_tensor: torch.Tensor,
         device_mesh: Any = None,
         placements: Sequence[Any] | None = None,
         **kwargs: Any,
     ) -> FastDTensor:
         """``DTensor.from_local`` that returns a FastDTensor (autograd-correct)."""
-        return _ToFast.apply(DTensor.from_local(local_tensor, device_mesh, placements, **kwargs))
+        return _ToFast.apply(DTensor.from_local(local_tensor, device_mesh, placements, **kwargs))  # type: ignore[no-untyped-call,no-any-return]  # torch: Function.apply is untyped
 
-    def __reduce_ex__(self, protocol: int) -> Any:
-        # NOTE: pickles as a stock DTensor plus a rebuild hook, so torch.load never needs to trust a new
-        # global beyond dtdispatch's own function (see _rebuild).
-        return (_rebuild, (as_stock(self.detach()), self.requires_grad))
+    def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
+        # NOTE: pickles as a stock DTensor plus a rebuild hook, so torch.load never needs to trust a
+        # new global beyond dtdispatch's own function (see _rebuild).
+        return (_rebuild, (as_stock(cast(DTensor, self.detach())), self.requires_grad))
 
 
 def _grads_to_fast(grad_inputs: tuple[Any, ...], grad_outputs: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -94,35 +94,39 @@ def _fast_from(t: DTensor) -> FastDTensor:
 
 
 class _ToFast(torch.autograd.Function):
-    """Zero-copy DTensor -> FastDTensor that keeps the autograd graph (gradients pass through unchanged)."""
+    """Zero-copy DTensor -> FastDTensor that keeps the autograd graph (gradients pass through
+    unchanged)."""
 
     @staticmethod
-    def forward(ctx: Any, t: DTensor) -> FastDTensor:  # type: ignore[override]
+    def forward(ctx: Any, t: DTensor) -> FastDTensor:
         return _new(FastDTensor, t._local_tensor, t._spec, requires_grad=False)
 
     @staticmethod
-    def backward(ctx: Any, grad: Any) -> Any:  # type: ignore[override]
+    def backward(ctx: Any, grad: Any) -> Any:
         return grad
 
 
 class _ToStock(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, t: DTensor) -> DTensor:  # type: ignore[override]
+    def forward(ctx: Any, t: DTensor) -> DTensor:
         return _new(DTensor, t._local_tensor, t._spec, requires_grad=False)
 
     @staticmethod
-    def backward(ctx: Any, grad: Any) -> Any:  # type: ignore[override]
+    def backward(ctx: Any, grad: Any) -> Any:
         return grad
 
 
 def as_fast(t: DTensor) -> FastDTensor:
-    """The FastDTensor view of ``t`` (same local shard, same spec). Differentiable when ``t`` needs grad."""
+    """The FastDTensor view of ``t`` (same local shard, same spec). Differentiable when ``t``
+    needs grad."""
     if type(t) is FastDTensor:
         return t
     if not isinstance(t, DTensor):
-        raise TypeError(f"dtdispatch.accelerate expects a DTensor or an nn.Module, got {type(t).__name__}")
+        raise TypeError(
+            f"dtdispatch.accelerate expects a DTensor or an nn.Module, got {type(t).__name__}"
+        )
     if t.requires_grad and not t.is_leaf:
-        return _ToFast.apply(t)
+        return _ToFast.apply(t)  # type: ignore[no-untyped-call,no-any-return]  # torch: Function.apply is untyped
     return _fast_from(t)
 
 
@@ -131,9 +135,11 @@ def as_stock(t: DTensor) -> DTensor:
     if type(t) is DTensor:
         return t
     if not isinstance(t, DTensor):
-        raise TypeError(f"dtdispatch.to_torch expects a DTensor or an nn.Module, got {type(t).__name__}")
+        raise TypeError(
+            f"dtdispatch.to_torch expects a DTensor or an nn.Module, got {type(t).__name__}"
+        )
     if t.requires_grad and not t.is_leaf:
-        return _ToStock.apply(t)
+        return _ToStock.apply(t)  # type: ignore[no-untyped-call,no-any-return]  # torch: Function.apply is untyped
     return _new(DTensor, t._local_tensor, t._spec, requires_grad=t.requires_grad)
 
 

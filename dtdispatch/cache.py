@@ -1,8 +1,8 @@
 """The sharding cache key, the plan and the per-thread plan cache.
 
-The key rules are DESIGN §5 (torch 2.13's ``OpSchema`` comparison key), with one declared deviation, see
-``scalar_value_free_ops``. ``build_key`` is the specification that ``native/_speedups.c`` mirrors block by
-block; change both together.
+The key rules are DESIGN §5 (torch 2.13's ``OpSchema`` comparison key), with one declared deviation,
+see ``scalar_value_free_ops``. ``build_key`` is the specification that ``native/_speedups.c``
+mirrors block by block; change both together.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ __all__ = [
     "Plan",
     "ThreadCache",
     "build_key",
-    "schema_info",
     "scalar_value_free_ops",
+    "schema_info",
     "thread_cache",
 ]
 
@@ -57,19 +57,22 @@ def schema_info(op: OpOverload) -> RuntimeSchemaInfo:
 def _is_torch_pointwise_rule(op: OpOverload) -> bool:
     entry = _compat.single_dim_strategy_funcs.get(op)
     func = getattr(entry, "func", None)
-    return getattr(func, "__qualname__", "") == "_register_single_dim_pointwise.<locals>.strategy_fn"
+    return (
+        getattr(func, "__qualname__", "") == "_register_single_dim_pointwise.<locals>.strategy_fn"
+    )
 
 
 def scalar_value_free_ops() -> frozenset[OpOverload]:
     """Ops whose Python-scalar arguments enter the key by type, not by value.
 
-    torch 2.13 registers every pointwise op with ``static_argnum=0``, so ``x / 0.999`` and ``x / 0.998`` get
-    different cache entries: an optimizer's step-varying bias corrections add one entry per step
-    (pytorch#178276 and kin). The pointwise rule (``_register_single_dim_pointwise``'s ``strategy_fn``) reads
-    only the tensor arguments' metadata, and the output's metadata depends on a scalar's type (dtype
-    promotion), never its value. So for exactly these ops the key holds ``type(scalar)``.
-    NOTE: the set is derived from torch's registry at import; do not hand-maintain it. An op registered with
-    any other rule keeps torch's value keys.
+    torch 2.13 registers every pointwise op with ``static_argnum=0``, so ``x / 0.999`` and
+    ``x / 0.998`` get different cache entries: an optimizer's step-varying bias corrections add one
+    entry per step (pytorch#178276 and kin). The pointwise rule
+    (``_register_single_dim_pointwise``'s ``strategy_fn``) reads only the tensor arguments'
+    metadata, and the output's metadata depends on a scalar's type (dtype promotion), never its
+    value. So for exactly these ops the key holds ``type(scalar)``.
+    NOTE: the set is derived from torch's registry at import; do not hand-maintain it. An op
+    registered with any other rule keeps torch's value keys.
     """
     return frozenset(op for op in _compat.single_dim_strategy_funcs if _is_torch_pointwise_rule(op))
 
@@ -79,7 +82,7 @@ _SCALAR_TYPES = (bool, int, float, complex)
 
 
 def _tensor_entry(arg: torch.Tensor) -> object | None:
-    """Rules 2–3 for one tensor: its spec, a scalar-tensor marker, or None (no key)."""
+    """Rules 2-3 for one tensor: its spec, a scalar-tensor marker, or None (no key)."""
     if isinstance(arg, DTensor):
         spec = arg._spec
         meta = spec.tensor_meta
@@ -88,10 +91,11 @@ def _tensor_entry(arg: torch.Tensor) -> object | None:
             return None
         return spec
     if arg.numel() == 1 and arg.ndim == 0:
-        # NOTE: ndim == 0 only: a (1,)-shaped plain tensor makes torch warn on every call, so it takes the
-        # slow path, which warns exactly as torch does.
+        # NOTE: ndim == 0 only: a (1,)-shaped plain tensor makes torch warn on every call, so it
+        # takes the slow path, which warns exactly as torch does.
         return (_SCALAR_TENSOR, tuple(arg.shape), arg.stride(), arg.dtype)
-    # Non-scalar plain tensor: torch raises (or replicates under implicit replication) on the slow path.
+    # Non-scalar plain tensor: torch raises (or replicates under implicit replication) on the slow
+    # path.
     return None
 
 
@@ -107,11 +111,13 @@ def _value_entry(value: object, keyed: bool, by_type: bool) -> object:
     return value
 
 
-def build_key(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[object, ...] | None:
+def build_key(
+    op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[object, ...] | None:
     """The plan-cache key of one call, or None when the call must not be cached (DESIGN §5).
 
-    Two calls get equal keys exactly when torch's ``OpSchema`` comparison keys are equal (tested against
-    torch), except that scalars of ``scalar_value_free_ops`` are keyed by type.
+    Two calls get equal keys exactly when torch's ``OpSchema`` comparison keys are equal (tested
+    against torch), except that scalars of ``scalar_value_free_ops`` are keyed by type.
     """
     info = schema_info(op)
     static_argnum = info.static_argnum
@@ -144,10 +150,10 @@ def build_key(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
             # Rule 5.
             key.append(_value_entry(arg, index >= static_argnum, by_type))
     if kwargs:
-        # Rule 6. NOTE: tensor kwargs always enter the key, even where torch's static_kwargkey is None: a
-        # finer key only costs a miss, a coarser one replays the wrong spec.
-        # The separator only appears when an entry follows, so kwargs that do not count (alpha=2 on add)
-        # leave the key equal to the call without them, as in torch.
+        # Rule 6. NOTE: tensor kwargs always enter the key, even where torch's static_kwargkey is
+        # None: a finer key only costs a miss, a coarser one replays the wrong spec.
+        # The separator only appears when an entry follows, so kwargs that do not count (alpha=2 on
+        # add) leave the key equal to the call without them, as in torch.
         static_kwargs = info.static_kwargkey or ()
         separated = False
         for name, value in kwargs.items():
@@ -158,7 +164,9 @@ def build_key(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
                 has_dtensor = has_dtensor or isinstance(value, DTensor)
             elif name in static_kwargs:
                 entry = _value_entry(value, True, by_type)
-            elif isinstance(value, (list, tuple)) and any(isinstance(e, torch.Tensor) for e in value):
+            elif isinstance(value, (list, tuple)) and any(
+                isinstance(e, torch.Tensor) for e in value
+            ):
                 return None  # tensor lists in kwargs are rare; let the slow path decide each time
             else:
                 continue
@@ -182,10 +190,11 @@ EQUAL = 4
 class Plan:
     """What the slow path decided for one key; replayed on every hit. Treat as immutable.
 
-    ``transforms`` has one entry per flattened positional argument: None (use the local tensor as is) or the
-    target ``DTensorSpec`` to redistribute to. ``rewritten_args`` holds the flattened positional values that
-    replace non-tensor arguments (sharded view shapes), or None. ``fast`` is True when the native path may run
-    the plan without Python (see ``native._native.fast_dispatch``); otherwise ``reason`` names why not.
+    ``transforms`` has one entry per flattened positional argument: None (use the local tensor as
+    is) or the target ``DTensorSpec`` to redistribute to. ``rewritten_args`` holds the flattened
+    positional values that replace non-tensor arguments (sharded view shapes), or None. ``fast`` is
+    True when the native path may run the plan without Python (see
+    ``native._native.fast_dispatch``); otherwise ``reason`` names why not.
     """
 
     op_call: OpOverload
@@ -203,10 +212,12 @@ class Plan:
     out_names: tuple[str, ...]
     """OUT plans: the ``out=`` argument names in schema order (their specs are ``output_spec``)."""
     chunks: tuple[tuple[int, int, int, int], ...] | None
-    """Communication-free transforms the native path replays: (argument index, dim, offset, length), each
-    ``local.narrow(dim, offset, length).clone()`` — verified equal to torch's redistribution when planned."""
+    """Communication-free transforms the native path replays: (argument index, dim, offset,
+    length), each ``local.narrow(dim, offset, length).clone()`` — verified equal to torch's
+    redistribution when planned."""
     alias_pairs: tuple[tuple[int, int], ...]
-    """VIEW plans: (argument index, return index) pairs whose storages ``return_and_correct_aliasing`` ties."""
+    """VIEW plans: (argument index, return index) pairs whose storages
+    ``return_and_correct_aliasing`` ties."""
 
 
 _registry_lock = threading.Lock()
@@ -219,11 +230,20 @@ _default_capacity = 4096
 class ThreadCache:
     """One thread's plan cache (bounded LRU) and its counters.
 
-    NOTE: not locked. Every method runs with the GIL held and a ThreadCache is only ever touched by its own
-    thread (``thread_cache()``), except ``snapshot()`` and ``clear()`` which copy/replace whole containers.
+    NOTE: not locked. Every method runs with the GIL held and a ThreadCache is only ever touched by
+    its own thread (``thread_cache()``), except ``snapshot()`` and ``clear()`` which copy/replace
+    whole containers.
     """
 
-    __slots__ = ("__weakref__", "bailouts", "capacity", "entries", "evicted", "per_op", "thread_name")
+    __slots__ = (
+        "__weakref__",
+        "bailouts",
+        "capacity",
+        "entries",
+        "evicted",
+        "per_op",
+        "thread_name",
+    )
 
     def __init__(self, capacity: int) -> None:
         self.entries: OrderedDict[tuple[object, ...], Plan] = OrderedDict()
@@ -255,7 +275,10 @@ class ThreadCache:
         return counters
 
     def snapshot(self) -> dict[str, Any]:
-        per_op = {str(op): {"hits": c[0], "misses": c[1], "bailouts": c[2]} for op, c in list(self.per_op.items())}
+        per_op = {
+            str(op): {"hits": c[0], "misses": c[1], "bailouts": c[2]}
+            for op, c in list(self.per_op.items())
+        }
         return {
             "hits": sum(c["hits"] for c in per_op.values()),
             "misses": sum(c["misses"] for c in per_op.values()),
@@ -271,7 +294,9 @@ class ThreadCache:
         self.evicted[0] = 0
 
 
-def _retire(per_op: dict[OpOverload, list[int]], bailouts: dict[str, int], evicted: list[int]) -> None:
+def _retire(
+    per_op: dict[OpOverload, list[int]], bailouts: dict[str, int], evicted: list[int]
+) -> None:
     """Fold a finished thread's counters into the process totals (its plans are already freed)."""
     with _registry_lock:
         _retired["evictions"] += evicted[0]

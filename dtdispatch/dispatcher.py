@@ -1,7 +1,7 @@
 """The slow path: ask torch's sharding propagator, write the plan, run it (DESIGN §2).
 
-The native entry (``native._speedups.dispatch`` or its twin) is FastDTensor's ``__torch_dispatch__``; it calls
-``slow_path`` for everything it does not replay itself.
+The native entry (``native._speedups.dispatch`` or its twin) is FastDTensor's
+``__torch_dispatch__``; it calls ``slow_path`` for everything it does not replay itself.
 """
 
 from __future__ import annotations
@@ -30,17 +30,22 @@ _custom_handlers = _op_dispatcher._custom_op_handlers
 def _to_fast(result: object) -> object:
     def convert(t: object) -> object:
         if isinstance(t, DTensor) and type(t) is not FastDTensor:
-            return torch.Tensor._dtensor__new__(FastDTensor, t._local_tensor, t._spec, requires_grad=t.requires_grad)
+            return torch.Tensor._dtensor__new__(
+                FastDTensor, t._local_tensor, t._spec, requires_grad=t.requires_grad
+            )
         return t
 
     return pytree.tree_map(convert, result)
 
 
-def _keys_every_rewritten_value(op: OpOverload, args: tuple[Any, ...], sharding: OutputSharding) -> bool:
+def _keys_every_rewritten_value(
+    op: OpOverload, args: tuple[Any, ...], sharding: OutputSharding
+) -> bool:
     """False when the plan would replay a rewritten value that the key does not pin.
 
-    A sharded view's plan stores the local shape computed from the call's shape argument; that is only safe to
-    replay when the argument is part of the key (index >= static_argnum, keyed by value).
+    A sharded view's plan stores the local shape computed from the call's shape argument; that is
+    only safe to replay when the argument is part of the key (index >= static_argnum, keyed by
+    value).
     """
     if not sharding.use_val_from_redistribute_schema:
         return True
@@ -54,16 +59,18 @@ def _keys_every_rewritten_value(op: OpOverload, args: tuple[Any, ...], sharding:
 
 
 def _raise_if_mixed(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """torch's C++ error for a plain multi-element tensor beside DTensors (same type, same message)."""
+    """torch's C++ error for a plain multi-element tensor beside DTensors (same type, same
+    message)."""
     if _op_dispatcher._allow_implicit_replication:
         return
     leaves = pytree.tree_leaves((args, kwargs))
     if any(isinstance(t, DTensor) for t in leaves) and any(
-        isinstance(t, torch.Tensor) and not isinstance(t, DTensor) and t.numel() != 1 for t in leaves
+        isinstance(t, torch.Tensor) and not isinstance(t, DTensor) and t.numel() != 1
+        for t in leaves
     ):
         raise RuntimeError(
-            f"{op} got mixed torch.Tensor and DTensor, need to convert all torch.Tensor to DTensor before "
-            "calling distributed operators!"
+            f"{op} got mixed torch.Tensor and DTensor, need to convert all torch.Tensor to DTensor "
+            "before calling distributed operators!"
         )
 
 
@@ -75,7 +82,8 @@ def slow_path(
     key: tuple[object, ...] | None,
     plan: Any,
 ) -> object:
-    """Handle one call the native path handed over. ``plan`` is set on a hit whose plan is not ``fast``."""
+    """Handle one call the native path handed over. ``plan`` is set on a hit whose plan is not
+    ``fast``."""
     cache = _cache.thread_cache()
     cache.count_bailout(op, reason)
     if plan is not None:
@@ -88,7 +96,9 @@ def slow_path(
     op_info = _op_dispatcher.unwrap_to_op_info(op, args, kwargs)
     # torch's own slow path: non-cached propagation, torch's exception types and messages, and the
     # CompositeImplicitAutograd decomposition when no strategy exists.
-    sharding = _op_dispatcher._propagate_op_sharding_dispatch_slow_path(op, args, kwargs, op_info, try_cache=False)
+    sharding = _op_dispatcher._propagate_op_sharding_dispatch_slow_path(
+        op, args, kwargs, op_info, try_cache=False
+    )
     if not isinstance(sharding, OutputSharding):
         cache.count_bailout(op, "decomposition")
         return sharding
@@ -107,8 +117,10 @@ def install(name: str) -> None:
     global _active
     impls: dict[str, ModuleType] = _native_pkg.implementations()
     if name not in impls:
-        raise ValueError(f"dtdispatch implementation {name!r} is not available (have {sorted(impls)}): "
-                         f"{_native_pkg.REASON}")
+        raise ValueError(
+            f"dtdispatch implementation {name!r} is not available (have {sorted(impls)}): "
+            f"{_native_pkg.REASON}"
+        )
     module = impls[name]
     module.configure(
         {

@@ -1,7 +1,7 @@
-"""Turning torch's sharding decision into a Plan, and running a Plan (DESIGN §6–8).
+"""Turning torch's sharding decision into a Plan, and running a Plan (DESIGN §6-8).
 
-``make_plan`` is the only place a decision becomes a cache value; ``execute`` is the Python executor every
-plan can run on (the native path replays only the plans marked ``fast``).
+``make_plan`` is the only place a decision becomes a cache value; ``execute`` is the Python executor
+every plan can run on (the native path replays only the plans marked ``fast``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 import torch.distributed.tensor._random as dt_random
-from torch._logging import LazyString
+from torch._logging import LazyString  # type: ignore[attr-defined]  # re-exported without __all__
 from torch._ops import OpOverload
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
@@ -40,7 +40,8 @@ _RANDOM_OPS = random_ops()
 
 
 def _output_kind(op: OpOverload) -> int:
-    """torch's classification (``OpSchema.is_inplace_op`` / ``is_out_variant_op`` / ``is_view_op``)."""
+    """torch's classification (``OpSchema.is_inplace_op`` / ``is_out_variant_op`` /
+    ``is_view_op``)."""
     schema = op._schema
     if schema.name[-1] == "_":
         return INPLACE
@@ -52,47 +53,63 @@ def _output_kind(op: OpOverload) -> int:
 
 
 def _communicates(src: DTensorSpec, dst: DTensorSpec) -> bool:
-    """Conservative: True unless every mesh dim is unchanged or Replicate -> Shard (a local chunk)."""
-    if src.mesh != dst.mesh or src.shard_order != dst.shard_order and len(src.placements) > 1:
+    """Conservative: True unless every mesh dim is unchanged or Replicate -> Shard (a local
+    chunk)."""
+    if src.mesh != dst.mesh or (src.shard_order != dst.shard_order and len(src.placements) > 1):
         return True
-    return any(s != d and not (s.is_replicate() and d.is_shard()) for s, d in zip(src.placements, dst.placements))
+    return any(
+        s != d and not (s.is_replicate() and d.is_shard())
+        for s, d in zip(src.placements, dst.placements, strict=False)
+    )
 
 
 def _local_chunk(
     local: torch.Tensor, src: DTensorSpec, dst: DTensorSpec
 ) -> tuple[int, int, int] | None:
-    """(dim, offset, length) when src -> dst is one Replicate -> Shard(d) step that torch runs as a local
-    chunk, verified against torch's ``redistribute_local_tensor`` on this very tensor; else None."""
+    """(dim, offset, length) when src -> dst is one Replicate -> Shard(d) step that torch runs as
+    a local chunk, verified against torch's ``redistribute_local_tensor`` on this very tensor;
+    else None."""
     if src.mesh != dst.mesh or len(src.placements) != len(dst.placements):
         return None
-    changed = [i for i, (s, d) in enumerate(zip(src.placements, dst.placements)) if s != d]
+    changed = [
+        i for i, (s, d) in enumerate(zip(src.placements, dst.placements, strict=False)) if s != d
+    ]
     if len(changed) != 1:
         return None
     mesh_dim = changed[0]
     s, d = src.placements[mesh_dim], dst.placements[mesh_dim]
-    if not (s.is_replicate() and type(d) is Shard) or any(type(p) is not Shard for p in dst.placements if p.is_shard()):
+    if not (s.is_replicate() and type(d) is Shard) or any(
+        type(p) is not Shard for p in dst.placements if p.is_shard()
+    ):
         return None
     coordinate = src.mesh.get_coordinate()
     if coordinate is None:
         return None
-    dim = cast(Shard, d).dim
-    length, offset = _compat.local_shard_size_and_offset(local.size(dim), src.mesh.size(mesh_dim), coordinate[mesh_dim])
+    dim = d.dim
+    length, offset = _compat.local_shard_size_and_offset(
+        local.size(dim), src.mesh.size(mesh_dim), coordinate[mesh_dim]
+    )
     candidate = local.narrow(dim, offset, length).clone()
     reference = redistribute_local_tensor(local, src, dst)
     same = (
         candidate.shape == reference.shape
         and candidate.stride() == reference.stride()
         and candidate.dtype == reference.dtype
-        and torch.equal(candidate.reshape(-1).view(torch.uint8) if candidate.numel() else candidate,
-                        reference.reshape(-1).view(torch.uint8) if reference.numel() else reference)
+        and torch.equal(
+            candidate.reshape(-1).view(torch.uint8) if candidate.numel() else candidate,
+            reference.reshape(-1).view(torch.uint8) if reference.numel() else reference,
+        )
     )
-    # NOTE: when in doubt the plan stays on the Python executor (a wrong chunk is a silent wrong result).
+    # NOTE: when in doubt the plan stays on the Python executor (a wrong chunk is a silent wrong
+    # result).
     return (dim, int(offset), int(length)) if same else None
 
 
-def make_plan(op: OpOverload, op_info: OpInfo, sharding: OutputSharding, *, cacheable: bool) -> Plan:
-    """The cache value for this decision (DESIGN §6). ``cacheable`` is False when the key does not pin every
-    value the plan replays; such a plan is used once and never inserted."""
+def make_plan(
+    op: OpOverload, op_info: OpInfo, sharding: OutputSharding, *, cacheable: bool
+) -> Plan:
+    """The cache value for this decision (DESIGN §6). ``cacheable`` is False when the key does
+    not pin every value the plan replays; such a plan is used once and never inserted."""
     participating = op_info.compute_mesh._is_current_rank_part_of_mesh()
     transforms: tuple[DTensorSpec | None, ...] | None = None
     rewritten: tuple[object, ...] | None = None
@@ -104,7 +121,9 @@ def make_plan(op: OpOverload, op_info: OpInfo, sharding: OutputSharding, *, cach
         if schema is None:
             raise AssertionError(f"{op}: needs_redistribute without a redistribute_schema")
         flat_target = (
-            tuple(_flatten(schema.args_schema)[0]) if op_info.args_tree_spec is not None else schema.args_schema
+            tuple(_flatten(schema.args_schema)[0])
+            if op_info.args_tree_spec is not None
+            else schema.args_schema
         )
         targets: list[DTensorSpec | None] = []
         for i, current in enumerate(op_info.flat_args_schema):
@@ -118,15 +137,22 @@ def make_plan(op: OpOverload, op_info: OpInfo, sharding: OutputSharding, *, cach
             transforms = tuple(targets)
             if not communicates and op_info.args_tree_spec is None:
                 found = [
-                    (i, _local_chunk(cast(torch.Tensor, op_info.local_args[i]), cast(DTensorSpec, current), t))
-                    for i, (current, t) in enumerate(zip(op_info.flat_args_schema, targets))
+                    (
+                        i,
+                        _local_chunk(
+                            cast(torch.Tensor, op_info.local_args[i]), cast(DTensorSpec, current), t
+                        ),
+                    )
+                    for i, (current, t) in enumerate(
+                        zip(op_info.flat_args_schema, targets, strict=False)
+                    )
                     if t is not None
                 ]
                 if all(chunk is not None for _, chunk in found):
                     chunks = tuple((i, *cast(tuple[int, int, int], chunk)) for i, chunk in found)
         if sharding.use_val_from_redistribute_schema:
-            # Non-tensor positions take the rewritten values (e.g. a sharded view's local shape); extra
-            # values the rewrite appends come after the original positions.
+            # Non-tensor positions take the rewritten values (e.g. a sharded view's local shape);
+            # extra values the rewrite appends come after the original positions.
             rewritten = tuple(flat_target)
         if schema.op != op:
             op_call = schema.op  # e.g. squeeze.default -> squeeze.dims
@@ -134,8 +160,9 @@ def make_plan(op: OpOverload, op_info: OpInfo, sharding: OutputSharding, *, cach
     random = op in _RANDOM_OPS
     needs_pytree = op_info.args_tree_spec is not None
     spec = sharding.output_spec
-    # NOTE: each condition below is something the native replay does not do. Widening the fast path means
-    # teaching _native.dispatch (and the C mirror) the case first, then removing its line here.
+    # NOTE: each condition below is something the native replay does not do. Widening the fast path
+    # means teaching _native.dispatch (and the C mirror) the case first, then removing its line
+    # here.
     if not cacheable:
         reason = "unkeyed rewrite"
     elif not participating:
@@ -146,8 +173,13 @@ def make_plan(op: OpOverload, op_info: OpInfo, sharding: OutputSharding, *, cach
         reason = "needs redistribution"
     elif rewritten is not None and needs_pytree:
         reason = "python-only plan"
-    elif kind == INPLACE and spec is not None and (
-        not isinstance(spec, DTensorSpec) or op_info.flat_args_schema[0].placements != spec.placements
+    elif (
+        kind == INPLACE
+        and spec is not None
+        and (
+            not isinstance(spec, DTensorSpec)
+            or op_info.flat_args_schema[0].placements != spec.placements
+        )
     ):
         reason = "in-place placement change"
     elif kind == EQUAL:
@@ -155,9 +187,7 @@ def make_plan(op: OpOverload, op_info: OpInfo, sharding: OutputSharding, *, cach
     else:
         reason = ""
     out_names = tuple(a.name for a in op._schema.arguments if a.is_out) if kind == OUT else ()
-    alias_pairs = (
-        tuple(get_alias_info(op).read_only_alias_match_indexes) if kind == VIEW else ()
-    )
+    alias_pairs = tuple(get_alias_info(op).read_only_alias_match_indexes) if kind == VIEW else ()
     return Plan(
         op_call=op_call,
         mesh=op_info.compute_mesh,
@@ -185,12 +215,16 @@ def wrap(result: object, spec: object) -> object:
                 raise AssertionError("output tensor should be scalar!")
             return result
         if not isinstance(spec, DTensorSpec):
-            raise AssertionError(f"output spec does not match with output! Expected DTensorSpec, got {spec}.")
+            raise AssertionError(
+                f"output spec does not match with output! Expected DTensorSpec, got {spec}."
+            )
         return _new(FastDTensor, result, spec, requires_grad=result.requires_grad)
     if isinstance(result, (list, tuple)):
         if not isinstance(spec, (list, tuple)):
-            raise AssertionError(f"output spec does not match with output! Expected list/tuple, got {spec}.")
-        wrapped = [wrap(r, s) for r, s in zip(result, spec)]
+            raise AssertionError(
+                f"output spec does not match with output! Expected list/tuple, got {spec}."
+            )
+        wrapped = [wrap(r, s) for r, s in zip(result, spec, strict=False)]
         return tuple(wrapped) if isinstance(result, tuple) else wrapped
     return result
 
@@ -213,7 +247,9 @@ def _non_participating_results(op: OpOverload, spec: object) -> object:
     if isinstance(spec, Sequence):
         results = [_default_tensor(s) if s is not None else None for s in spec]
         if None in results:
-            raise NotImplementedError(f"return type {op._schema.returns[0].type} in DTensor op is not supported")
+            raise NotImplementedError(
+                f"return type {op._schema.returns[0].type} in DTensor op is not supported"
+            )
         return results
     raise AssertionError(f"{op}: unexpected output spec {spec!r}")
 
@@ -221,9 +257,10 @@ def _non_participating_results(op: OpOverload, spec: object) -> object:
 def _flatten(args: tuple[Any, ...]) -> tuple[list[Any], list[Any]]:
     """``pytree.tree_flatten(args)`` for aten argument tuples, without pytree's cost.
 
-    aten arguments nest one level (``Tensor[]``, ``Tensor?[]``, ``int[]``). Like pytree, ``None`` is a node
-    without leaves, so it is not in ``flat``: torch's plan indices (``flat_args_schema``) count this way.
-    ``shape`` records how to rebuild: None, "leaf", or (list/tuple type, per-element is-None flags).
+    aten arguments nest one level (``Tensor[]``, ``Tensor?[]``, ``int[]``). Like pytree, ``None`` is
+    a node without leaves, so it is not in ``flat``: torch's plan indices (``flat_args_schema``)
+    count this way. ``shape`` records how to rebuild: None, "leaf", or (list/tuple type, per-element
+    is-None flags).
     """
     flat: list[Any] = []
     shape: list[Any] = []
@@ -259,7 +296,8 @@ def _unflatten(flat: list[Any], shape: list[Any]) -> list[Any]:
 
 
 def _local_args(plan: Plan, op: OpOverload, args: tuple[Any, ...]) -> tuple[list[Any], Any]:
-    """Flattened positional args with DTensors unwrapped, redistributed and rewritten per the plan."""
+    """Flattened positional args with DTensors unwrapped, redistributed and rewritten per the
+    plan."""
     if plan.needs_pytree:
         flat, tree = _flatten(args)
     else:
@@ -274,7 +312,10 @@ def _local_args(plan: Plan, op: OpOverload, args: tuple[Any, ...]) -> tuple[list
             if target is not None:
                 if _compat.ExplicitRedistributionContext is not None:
                     _compat.ExplicitRedistributionContext.observe_redistribution(
-                        arg._spec, target, LazyString(_compat.format_implicit_redistribution_msg, op)
+                        arg._spec,
+                        target,
+                        # torch passes an OpOverload here too; its annotation says OpSchema
+                        LazyString(_compat.format_implicit_redistribution_msg, op),  # type: ignore[arg-type]
                     )
                 tensor = redistribute_local_tensor(tensor, arg._spec, target)
             local.append(tensor)
@@ -288,7 +329,11 @@ def _local_args(plan: Plan, op: OpOverload, args: tuple[Any, ...]) -> tuple[list
 
 
 def _run_random(
-    op: OpOverload, args: tuple[Any, ...], local_args: Sequence[Any], local_kwargs: dict[str, Any], mesh: Any
+    op: OpOverload,
+    args: tuple[Any, ...],
+    local_args: Sequence[Any],
+    local_kwargs: dict[str, Any],
+    mesh: Any,
 ) -> object:
     """torch's random-op branch of ``_dispatch_get_local_results_slow_path``, line for line."""
     if not dt_random._rng_tracker and is_rng_supported_mesh(mesh):
@@ -318,7 +363,9 @@ def execute(plan: Plan, op: OpOverload, args: tuple[Any, ...], kwargs: dict[str,
     if plan.participating:
         local_args, tree = _local_args(plan, op, args)
         call_args = _unflatten(local_args, tree) if tree is not None else local_args
-        local_kwargs = {k: (v._local_tensor if isinstance(v, DTensor) else v) for k, v in kwargs.items()}
+        local_kwargs = {
+            k: (v._local_tensor if isinstance(v, DTensor) else v) for k, v in kwargs.items()
+        }
         if plan.random:
             local_results = _run_random(op, args, call_args, local_kwargs, plan.mesh)
         else:
@@ -328,16 +375,20 @@ def execute(plan: Plan, op: OpOverload, args: tuple[Any, ...], kwargs: dict[str,
     return _finish(plan, op, args, kwargs, local_results)
 
 
-def _finish(plan: Plan, op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any], local_results: object) -> object:
+def _finish(
+    plan: Plan, op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any], local_results: object
+) -> object:
     """torch's ``_dispatch_fast_path_python_tail`` plus its C++ wrap, with FastDTensor outputs."""
     kind = plan.kind
     spec = plan.output_spec
     if kind == EQUAL and spec is None:
-        # NOTE: like stock, every rank of the default group joins this all-reduce (participating or not);
-        # skipping it on a non-participating rank would hang the others.
+        # NOTE: like stock, every rank of the default group joins this all-reduce (participating or
+        # not); skipping it on a non-participating rank would hang the others.
         if not (local_results is None or isinstance(local_results, bool)):
             raise AssertionError
-        flag = torch.tensor(int(local_results) if local_results is not None else 1, device=plan.mesh.device_type)
+        flag = torch.tensor(
+            int(local_results) if local_results is not None else 1, device=plan.mesh.device_type
+        )
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
     if kind == INPLACE:
@@ -347,10 +398,10 @@ def _finish(plan: Plan, op: OpOverload, args: tuple[Any, ...], kwargs: dict[str,
         if self_arg._spec.placements == spec.placements:
             return self_arg
         self_arg._spec = spec
-        return return_and_correct_aliasing(op, args, kwargs, self_arg)
+        return return_and_correct_aliasing(op, args, kwargs, self_arg)  # type: ignore[no-untyped-call]  # torch: untyped
     if kind == OUT:
         specs = spec if isinstance(spec, tuple) else (spec,)
-        outs = []
+        outs: list[DTensor] = []
         for argument in op._schema.arguments:
             if argument.is_out:
                 out = cast(DTensor, kwargs[argument.name])
@@ -361,5 +412,5 @@ def _finish(plan: Plan, op: OpOverload, args: tuple[Any, ...], kwargs: dict[str,
         return tuple(outs) if len(outs) > 1 else outs[0]
     result = wrap(local_results, spec)
     if kind == VIEW and plan.participating:
-        return return_and_correct_aliasing(op, args, kwargs, result)
+        return return_and_correct_aliasing(op, args, kwargs, result)  # type: ignore[no-untyped-call]  # torch: untyped
     return result

@@ -1,10 +1,11 @@
-"""Correctness run: the conformance table on stock DTensor vs dtdispatch, on every rank, both implementations.
+"""Correctness run: the conformance table on stock DTensor vs dtdispatch, on every rank, both
+implementations.
 
     torchrun --standalone --nproc-per-node N launch/correctness.py
     mpiexec -n N python launch/correctness.py
 
-Rank 0 prints a pass/fail table (a case fails if it fails on any rank) and the merged telemetry; the exit
-code is 1 when any case failed anywhere.
+Rank 0 prints a pass/fail table (a case fails if it fails on any rank) and the merged telemetry; the
+exit code is 1 when any case failed anywhere.
 """
 
 from __future__ import annotations
@@ -55,16 +56,27 @@ def main() -> int:
     dist.all_gather_object(all_stats, stats)
     failed = 0
     if info.rank == 0:
-        print(f"dtdispatch correctness: world size {info.world_size}, {info.backend}, launcher {info.launcher}")
+        print(
+            f"dtdispatch correctness: world size {info.world_size}, {info.backend}, "
+            f"launcher {info.launcher}"
+        )
         print(f"{'impl':7} {'suite':5} {'case':34} result")
         for i, (impl, suite, name, _) in enumerate(rows):
-            failures = [(r, per_rank[i][3]) for r, per_rank in enumerate(gathered) if per_rank[i][3]]
+            failures = [
+                (r, per_rank[i][3]) for r, per_rank in enumerate(gathered) if per_rank[i][3]
+            ]
             failed += bool(failures)
-            result = "pass" if not failures else f"FAIL on ranks {[r for r, _ in failures]}: {failures[0][1][:120]}"
+            result = (
+                "pass"
+                if not failures
+                else f"FAIL on ranks {[r for r, _ in failures]}: {failures[0][1][:120]}"
+            )
             print(f"{impl:7} {suite:5} {name:34} {result}")
         for r, s in enumerate(all_stats):
-            print(f"rank {r} telemetry: hits={s['hits']} misses={s['misses']} entries={s['entries']} "
-                  f"bailouts={s['bailouts']}")
+            print(
+                f"rank {r} telemetry: hits={s['hits']} misses={s['misses']} entries={s['entries']} "
+                f"bailouts={s['bailouts']}"
+            )
         print(f"SUMMARY: {len(rows) - failed}/{len(rows)} passed, {failed} failed")
     flag = [failed]
     dist.broadcast_object_list(flag, src=0)

@@ -1,12 +1,15 @@
-"""Throughput run: a tensor-parallel transformer block trained on stock DTensor and on dtdispatch, interleaved.
+"""Throughput run: a tensor-parallel transformer block trained on stock DTensor and on dtdispatch,
+interleaved.
 
-    torchrun --standalone --nproc-per-node N launch/throughput.py [--steps 10] [--rounds 7] [--out DIR]
+    torchrun --standalone --nproc-per-node N launch/throughput.py \\
+        [--steps 10] [--rounds 7] [--out DIR]
     mpiexec -n N python launch/throughput.py
 
-Both models are built from the same seed (``dtdispatch.testing.training``: parallelize_module with torch's
-parallel styles, then ``dtdispatch.accelerate`` for one of them). Rounds alternate which model goes first;
-the step time reported is the median over rounds of the mean step time of a round. Every rank writes
-``throughput_rank{R}.json``; rank 0 prints the comparison and the telemetry of all ranks merged.
+Both models are built from the same seed (``dtdispatch.testing.training``: parallelize_module with
+torch's parallel styles, then ``dtdispatch.accelerate`` for one of them). Rounds alternate which
+model goes first; the step time reported is the median over rounds of the mean step time of a round.
+Every rank writes ``throughput_rank{R}.json``; rank 0 prints the comparison and the telemetry of all
+ranks merged.
 """
 
 from __future__ import annotations
@@ -45,7 +48,9 @@ def _dispatches(stats: dict[str, Any]) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=10, help="training steps per timed round")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--out", default="benchmarks/results")
@@ -54,7 +59,10 @@ def main() -> int:
     info = init_distributed()
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     config = TrainConfig(optimizer="adamw", foreach=True)
-    trainers = {"stock": Trainer(mesh, config, accelerate=False), "dtdispatch": Trainer(mesh, config, accelerate=True)}
+    trainers = {
+        "stock": Trainer(mesh, config, accelerate=False),
+        "dtdispatch": Trainer(mesh, config, accelerate=True),
+    }
     for trainer in trainers.values():  # warm-up: every plan cached, optimizer state created
         for _ in range(3):
             trainer.step()
@@ -87,21 +95,33 @@ def main() -> int:
     result["ratio"] = result["step_ms"]["dtdispatch"] / result["step_ms"]["stock"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"throughput_ws{info.world_size}_rank{info.rank}.json").write_text(json.dumps(result, indent=1))
+    (out / f"throughput_ws{info.world_size}_rank{info.rank}.json").write_text(
+        json.dumps(result, indent=1)
+    )
     gathered: list[dict[str, Any]] = [{} for _ in range(info.world_size)]
     dist.all_gather_object(gathered, result)
     if info.rank == 0:
-        print(f"dtdispatch throughput: world size {info.world_size} ({info.backend}), {args.rounds} rounds x "
-              f"{args.steps} steps, AdamW foreach + clip_grad_norm_")
+        print(
+            f"dtdispatch throughput: world size {info.world_size} ({info.backend}), "
+            f"{args.rounds} rounds x "
+            f"{args.steps} steps, AdamW foreach + clip_grad_norm_"
+        )
         for res in gathered:
-            print(f"rank {res['rank']}: stock {res['step_ms']['stock']:.2f} ms/step "
-                  f"({res['steps_per_s']['stock']:.1f} steps/s), dtdispatch {res['step_ms']['dtdispatch']:.2f} "
-                  f"ms/step ({res['steps_per_s']['dtdispatch']:.1f} steps/s), ratio {res['ratio']:.2f}; "
-                  f"dispatches/step: dtdispatch {res['dtdispatch_dispatches_per_step']:.0f}, "
-                  f"torch's fast path during the stock run {res['stock_dispatches_per_step']:.0f}")
+            print(
+                f"rank {res['rank']}: stock {res['step_ms']['stock']:.2f} ms/step "
+                f"({res['steps_per_s']['stock']:.1f} steps/s), "
+                f"dtdispatch {res['step_ms']['dtdispatch']:.2f} "
+                f"ms/step ({res['steps_per_s']['dtdispatch']:.1f} steps/s), "
+                f"ratio {res['ratio']:.2f}; "
+                f"dispatches/step: dtdispatch {res['dtdispatch_dispatches_per_step']:.0f}, "
+                f"torch's fast path during the stock run {res['stock_dispatches_per_step']:.0f}"
+            )
         merged = _merge([res["telemetry"] for res in gathered])
-        print(f"merged telemetry (all ranks, timed rounds): hits={merged['hits']} misses={merged['misses']} "
-              f"entries={merged['entries']} evictions={merged['evictions']} bailouts={merged['bailouts']}")
+        print(
+            f"merged telemetry (all ranks, timed rounds): hits={merged['hits']} "
+            f"misses={merged['misses']} entries={merged['entries']} "
+            f"evictions={merged['evictions']} bailouts={merged['bailouts']}"
+        )
         ratio = statistics.median(res["ratio"] for res in gathered)
         print(f"SUMMARY: step time dtdispatch/stock = {ratio:.2f} (median over ranks)")
     dist.destroy_process_group()

@@ -1,8 +1,9 @@
-"""The native hot path: the C extension ``_speedups`` when it is built and allowed, else its Python twin.
+"""The native hot path: the C extension ``_speedups`` when it is built and allowed, else its Python
+twin.
 
-Both expose ``configure``, ``build_key`` and ``dispatch`` with the same signatures. ``DTDISPATCH_NATIVE=0``
-selects the twin. ``DTDISPATCH_REQUIRE_NATIVE=1`` (CI) turns a missing or broken extension into an import
-error instead of a silent slowdown.
+Both expose ``configure``, ``build_key`` and ``dispatch`` with the same signatures.
+``DTDISPATCH_NATIVE=0`` selects the twin. ``DTDISPATCH_REQUIRE_NATIVE=1`` (CI) turns a missing or
+broken extension into an import error instead of a silent slowdown.
 """
 
 from __future__ import annotations
@@ -27,12 +28,17 @@ except ImportError as exc:
     _speedups = None
     _import_error = str(exc)
     if os.environ.get("DTDISPATCH_REQUIRE_NATIVE") == "1":
-        raise ImportError(f"DTDISPATCH_REQUIRE_NATIVE=1 but the C extension did not import: {exc}") from exc
+        raise ImportError(
+            f"DTDISPATCH_REQUIRE_NATIVE=1 but the C extension did not import: {exc}"
+        ) from exc
 
 if os.environ.get("DTDISPATCH_NATIVE", "1") == "0":
     DEFAULT, REASON = "python", "disabled by DTDISPATCH_NATIVE=0"
 elif _speedups is None:
-    DEFAULT, REASON = "python", f"C extension not importable ({_import_error}); using the Python twin"
+    DEFAULT, REASON = (
+        "python",
+        f"C extension not importable ({_import_error}); using the Python twin",
+    )
 else:
     DEFAULT, REASON = "native", "C extension dtdispatch.native._speedups loaded"
 
@@ -41,7 +47,8 @@ if DEFAULT != "native":
 
 
 def implementations() -> dict[str, ModuleType]:
-    """The importable implementations by name: always "python", and "native" when the extension loaded."""
+    """The importable implementations by name: always "python", and "native" when the extension
+    loaded."""
     found = {"python": _native}
     if _speedups is not None:
         found["native"] = _speedups

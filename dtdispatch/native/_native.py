@@ -1,9 +1,9 @@
 """The Python twin of ``_speedups.c``: the specification of the native hot path.
 
-``dispatch`` is FastDTensor's ``__torch_dispatch__``. It builds the key, looks up this thread's plan cache and,
-on a hit whose plan is ``fast``, runs it inline: unwrap locals, call the op, wrap outputs, count. Everything
-else goes to ``slow_path`` with a reason; never an exception of its own, never a guess. The C code mirrors each
-block below, with a comment naming the block.
+``dispatch`` is FastDTensor's ``__torch_dispatch__``. It builds the key, looks up this thread's plan
+cache and, on a hit whose plan is ``fast``, runs it inline: unwrap locals, call the op, wrap
+outputs, count. Everything else goes to ``slow_path`` with a reason; never an exception of its own,
+never a guess. The C code mirrors each block below, with a comment naming the block.
 """
 
 from __future__ import annotations
@@ -18,12 +18,18 @@ _config: dict[str, Any] = {}
 
 
 def configure(config: dict[str, Any]) -> None:
-    """Hand over what the hot path needs, resolved once: ``slow_path``, ``custom_ops``, ``dtensor_type``,
-    ``fast_type``, ``new`` (``torch.Tensor._dtensor__new__``)."""
+    """Hand over what the hot path needs, resolved once: ``slow_path``, ``custom_ops``,
+    ``dtensor_type``, ``fast_type``, ``new`` (``torch.Tensor._dtensor__new__``)."""
     _config.update(config)
 
 
-def dispatch(cls: type, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> Any:
+def dispatch(
+    cls: type,
+    func: Any,
+    types: Any,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+) -> Any:
     c = _config
     if kwargs is None:
         kwargs = {}
@@ -47,7 +53,8 @@ def dispatch(cls: type, func: Any, types: Any, args: tuple[Any, ...] = (), kwarg
         return c["slow_path"](func, args, kwargs, plan.reason, key, plan)
     chunks = plan.chunks
     if chunks is not None and getattr(c["explicit_local"], "_active", None) is not None:
-        # Under ExplicitRedistributionContext every implicit redistribution must be observed (and may raise).
+        # Under ExplicitRedistributionContext every implicit redistribution must be observed (and
+        # may raise).
         return c["slow_path"](func, args, kwargs, "explicit redistribution context", key, plan)
     # Block: unwrap (the plan is participating, not random, and communicates nothing).
     dtensor_type = c["dtensor_type"]
@@ -62,22 +69,26 @@ def dispatch(cls: type, func: Any, types: Any, args: tuple[Any, ...] = (), kwarg
     elif plan.rewritten_args is None:
         local = [a._local_tensor if isinstance(a, dtensor_type) else a for a in args]
     else:
-        # Sharded views: non-tensor positions take the plan's rewritten values (local shapes), and values
-        # the rewrite appended come last.
+        # Sharded views: non-tensor positions take the plan's rewritten values (local shapes), and
+        # values the rewrite appended come last.
         rewritten = plan.rewritten_args
         tensor_type = c["tensor_type"]
         local = [
-            a._local_tensor if isinstance(a, dtensor_type) else (a if isinstance(a, tensor_type) else rewritten[i])
+            a._local_tensor
+            if isinstance(a, dtensor_type)
+            else (a if isinstance(a, tensor_type) else rewritten[i])
             for i, a in enumerate(args)
         ]
-        local.extend(rewritten[len(args):])
+        local.extend(rewritten[len(args) :])
     if chunks is not None:
         # Communication-free redistribution (Replicate -> Shard): the plan's verified local chunk.
         for index, dim, offset, length in chunks:
             local[index] = local[index].narrow(dim, offset, length).clone()
     # Block: local op.
     if kwargs:
-        local_kwargs = {k: (v._local_tensor if isinstance(v, dtensor_type) else v) for k, v in kwargs.items()}
+        local_kwargs = {
+            k: (v._local_tensor if isinstance(v, dtensor_type) else v) for k, v in kwargs.items()
+        }
         result = plan.op_call(*local, **local_kwargs)
     else:
         result = plan.op_call(*local)
@@ -90,7 +101,7 @@ def dispatch(cls: type, func: Any, types: Any, args: tuple[Any, ...] = (), kwarg
         spec = plan.output_spec
         specs = spec if isinstance(spec, tuple) else (spec,)
         outs = [kwargs[name] for name in plan.out_names]
-        for out, out_spec in zip(outs, specs):
+        for out, out_spec in zip(outs, specs, strict=False):
             out._spec = out_spec
         return tuple(outs) if len(outs) > 1 else outs[0]
     wrapped = _wrap(result, plan.output_spec, c["fast_type"], c["new"], c["tensor_type"])
@@ -105,13 +116,16 @@ def dispatch(cls: type, func: Any, types: Any, args: tuple[Any, ...] = (), kwarg
     return wrapped
 
 
-def _wrap(result: Any, spec: Any, fast_type: type, new: Any, tensor_type: type) -> Any:
-    """torch's ``OpDispatcher.wrap`` with FastDTensor outputs (a spec-less tensor output is a 0-d tensor)."""
+def _wrap(result: Any, spec: Any, fast_type: type, new: Any, tensor_type: type[Any]) -> Any:
+    """torch's ``OpDispatcher.wrap`` with FastDTensor outputs (a spec-less tensor output is a 0-d
+    tensor)."""
     if isinstance(result, tensor_type):
         if spec is None:
             return result
         return new(fast_type, result, spec, requires_grad=result.requires_grad)
     if isinstance(result, (tuple, list)):
-        wrapped = [_wrap(r, s, fast_type, new, tensor_type) for r, s in zip(result, spec)]
+        wrapped = [
+            _wrap(r, s, fast_type, new, tensor_type) for r, s in zip(result, spec, strict=False)
+        ]
         return tuple(wrapped) if isinstance(result, tuple) else wrapped
     return result

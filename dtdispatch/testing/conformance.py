@@ -1,7 +1,9 @@
-"""The conformance table: (op, inputs, placements) cases run on stock DTensor and on dtdispatch, compared bitwise.
+"""The conformance table: (op, inputs, placements) cases run on stock DTensor and on dtdispatch,
+compared bitwise.
 
-Used by ``tests/distributed/test_conformance.py`` and ``launch/correctness.py``. Every rank builds the same
-global inputs from a seed, so a case needs no communication to set up beyond what DTensor itself does.
+Used by ``tests/distributed/test_conformance.py`` and ``launch/correctness.py``. Every rank builds
+the same global inputs from a seed, so a case needs no communication to set up beyond what DTensor
+itself does.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ aten = torch.ops.aten
 
 @dataclass(frozen=True)
 class Inp:
-    """One tensor input: placements per mesh dim ("S0", "S1", "R", "P"), or "plain" for a torch.Tensor."""
+    """One tensor input: placements per mesh dim ("S0", "S1", "R", "P"), or "plain" for a
+    torch.Tensor."""
 
     placements: str | tuple[str, ...]
     shape: tuple[int, ...] = (8, 8)
@@ -74,8 +77,15 @@ def _make_inputs(case: Case, mesh: DeviceMesh) -> list[Any]:
             shard_codes = ["R" if c == "P" else c for c in codes]
             base = distribute_tensor(value, mesh, [_placement(c) for c in shard_codes])
             local = base._local_tensor + float(sum(coordinate))
-            made.append(DTensor.from_local(local, mesh, [_placement(c) for c in codes], shape=base.shape,
-                                           stride=base.stride()))
+            made.append(
+                DTensor.from_local(
+                    local,
+                    mesh,
+                    [_placement(c) for c in codes],
+                    shape=base.shape,
+                    stride=base.stride(),
+                )
+            )
         else:
             made.append(distribute_tensor(value, mesh, [_placement(c) for c in codes]))
     return made
@@ -83,7 +93,9 @@ def _make_inputs(case: Case, mesh: DeviceMesh) -> list[Any]:
 
 def _fast_copy(x: Any) -> Any:
     if isinstance(x, DTensor):
-        return torch.Tensor._dtensor__new__(FastDTensor, x._local_tensor.clone(), x._spec, requires_grad=False)
+        return torch.Tensor._dtensor__new__(
+            FastDTensor, x._local_tensor.clone(), x._spec, requires_grad=False
+        )
     if isinstance(x, torch.Tensor):
         return x.clone()
     return x
@@ -91,7 +103,9 @@ def _fast_copy(x: Any) -> Any:
 
 def _stock_copy(x: Any) -> Any:
     if isinstance(x, DTensor):
-        return torch.Tensor._dtensor__new__(DTensor, x._local_tensor.clone(), x._spec, requires_grad=False)
+        return torch.Tensor._dtensor__new__(
+            DTensor, x._local_tensor.clone(), x._spec, requires_grad=False
+        )
     if isinstance(x, torch.Tensor):
         return x.clone()
     return x
@@ -106,8 +120,14 @@ def _compare(stock: Any, fast: Any, where: str) -> None:
         if type(fast) is not FastDTensor:
             raise AssertionError(f"{where}: expected FastDTensor, got {type(fast).__name__}")
         if stock.placements != fast.placements:
-            raise AssertionError(f"{where}: placements {fast.placements} != stock {stock.placements}")
-        if stock.shape != fast.shape or stock.stride() != fast.stride() or stock.dtype != fast.dtype:
+            raise AssertionError(
+                f"{where}: placements {fast.placements} != stock {stock.placements}"
+            )
+        if (
+            stock.shape != fast.shape
+            or stock.stride() != fast.stride()
+            or stock.dtype != fast.dtype
+        ):
             raise AssertionError(
                 f"{where}: global meta {fast.shape}/{fast.stride()}/{fast.dtype} != stock "
                 f"{stock.shape}/{stock.stride()}/{stock.dtype}"
@@ -116,14 +136,21 @@ def _compare(stock: Any, fast: Any, where: str) -> None:
     elif isinstance(stock, torch.Tensor):
         if not isinstance(fast, torch.Tensor) or isinstance(fast, DTensor):
             raise AssertionError(f"{where}: expected a plain tensor, got {type(fast).__name__}")
-        if stock.shape != fast.shape or stock.dtype != fast.dtype or stock.stride() != fast.stride():
-            raise AssertionError(f"{where}: local meta {fast.shape}/{fast.dtype} != stock {stock.shape}/{stock.dtype}")
+        if (
+            stock.shape != fast.shape
+            or stock.dtype != fast.dtype
+            or stock.stride() != fast.stride()
+        ):
+            raise AssertionError(
+                f"{where}: local meta {fast.shape}/{fast.dtype} != stock "
+                f"{stock.shape}/{stock.dtype}"
+            )
         if not torch.equal(_bits(stock), _bits(fast)):
             raise AssertionError(f"{where}: values differ: {fast} vs stock {stock}")
     elif isinstance(stock, (list, tuple)):
         if type(stock) is not type(fast) or len(stock) != len(fast):
             raise AssertionError(f"{where}: structure {type(fast).__name__}[{len(fast)}] != stock")
-        for i, (s, f) in enumerate(zip(stock, fast)):
+        for i, (s, f) in enumerate(zip(stock, fast, strict=False)):
             _compare(s, f, f"{where}[{i}]")
     elif stock != fast:
         raise AssertionError(f"{where}: {fast!r} != stock {stock!r}")
@@ -140,9 +167,10 @@ def _run(case: Case, inputs: list[Any], seed: int) -> tuple[Any, BaseException |
 
 
 def run_case(case: Case, mesh: DeviceMesh) -> None:
-    """Run ``case`` on stock DTensor and on dtdispatch with the same inputs; raise AssertionError on any
-    difference: result values bitwise, placements, global shape/stride, types, ``self`` identity for
-    in-place ops, the inputs after the op, and the exception type where stock raises."""
+    """Run ``case`` on stock DTensor and on dtdispatch with the same inputs; raise AssertionError
+    on any difference: result values bitwise, placements, global shape/stride, types, ``self``
+    identity for in-place ops, the inputs after the op, and the exception type where stock
+    raises."""
     base = _make_inputs(case, mesh)
     stock_in = [_stock_copy(x) for x in base]
     fast_in = [_fast_copy(x) for x in base]
@@ -150,16 +178,18 @@ def run_case(case: Case, mesh: DeviceMesh) -> None:
     fast_out, fast_exc = _run(case, fast_in, 1234)
     if stock_exc is not None or fast_exc is not None:
         if type(stock_exc) is not type(fast_exc):
-            raise AssertionError(f"{case.name}: dtdispatch raised {fast_exc!r}, stock raised {stock_exc!r}")
+            raise AssertionError(
+                f"{case.name}: dtdispatch raised {fast_exc!r}, stock raised {stock_exc!r}"
+            )
         return
     _compare(stock_out, fast_out, case.name)
-    for i, (s, f) in enumerate(zip(stock_in, fast_in)):
+    for i, (s, f) in enumerate(zip(stock_in, fast_in, strict=False)):
         _compare(s, f, f"{case.name} input {i} after the op")
         if isinstance(s, DTensor) and stock_out is s and fast_out is not f:
             raise AssertionError(f"{case.name}: in-place op did not return self")
 
 
-def _c(name: str, fn: Callable[..., Any], *inputs: Inp | str, **kw: Any) -> Case:
+def _c(name: str, fn: Callable[..., Any], *inputs: Inp | str | tuple[str, ...], **kw: Any) -> Case:
     return Case(name, fn, tuple(i if isinstance(i, Inp) else Inp(i) for i in inputs), **kw)
 
 
@@ -246,7 +276,14 @@ CASES: list[Case] = [
     _c("stack S1", lambda a, b: torch.stack([a, b]), "S1", "S1"),
     _c("foreach add scalar", lambda a, b: torch._foreach_add([a, b], 2.0), "S0", "S1"),
     _c("foreach mul scalarlist", lambda a, b: torch._foreach_mul([a, b], [2.0, 0.5]), "S0", "R"),
-    _c("foreach add list", lambda a, b, c, d: torch._foreach_add([a, b], [c, d]), "S0", "R", "S0", "R"),
+    _c(
+        "foreach add list",
+        lambda a, b, c, d: torch._foreach_add([a, b], [c, d]),
+        "S0",
+        "R",
+        "S0",
+        "R",
+    ),
     _c("foreach mul_ inplace", lambda a, b: torch._foreach_mul_([a, b], 0.9), "S0", "S1"),
     _c("foreach norm", lambda a, b: torch._foreach_norm([a, b]), "S0", "R"),
     # In-place.
@@ -267,10 +304,23 @@ CASES: list[Case] = [
     _c("softmax S0 last", lambda a: torch.softmax(a, -1), "S0"),
     _c("softmax S1 dim1", lambda a: torch.softmax(a, 1), "S1"),
     _c("log_softmax S0", lambda a: torch.log_softmax(a, -1), "S0"),
-    _c("layer_norm S0", lambda a, w, b: F.layer_norm(a, (8,), w, b), "S0", Inp("R", (8,)), Inp("R", (8,))),
+    _c(
+        "layer_norm S0",
+        lambda a, w, b: F.layer_norm(a, (8,), w, b),
+        "S0",
+        Inp("R", (8,)),
+        Inp("R", (8,)),
+    ),
     _c("layer_norm S1", lambda a: F.layer_norm(a, (8,)), "S1"),
-    _c("embedding R", lambda i, w: F.embedding(i, w), Inp("R", (4,), torch.int64), Inp("R", (8, 8))),
-    _c("embedding colwise", lambda i, w: F.embedding(i, w), Inp("R", (4,), torch.int64), Inp("S1", (8, 8))),
+    _c(
+        "embedding R", lambda i, w: F.embedding(i, w), Inp("R", (4,), torch.int64), Inp("R", (8, 8))
+    ),
+    _c(
+        "embedding colwise",
+        lambda i, w: F.embedding(i, w),
+        Inp("R", (4,), torch.int64),
+        Inp("S1", (8, 8)),
+    ),
     _c("gelu S1", F.gelu, "S1"),
     # Random.
     _c("dropout S0", lambda a: F.dropout(a, 0.5, training=True), "S0", random=True),
@@ -283,7 +333,9 @@ CASES: list[Case] = [
     _c("sum dim default omitted", lambda a: aten.sum.dim_IntList(a, [0]), "S0"),
     _c("add alpha default given", lambda a, b: aten.add.Tensor(a, b, alpha=1), "S0", "S0"),
     _c("div mode None", lambda a, b: aten.div.Tensor_mode(a, b, rounding_mode=None), "S0", "S0"),
-    _c("div mode floor", lambda a, b: aten.div.Tensor_mode(a, b, rounding_mode="floor"), "S0", "S0"),
+    _c(
+        "div mode floor", lambda a, b: aten.div.Tensor_mode(a, b, rounding_mode="floor"), "S0", "S0"
+    ),
 ]
 
 # 2-D (2x2) cases: the placement codes name both mesh dims.
@@ -304,7 +356,8 @@ CASES_2D: list[Case] = [
 
 
 def run_all(cases: Sequence[Case], mesh: DeviceMesh) -> list[tuple[str, str]]:
-    """Run cases, returning (name, "" or the failure) per case: the table ``launch/correctness.py`` prints."""
+    """Run cases, returning (name, "" or the failure) per case: the table
+    ``launch/correctness.py`` prints."""
     results = []
     for case in cases:
         try:

@@ -1,4 +1,5 @@
-"""The conformance table on real ranks: every case on stock DTensor and on dtdispatch, compared bitwise."""
+"""The conformance table on real ranks: every case on stock DTensor and on dtdispatch, compared
+bitwise."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ _BY_NAME = {case.name: case for case in CASES + CASES_2D}
 
 
 def _worlds(*sizes: int) -> list[pytest.param]:  # type: ignore[valid-type]
-    return [pytest.param(n, marks=pytest.mark.distributed(world_size=n, timeout=120), id=f"ws{n}") for n in sizes]
+    return [
+        pytest.param(n, marks=pytest.mark.distributed(world_size=n, timeout=120), id=f"ws{n}")
+        for n in sizes
+    ]
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -1,4 +1,5 @@
-"""Engine behaviour on real ranks: ranks outside the mesh, autograd, telemetry, threads and the public API."""
+"""Engine behaviour on real ranks: ranks outside the mesh, autograd, telemetry, threads and the
+public API."""
 
 from __future__ import annotations
 
@@ -60,14 +61,21 @@ def test_non_participating_rank(rank: int, world_size: int, impl: str) -> None:
                 got = fn(x, y)
             results = got if isinstance(got, (tuple, list)) else (got,)
             stock = expected if isinstance(expected, (tuple, list)) else (expected,)
-            for g, e in zip(results, stock):
+            for g, e in zip(results, stock, strict=False):
                 assert type(g) is FastDTensor, name
-                assert g.placements == e.placements and g.shape == e.shape and g.stride() == e.stride(), name
+                assert (
+                    g.placements == e.placements and g.shape == e.shape and g.stride() == e.stride()
+                ), name
                 assert torch.equal(g._local_tensor, e._local_tensor), name
             if not participating:
                 assert comms.get_total_counts() == 0, (name, comms.get_comm_counts())
-                kernels = [op for op in log.local_ops if not op.startswith(("aten.zeros", "aten.lift_fresh",
-                                                                              "aten.empty", "aten.detach"))]
+                kernels = [
+                    op
+                    for op in log.local_ops
+                    if not op.startswith(
+                        ("aten.zeros", "aten.lift_fresh", "aten.empty", "aten.detach")
+                    )
+                ]
                 assert kernels == [], (name, kernels)
                 for g in results:
                     expected_local = (0,) if g.ndim else ()
@@ -194,7 +202,7 @@ def test_public_api_round_trips(rank: int, world_size: int) -> None:
     assert type(back) is DTensor and back._local_tensor is stock._local_tensor
     from_local = FastDTensor.from_local(torch.ones(2, 4), mesh, [Shard(0)])
     assert type(from_local) is FastDTensor and from_local.shape == (4, 4)
-    with pytest.raises(TypeError, match="DTensor or an nn.Module"):
+    with pytest.raises(TypeError, match=r"DTensor or an nn.Module"):
         dtdispatch.accelerate(torch.ones(2))
 
     model = torch.nn.Linear(4, 4)
@@ -234,7 +242,7 @@ def test_accelerate_refuses_torch_without_subclass_dispatch(rank: int, world_siz
     saved = _compat.SUBCLASS_DISPATCH
     _compat.SUBCLASS_DISPATCH = False  # what torch 2.11 gives
     try:
-        with pytest.raises(RuntimeError, match="needs torch >= 2.13"):
+        with pytest.raises(RuntimeError, match=r"needs torch >= 2.13"):
             dtdispatch.accelerate(x)
     finally:
         _compat.SUBCLASS_DISPATCH = saved

@@ -1,4 +1,5 @@
-"""The cache key against torch's own comparison key (DESIGN §5), and the declared scalar-by-type deviation."""
+"""The cache key against torch's own comparison key (DESIGN §5), and the declared scalar-by-type
+deviation."""
 
 from __future__ import annotations
 
@@ -18,8 +19,12 @@ IMPLS = sorted(native.implementations())
 
 
 def _calls(mesh: Any) -> list[tuple[Any, tuple[Any, ...], dict[str, Any]]]:
-    def dt(placement: Any, shape: tuple[int, ...] = (8, 8), dtype: torch.dtype = torch.float32) -> Any:
-        return dtdispatch.accelerate(distribute_tensor(torch.ones(shape, dtype=dtype), mesh, [placement]))
+    def dt(
+        placement: Any, shape: tuple[int, ...] = (8, 8), dtype: torch.dtype = torch.float32
+    ) -> Any:
+        return dtdispatch.accelerate(
+            distribute_tensor(torch.ones(shape, dtype=dtype), mesh, [placement])
+        )
 
     s0, s0b, r, s1 = dt(Shard(0)), dt(Shard(0)), dt(Replicate()), dt(Shard(1))
     s0_small, s0_half = dt(Shard(0), (4, 8)), dt(Shard(0), dtype=torch.float16)
@@ -89,9 +94,9 @@ def _calls(mesh: Any) -> list[tuple[Any, tuple[Any, ...], dict[str, Any]]]:
 
 
 def _canonical_scalars(op: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-    """The declared deviation: for value-free ops, compare torch's keys with each scalar replaced by a fixed
-    value of its type. The values differ across types (7 != 0.5 != True): like torch's C++ key (IValue tags),
-    ours tells 2 from 2.0, which Python's == would not."""
+    """The declared deviation: for value-free ops, compare torch's keys with each scalar replaced
+    by a fixed value of its type. The values differ across types (7 != 0.5 != True): like torch's
+    C++ key (IValue tags), ours tells 2 from 2.0, which Python's == would not."""
     if op not in cache.scalar_value_free_ops():
         return args
     canon = {bool: True, int: 7, float: 0.5}
@@ -124,7 +129,9 @@ def test_keys_match_torch_comparison_keys(rank: int, world_size: int, impl: str)
             continue
         same_torch = theirs[i] == theirs[j]
         same_ours = ours[i] == ours[j]
-        assert same_ours == same_torch, f"call {i} vs {j}: ours {same_ours}, torch {same_torch}: {calls[i]} / {calls[j]}"
+        assert same_ours == same_torch, (
+            f"call {i} vs {j}: ours {same_ours}, torch {same_torch}: {calls[i]} / {calls[j]}"
+        )
         if same_ours:
             assert hash(ours[i]) == hash(ours[j])
         checked += 1
@@ -133,14 +140,22 @@ def test_keys_match_torch_comparison_keys(rank: int, world_size: int, impl: str)
 
 @pytest.mark.distributed(world_size=1)
 def test_value_free_scalars_do_not_change_torch_decision(rank: int, world_size: int) -> None:
-    """The justification of the deviation, checked against torch's propagator itself: for the pointwise
-    ops, different scalar values of one type give identical sharding decisions and output metadata."""
+    """The justification of the deviation, checked against torch's propagator itself: for the
+    pointwise ops, different scalar values of one type give identical sharding decisions and
+    output metadata."""
     mesh = mesh_1d()
     propagator = DTensor._op_dispatcher.sharding_propagator
     x = distribute_tensor(torch.ones(8, 8), mesh, [Shard(0)])
     p = DTensor.from_local(torch.ones(8, 8), mesh, [Partial()])
-    ops = [aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor, aten.sub.Tensor, aten.pow.Tensor_Scalar,
-           aten.mul_.Tensor, aten.lerp_.Scalar]
+    ops = [
+        aten.add.Tensor,
+        aten.mul.Tensor,
+        aten.div.Tensor,
+        aten.sub.Tensor,
+        aten.pow.Tensor_Scalar,
+        aten.mul_.Tensor,
+        aten.lerp_.Scalar,
+    ]
     assert set(ops[:4]) <= cache.scalar_value_free_ops()
     for op in ops:
         if op not in cache.scalar_value_free_ops():
@@ -153,12 +168,19 @@ def test_value_free_scalars_do_not_change_torch_decision(rank: int, world_size: 
                     schema = DTensor._op_dispatcher.unwrap_to_op_info(op, args, {}).schema
                     try:
                         out = propagator.propagate_op_sharding_non_cached(schema)
-                    except RuntimeError as exc:  # e.g. in-place on Partial: refused whatever the value
+                    except (
+                        RuntimeError
+                    ) as exc:  # e.g. in-place on Partial: refused whatever the value
                         decisions.add(("raises", type(exc).__name__))
                         continue
                     redistribute = out.redistribute_schema
-                    decisions.add((str(out.output_spec), out.needs_redistribute,
-                                   str(redistribute.args_spec) if redistribute else None))
+                    decisions.add(
+                        (
+                            str(out.output_spec),
+                            out.needs_redistribute,
+                            str(redistribute.args_spec) if redistribute else None,
+                        )
+                    )
                 assert len(decisions) == 1, (op, t.placements, decisions)
 
 
@@ -168,7 +190,8 @@ def test_no_key_cases(rank: int, world_size: int, impl: str) -> None:
     build_key = native.implementations()[impl].build_key
     mesh = mesh_1d()
     s0 = dtdispatch.accelerate(distribute_tensor(torch.ones(8, 8), mesh, [Shard(0)]))
-    # A plain multi-element tensor: torch's error (or implicit replication) is decided on the slow path.
+    # A plain multi-element tensor: torch's error (or implicit replication) is decided on the slow
+    # path.
     assert build_key(aten.add.Tensor, (s0, torch.ones(8, 8)), {}) is None
     # No DTensor at all: torch's "no mesh" error comes from the slow path.
     assert build_key(aten.add.Tensor, (torch.tensor(1.0), torch.tensor(2.0)), {}) is None
