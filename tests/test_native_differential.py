@@ -16,13 +16,12 @@ hypothesis:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import dtdispatch
@@ -40,19 +39,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 aten = torch.ops.aten
-
-
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeviceMesh]:
-    if dist.is_initialized():
-        pytest.skip("a default process group already exists in this process")
-    store = tmp_path_factory.mktemp("native_differential") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    try:
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dispatcher.install(native.DEFAULT)
-        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -15,14 +15,13 @@ import gc
 import os
 import sys
 import tracemalloc
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import dtdispatch
@@ -41,18 +40,10 @@ CALLS_SLOW = 2_000  # paths that run the Python slow path on every call
 SLOW = {"python-only plan (random)", "no key (slow path)"}
 
 
-@pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeviceMesh]:
-    if dist.is_initialized():
-        pytest.skip("a default process group already exists in this process")
-    store = tmp_path_factory.mktemp("native_leaks") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    try:
-        dispatcher.install("native")
-        yield init_device_mesh("cpu", (1,))
-    finally:
-        dispatcher.install(native.DEFAULT)
-        dist.destroy_process_group()
+@pytest.fixture(scope="module", autouse=True)
+def _native_installed(mesh: DeviceMesh) -> None:
+    """Every test here measures the C path (conftest's ``mesh`` reinstalls the default after)."""
+    dispatcher.install("native")
 
 
 def _rss_bytes() -> int:

@@ -91,21 +91,11 @@ def _make_inputs(case: Case, mesh: DeviceMesh) -> list[Any]:
     return made
 
 
-def _fast_copy(x: Any) -> Any:
+def _copy(x: Any, cls: type[DTensor]) -> Any:
+    """A private copy of one input: a ``cls`` (DTensor or FastDTensor) over a cloned local shard."""
     if isinstance(x, DTensor):
-        return torch.Tensor._dtensor__new__(
-            FastDTensor, x._local_tensor.clone(), x._spec, requires_grad=False
-        )
-    if isinstance(x, torch.Tensor):
-        return x.clone()
-    return x
-
-
-def _stock_copy(x: Any) -> Any:
-    if isinstance(x, DTensor):
-        return torch.Tensor._dtensor__new__(
-            DTensor, x._local_tensor.clone(), x._spec, requires_grad=False
-        )
+        local = x._local_tensor.clone()
+        return torch.Tensor._dtensor__new__(cls, local, x._spec, requires_grad=False)
     if isinstance(x, torch.Tensor):
         return x.clone()
     return x
@@ -172,8 +162,8 @@ def run_case(case: Case, mesh: DeviceMesh) -> None:
     identity for in-place ops, the inputs after the op, and the exception type where stock
     raises."""
     base = _make_inputs(case, mesh)
-    stock_in = [_stock_copy(x) for x in base]
-    fast_in = [_fast_copy(x) for x in base]
+    stock_in = [_copy(x, DTensor) for x in base]
+    fast_in = [_copy(x, FastDTensor) for x in base]
     stock_out, stock_exc = _run(case, stock_in, 1234)
     fast_out, fast_exc = _run(case, fast_in, 1234)
     if stock_exc is not None or fast_exc is not None:
