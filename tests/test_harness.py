@@ -150,6 +150,30 @@ def test_failures_name_the_rank_fail_fast_and_leave_no_process(
     assert {p: _cmdline(p) for p in pids if _alive(p)} == {}
 
 
+def test_skip_in_the_body_skips_and_keeps_the_pool(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+        import torch
+        import torch.distributed as dist
+
+        @pytest.mark.distributed(world_size=2)
+        def test_skip(rank, world_size):
+            dist.barrier()  # every rank gets here, then all skip
+            pytest.skip("skipped on every rank")
+
+        @pytest.mark.distributed(world_size=2)
+        def test_after(rank, world_size):
+            t = torch.ones(1)
+            dist.all_reduce(t)
+            assert t.item() == 2
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-rs", "-v")
+    result.assert_outcomes(passed=1, skipped=1)
+    assert "skipped on every rank" in result.stdout.str()
+
+
 def test_bad_marker_arguments_raise_value_error(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """
