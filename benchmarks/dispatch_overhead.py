@@ -211,13 +211,17 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200, help="calls per timed batch")
     parser.add_argument("--miss-reps", type=int, default=9)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument(
+        "--replot", action="store_true", help="rewrite the table and plot from --out's JSON, no run"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         _worker(args)
         return
-    results = []
-    for n in args.world_sizes:
+    out = Path(args.out)
+    results = json.loads((out / "dispatch_overhead.json").read_text()) if args.replot else []
+    for n in [] if args.replot else args.world_sizes:
         print(f"world size {n}: starting {n} rank(s) under torchrun", file=sys.stderr, flush=True)
         cmd = [
             sys.executable,
@@ -237,8 +241,7 @@ def main() -> None:
             args.out,
         ]
         subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        results.append(json.loads((Path(args.out) / f"dispatch_overhead_ws{n}.json").read_text()))
-    out = Path(args.out)
+        results.append(json.loads((out / f"dispatch_overhead_ws{n}.json").read_text()))
     (out / "dispatch_overhead.json").write_text(json.dumps(results, indent=1))
     table = _table(results)
     (out / "dispatch_overhead.md").write_text(table)
