@@ -258,9 +258,13 @@ class ThreadCache:
         weakref.finalize(self, _retire, self.per_op, self.bailouts, self.evicted)
 
     def insert(self, key: tuple[object, ...], plan: Plan) -> None:
+        self.entries[key] = plan
+        self.evict_to(self.capacity)
+
+    def evict_to(self, capacity: int) -> None:
+        """Drop least recently used plans until at most ``capacity`` remain, counting each."""
         entries = self.entries
-        entries[key] = plan
-        if len(entries) > self.capacity:
+        while len(entries) > capacity:
             entries.popitem(last=False)
             self.evicted[0] += 1
 
@@ -327,9 +331,7 @@ def set_default_capacity(capacity: int) -> None:
     _default_capacity = capacity
     for cache in list(_all_caches):
         cache.capacity = capacity
-        while len(cache.entries) > capacity:
-            cache.entries.popitem(last=False)
-            cache.evicted[0] += 1
+        cache.evict_to(capacity)
 
 
 def all_caches() -> list[ThreadCache]:

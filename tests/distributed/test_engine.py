@@ -37,6 +37,13 @@ class _KernelLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def _fresh(impl: str) -> None:
+    """Select ``impl`` with an empty plan cache and zeroed counters (ranks outlive tests)."""
+    dispatcher.install(impl)
+    dtdispatch.clear_cache()
+    dtdispatch.reset_stats()
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.distributed(world_size=4)
 def test_non_participating_rank(rank: int, world_size: int, impl: str) -> None:
@@ -111,9 +118,7 @@ def test_autograd_gradients_match_stock(rank: int, world_size: int, impl: str) -
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.distributed(world_size=2)
 def test_telemetry_counts_what_happened(rank: int, world_size: int, impl: str) -> None:
-    dispatcher.install(impl)
-    dtdispatch.clear_cache()
-    dtdispatch.reset_stats()
+    _fresh(impl)
     x = dtdispatch.accelerate(distribute_tensor(torch.ones(8, 8), mesh_1d(), [Shard(0)]))
     x + x
     after_first = dtdispatch.stats()
@@ -137,9 +142,7 @@ def test_telemetry_counts_what_happened(rank: int, world_size: int, impl: str) -
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.distributed(world_size=1)
 def test_capacity_bounds_cache_and_counts_evictions(rank: int, world_size: int, impl: str) -> None:
-    dispatcher.install(impl)
-    dtdispatch.clear_cache()
-    dtdispatch.reset_stats()
+    _fresh(impl)
     dtdispatch.set_cache_capacity(3)
     try:
         x = dtdispatch.accelerate(distribute_tensor(torch.ones(8, 8), mesh_1d(), [Shard(0)]))
@@ -157,9 +160,7 @@ def test_capacity_bounds_cache_and_counts_evictions(rank: int, world_size: int, 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.distributed(world_size=1)
 def test_threads_have_separate_caches_freed_at_exit(rank: int, world_size: int, impl: str) -> None:
-    dispatcher.install(impl)
-    dtdispatch.clear_cache()
-    dtdispatch.reset_stats()
+    _fresh(impl)
     x = dtdispatch.accelerate(distribute_tensor(torch.ones(8, 8), mesh_1d(), [Shard(0)]))
     x * 2.0
     seen: dict[str, Any] = {}
