@@ -146,11 +146,19 @@ def test_capacity_bounds_cache_and_counts_evictions(rank: int, world_size: int, 
     dtdispatch.set_cache_capacity(3)
     try:
         x = dtdispatch.accelerate(distribute_tensor(torch.ones(8, 8), mesh_1d(), [Shard(0)]))
-        for n in range(1, 7):
-            x.view(64 // n if 64 % n == 0 else 64, -1)
+        rows = (1, 2, 4, 8, 16, 32)  # six distinct keys through a cache of three
+        for n in rows:
+            x.view(n, -1)
         s = dtdispatch.stats()
-        assert s["entries"] == 3
-        assert s["evictions"] == s["misses"] - 3
+        assert (s["misses"], s["entries"], s["evictions"]) == (6, 3, 3)
+        # Cached now: 8, 16, 32 (oldest first). A hit on 8 makes it the most recent, so the next
+        # miss evicts 16, not 8.
+        x.view(8, -1)
+        assert (dtdispatch.stats()["hits"], dtdispatch.stats()["misses"]) == (1, 6)
+        x.view(1, -1)
+        x.view(8, -1)
+        s = dtdispatch.stats()
+        assert (s["hits"], s["misses"], s["entries"], s["evictions"]) == (2, 7, 3, 4)
         with pytest.raises(ValueError, match="positive int"):
             dtdispatch.set_cache_capacity(0)
     finally:
