@@ -218,6 +218,10 @@ class Plan:
     alias_pairs: tuple[tuple[int, int], ...]
     """VIEW plans: (argument index, return index) pairs whose storages
     ``return_and_correct_aliasing`` ties."""
+    masks: tuple[Any, ...] = ()
+    """The ``_MaskPartial`` placements the transforms create (vocab-parallel embedding, gather):
+    templates only. A mask buffer is per-call state, so ``execute`` swaps each for a fresh copy on
+    every call (``local_results._fresh_masks``), and such a plan is never ``fast``."""
 
 
 _registry_lock = threading.Lock()

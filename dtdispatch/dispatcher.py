@@ -12,7 +12,9 @@ from typing import Any
 import torch
 from torch._ops import OpOverload
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor._op_schema import OutputSharding
+from torch.distributed.tensor.placement_types import _MaskPartial
 from torch.utils import _pytree as pytree
 
 from dtdispatch import _compat
@@ -56,6 +58,20 @@ def _keys_every_rewritten_value(
         index >= static_argnum or arg is None or isinstance(arg, torch.Tensor)
         for index, arg in enumerate(args)
     )
+
+
+def _holds_mask(key: tuple[object, ...]) -> bool:
+    """True when the key holds a spec with a ``_MaskPartial`` placement: an unreduced embedding
+    (or gather) output. Its mask buffer is per-call state and enters the spec's equality by
+    identity, so no later call can hit such a key; caching it would only keep the mask alive."""
+    for entry in key:
+        if type(entry) is tuple and len(entry) == 2:
+            entry = entry[1]  # a kwarg's (name, entry)
+        if isinstance(entry, DTensorSpec) and any(
+            isinstance(p, _MaskPartial) for p in entry.placements
+        ):
+            return True
+    return False
 
 
 def _raise_if_mixed(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -104,7 +120,7 @@ def slow_path(
         return sharding
     cacheable = key is not None and _keys_every_rewritten_value(op, args, sharding)
     new_plan = make_plan(op, op_info, sharding, cacheable=cacheable)
-    if key is not None and cacheable:
+    if key is not None and cacheable and not _holds_mask(key):
         cache.insert(key, new_plan)
     return execute(new_plan, op, args, kwargs)
 

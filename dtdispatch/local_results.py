@@ -6,6 +6,8 @@ every plan can run on (the native path replays only the plans marked ``fast``).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -19,6 +21,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor._op_schema import OpInfo, OutputSharding
 from torch.distributed.tensor._random import is_rng_supported_mesh
 from torch.distributed.tensor._redistribute import redistribute_local_tensor
+from torch.distributed.tensor.placement_types import _MaskPartial
 from torch.utils._python_dispatch import get_alias_info, return_and_correct_aliasing
 
 from dtdispatch import _compat
@@ -160,6 +163,9 @@ def make_plan(
     random = op in _RANDOM_OPS
     needs_pytree = op_info.args_tree_spec is not None
     spec = sharding.output_spec
+    masks = (
+        _created_masks(op_info.flat_args_schema, transforms) if transforms is not None else ()
+    )
     # NOTE: each condition below is something the native replay does not do. Widening the fast path
     # means teaching _native.dispatch (and the C mirror) the case first, then removing its line
     # here.
@@ -169,6 +175,8 @@ def make_plan(
         reason = "non-participating"
     elif random:
         reason = "random"
+    elif masks:
+        reason = "mask per call"
     elif transforms is not None and chunks is None:
         reason = "needs redistribution"
     elif rewritten is not None and needs_pytree:
@@ -204,6 +212,66 @@ def make_plan(
         out_names=out_names,
         chunks=chunks,
         alias_pairs=alias_pairs,
+        masks=masks,
+    )
+
+
+def _created_masks(
+    current: Sequence[object], targets: Sequence[DTensorSpec | None]
+) -> tuple[_MaskPartial, ...]:
+    """The ``_MaskPartial`` placements that this plan's redistributions create (in a target spec,
+    not in the argument's own spec): each holds a mask buffer that the redistribution fills and the
+    output's later reduction consumes, i.e. per-call state."""
+    found: list[_MaskPartial] = []
+    for source, target in zip(current, targets, strict=False):
+        if target is None:
+            continue
+        for placement in target.placements:
+            if (
+                isinstance(placement, _MaskPartial)
+                and placement not in cast(DTensorSpec, source).placements
+                and not any(placement is m for m in found)
+            ):
+                found.append(placement)
+    return tuple(found)
+
+
+def _fresh_masks(plan: Plan) -> Plan:
+    """``plan`` with each of ``plan.masks`` replaced by a new ``_MaskPartial`` (same reduce op,
+    offset shape and dim; an empty mask buffer of its own) in the transforms and the output spec.
+
+    NOTE: torch's embedding (and gather) rule puts one ``_MaskPartial`` object in the index
+    argument's target and in the output spec, so the mask the index redistribution materializes is
+    the one the output's reduction applies. torch caches that object with the decision, so every
+    call shares one buffer, and a second lookup before the first output is reduced raises
+    "MaskBuffer has been materialized with conflicting data". Replacing the object once per call,
+    the same new object in both places, gives each output its own mask and keeps the cached plan
+    free of per-call state.
+    """
+    fresh: dict[int, _MaskPartial] = {
+        id(m): _MaskPartial(  # type: ignore[no-untyped-call]  # torch: untyped __init__
+            reduce_op=m.reduce_op, offset_shape=m.offset_shape, offset_dim=m.offset_dim
+        )
+        for m in plan.masks
+    }
+
+    def respec(spec: Any) -> Any:
+        if isinstance(spec, DTensorSpec):
+            if not any(id(p) in fresh for p in spec.placements):
+                return spec
+            new = copy.copy(spec)
+            # DTensorSpec.__setattr__ drops the cached hash when placements change.
+            new.placements = tuple(fresh.get(id(p), p) for p in spec.placements)
+            return new
+        if isinstance(spec, (list, tuple)):
+            return type(spec)(respec(s) for s in spec)
+        return spec
+
+    transforms = plan.transforms
+    return dataclasses.replace(
+        plan,
+        transforms=tuple(respec(t) for t in transforms) if transforms is not None else None,
+        output_spec=respec(plan.output_spec),
     )
 
 
@@ -360,6 +428,8 @@ def _run_random(
 
 def execute(plan: Plan, op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> object:
     """Run ``plan`` for this call: local results, then the output kind's return semantics."""
+    if plan.masks:
+        plan = _fresh_masks(plan)
     if plan.participating:
         local_args, tree = _local_args(plan, op, args)
         call_args = _unflatten(local_args, tree) if tree is not None else local_args
