@@ -16,6 +16,7 @@ from torch.distributed.tensor._op_schema import OutputSharding
 from torch.utils import _pytree as pytree
 
 from dtdispatch import _compat
+from dtdispatch import above as _above
 from dtdispatch import cache as _cache
 from dtdispatch import native as _native_pkg
 from dtdispatch._tensor import FastDTensor
@@ -114,7 +115,7 @@ _active = ""
 
 def install(name: str) -> None:
     """Make implementation ``name`` ("native" or "python") FastDTensor's ``__torch_dispatch__``."""
-    global _active
+    global _active, _active_function
     impls: dict[str, ModuleType] = _native_pkg.implementations()
     if name not in impls:
         raise ValueError(
@@ -136,11 +137,25 @@ def install(name: str) -> None:
         }
     )
     FastDTensor.__torch_dispatch__ = classmethod(module.dispatch)  # type: ignore[assignment]
+    # The path above dispatch (DESIGN §12): the same implementation when it is built, else its twin.
+    function_impls = _native_pkg.function_implementations()
+    function_module = function_impls.get(name, function_impls["python"])
+    function_module.configure(_above.config())
+    FastDTensor.__torch_function__ = classmethod(function_module.torch_function)  # type: ignore[assignment]
+    _active_function = "native" if function_module is function_impls.get("native") else "python"
     _active = name
 
 
 def active() -> str:
     return _active
+
+
+_active_function = ""
+
+
+def active_function() -> str:
+    """The implementation of the path above dispatch now installed ("native" or "python")."""
+    return _active_function
 
 
 install(_native_pkg.DEFAULT)
