@@ -1,20 +1,21 @@
 """The path above dispatch: its per-thread plan cache and the miss that writes plans (DESIGN §12).
 
-The hot path is ``native._function.torch_function`` (twin) / ``native._function_c`` (C). On a miss it
-calls ``miss``, which runs the call exactly as stock would (torch's disabled ``__torch_function__``,
-then FastDTensor's ``__torch_dispatch__`` below autograd) while observing every aten op it dispatches,
-and then decides once whether the call may be replayed on the local tensors:
-- every aten op on FastDTensors ran a cached dispatch plan that is ``fast``, participating, not random,
-  with no rewritten (global -> local) arguments, no redistribution and no local chunk; no aten op ran
-  on another tensor subclass; no random op on plain tensors; no op returned a non-tensor (data-dependent
-  control flow);
+The hot path is ``native._function.torch_function`` (twin) / ``native._function_c`` (C). On a
+miss it calls ``miss``, which runs the call exactly as stock would (torch's disabled
+``__torch_function__``, then FastDTensor's ``__torch_dispatch__`` below autograd) while observing
+every aten op it dispatches, and then decides once whether the call may be replayed on the local
+tensors:
+- every aten op on FastDTensors ran a cached dispatch plan that is ``fast``, participating, not
+  random, with no rewritten (global -> local) arguments, no redistribution and no local chunk; no
+  aten op ran on another tensor subclass; no random op on plain tensors; no op returned a
+  non-tensor (data-dependent control flow);
 - outputs are None, FastDTensors or tuples/lists of them; no fresh output is a view or aliases an
   argument's storage (stock ties those to their base: ``_base``, shared version counter); no fresh
   output requires grad or has a moved version counter;
 - the arguments' specs, ``requires_grad`` and local tensor objects are unchanged;
-- replaying the public call on clones of the arguments' locals reproduces the observed outputs and the
-  arguments' final values bitwise (shape, stride, dtype, bytes), and the locals' version counters moved
-  by the same amounts.
+- replaying the public call on clones of the arguments' locals reproduces the observed outputs
+  and the arguments' final values bitwise (shape, stride, dtype, bytes), and the locals' version
+  counters moved by the same amounts.
 Anything else becomes a negative entry (a reason string): straight to the stock path from then on.
 """
 
@@ -40,8 +41,8 @@ __all__ = [
     "all_caches",
     "miss",
     "passthrough",
-    "retired_totals",
     "reset_retired",
+    "retired_totals",
     "thread_cache",
 ]
 
@@ -60,7 +61,8 @@ otherwise pay a miss, i.e. an observed call plus a verification replay, on every
 passthrough: dict[Any, bool] = {}
 """Funcs observed to dispatch no aten op and return no argument (attribute reads, ``dim()``,
 setters): the hot path hands them straight to torch's disabled implementation, as stock does.
-NOTE: process-wide and only ever grown; a wrong entry costs speed, never correctness (pass-through is
+NOTE: process-wide and only ever grown; a wrong entry costs speed, never correctness (pass-through
+is
 stock behaviour)."""
 
 _RANDOM_OPS = random_ops()
@@ -74,6 +76,9 @@ class ReplayPlan:
 
     out: tuple[int, Any]
     bumps: tuple[tuple[int, int], ...]
+    below: bool
+    """Run the replay below ADInplaceOrView (the call mutated a tensor): the locals' version
+    counters then move as on the dispatch path, where local ops run below autograd."""
 
 
 _registry_lock = threading.Lock()
@@ -91,7 +96,8 @@ class AboveCache:
     and its counters.
 
     NOTE: not locked. Every method runs with the GIL held and an AboveCache is only ever touched by
-    its own thread (``thread_cache()``), except ``snapshot()`` and clearing, which copy/replace whole
+    its own thread (``thread_cache()``), except ``snapshot()`` and clearing, which copy/replace
+    whole
     containers.
     """
 
@@ -169,8 +175,8 @@ class AboveCache:
 
 def _func_name(func: Any) -> str:
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
-    if name == "__get__":
-        return f"{getattr(getattr(func, '__self__', None), '__name__', '?')}.__get__"
+    if name is not None and name.endswith("__get__"):
+        return f"Tensor.{getattr(getattr(func, '__self__', None), '__name__', '?')}.__get__"
     return str(name) if name else repr(func)
 
 
@@ -230,24 +236,31 @@ def reset_retired() -> None:
         _retired.update(evictions=0, negative={}, stepped_aside={}, per_func={})
 
 
-class _Observer(TorchDispatchMode):
+class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]
     """Active only during a miss: forwards every aten op exactly as it would run without the mode,
     and records the first reason the call cannot be replayed (None while it can)."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.reason: str | None = None
         self.ops = 0
+        self.mutates = False
 
     def _block(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
 
-    def __torch_dispatch__(  # type: ignore[override]
-        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
     ) -> Any:
         kwargs = kwargs or {}
         self.ops += 1
+        if func._schema.is_mutable:
+            self.mutates = True
         if func in _RANDOM_OPS:
             self._block("random op")
         if any(t is not FastDTensor for t in types):
@@ -255,7 +268,7 @@ class _Observer(TorchDispatchMode):
             self._block("foreign tensor op")
             return NotImplemented
         if types:
-            result = FastDTensor.__torch_dispatch__(func, types, args, kwargs)
+            result = FastDTensor.__torch_dispatch__(func, types, args, kwargs)  # type: ignore[no-untyped-call]
             self._check_plan(func, args, kwargs)
         else:
             result = func(*args, **kwargs)
@@ -272,8 +285,10 @@ class _Observer(TorchDispatchMode):
             self._block("random op")
         elif not plan.participating:
             self._block("non-participating rank")
-        elif plan.communicates or plan.chunks is not None or plan.transforms is not None and any(
-            t is not None for t in plan.transforms
+        elif (
+            plan.communicates
+            or plan.chunks is not None
+            or (plan.transforms is not None and any(t is not None for t in plan.transforms))
         ):
             self._block("redistribution")
         elif plan.rewritten_args is not None:
@@ -317,12 +332,7 @@ def _exact_clone(t: torch.Tensor) -> torch.Tensor:
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal shape, stride, dtype, device and bytes (NaN-safe; -0.0 differs from 0.0)."""
-    if (
-        a.shape != b.shape
-        or a.stride() != b.stride()
-        or a.dtype != b.dtype
-        or a.device != b.device
-    ):
+    if a.shape != b.shape or a.stride() != b.stride() or a.dtype != b.dtype or a.device != b.device:
         return False
     if a.numel() == 0:
         return True
@@ -332,16 +342,21 @@ def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def _storages(flat: list[FastDTensor]) -> set[int]:
-    return {
-        ptr
-        for t in flat
-        if (ptr := t._local_tensor.untyped_storage().data_ptr()) != 0
-    }
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    """The data pointer of ``t``'s storage, or None where it has none we can read (a wrapper or
+    meta tensor...)."""
+    try:
+        return int(t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _storages(flat: list[FastDTensor]) -> set[int | None]:
+    return {_storage_ptr(t._local_tensor) for t in flat} - {0}
 
 
 def _describe(
-    result: Any, flat: list[FastDTensor], storages: set[int]
+    result: Any, flat: list[FastDTensor], storages: set[int | None]
 ) -> tuple[tuple[int, Any] | None, str]:
     """The output entry of an observed result, or (None, reason)."""
     if result is None:
@@ -352,8 +367,10 @@ def _describe(
     if type(result) is FastDTensor:
         if result.requires_grad:
             return None, "output requires grad"
-        local = result._local_tensor
-        if result._is_view() or local.untyped_storage().data_ptr() in storages:
+        ptr = _storage_ptr(result._local_tensor)
+        if ptr is None or None in storages:
+            return None, "unreadable storage"
+        if result._is_view() or ptr in storages:
             return None, "view output"
         if _version(result) != 0:
             return None, "output version"
@@ -385,13 +402,12 @@ def _matches(entry: tuple[int, Any], observed: Any, replayed: Any, clones: list[
             and not replayed.requires_grad
             and _same_bits(observed._local_tensor, replayed)
         )
-    container, entries = data
+    entries = data[1]
     return (
         type(replayed) is type(observed)
         and len(replayed) == len(entries)
         and all(
-            _matches(e, o, r, clones)
-            for e, o, r in zip(entries, observed, replayed, strict=True)
+            _matches(e, o, r, clones) for e, o, r in zip(entries, observed, replayed, strict=True)
         )
     )
 
@@ -423,7 +439,7 @@ def _plan(
     if entry is None:
         return reason
     bumps = []
-    for index, (t, (local, clone, spec, requires_grad, version, local_version)) in enumerate(
+    for index, (t, (local, _, spec, requires_grad, version, _)) in enumerate(
         zip(flat, before, strict=True)
     ):
         if t._local_tensor is not local or t._spec != spec or t.requires_grad != requires_grad:
@@ -438,12 +454,12 @@ def _plan(
     local_args = [_rebuild(a, clones, position) for a in args]
     local_kwargs = {k: _rebuild(v, clones, position) for k, v in kwargs.items()}
     try:
-        if bumps:
+        if observer.mutates:
             with torch._C._AutoDispatchBelowADInplaceOrView():
                 replayed = func(*local_args, **local_kwargs)
         else:
             replayed = func(*local_args, **local_kwargs)
-    except Exception:  # noqa: BLE001 - any failure of the replay means "do not replay"
+    except Exception:
         return "replay failed"
     if not _matches(entry, result, replayed, clones):
         return "replay differs"
@@ -454,7 +470,7 @@ def _plan(
             return "replay differs"
         if _version(t._local_tensor) - local_version != _version(clone) - clone_version:
             return "replay differs"
-    return ReplayPlan(out=entry, bumps=tuple(bumps))
+    return ReplayPlan(out=entry, bumps=tuple(bumps), below=observer.mutates)
 
 
 def miss(
@@ -489,17 +505,22 @@ def _miss(
         _flat_fast(a, flat)
     for v in kwargs.values():
         _flat_fast(v, flat)
-    before = [
-        (
-            t._local_tensor,
-            _exact_clone(t._local_tensor),
-            t._spec,
-            t.requires_grad,
-            _version(t),
-            _version(t._local_tensor),
-        )
-        for t in flat
-    ]
+    try:
+        before = [
+            (
+                t._local_tensor,
+                _exact_clone(t._local_tensor),
+                t._spec,
+                t.requires_grad,
+                _version(t),
+                _version(t._local_tensor),
+            )
+            for t in flat
+        ]
+    except (RuntimeError, NotImplementedError):
+        # Locals that cannot be copied exactly (meta, wrapper subclasses ...): never replayed.
+        cache.insert(key, "unreadable storage")
+        return torch._C._disabled_torch_function_impl(func, types, args, kwargs)
     observer = _Observer()
     with observer:
         result = torch._C._disabled_torch_function_impl(func, types, args, kwargs)
@@ -546,4 +567,3 @@ def config() -> dict[str, Any]:
         "value_marker": VALUE_MARKER,
         "structure_marker": STRUCTURE_MARKER,
     }
-

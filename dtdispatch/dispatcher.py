@@ -6,6 +6,7 @@ The native entry (``native._speedups.dispatch`` or its twin) is FastDTensor's
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 from typing import Any
 
@@ -113,8 +114,14 @@ def slow_path(
 _active = ""
 
 
-def install(name: str) -> None:
-    """Make implementation ``name`` ("native" or "python") FastDTensor's ``__torch_dispatch__``."""
+ABOVE_DEFAULT = os.environ.get("DTDISPATCH_ABOVE", "1") != "0"
+"""Whether ``install`` enables the path above dispatch by default (``DTDISPATCH_ABOVE=0``: off)."""
+
+
+def install(name: str, *, above: bool | None = None) -> None:
+    """Make implementation ``name`` ("native" or "python") FastDTensor's ``__torch_dispatch__``
+    and, unless ``above`` is False (default: ``ABOVE_DEFAULT``), its ``__torch_function__`` (the
+    path above dispatch, DESIGN §12; off, FastDTensor keeps stock DTensor's disabled one)."""
     global _active, _active_function
     impls: dict[str, ModuleType] = _native_pkg.implementations()
     if name not in impls:
@@ -138,6 +145,11 @@ def install(name: str) -> None:
     )
     FastDTensor.__torch_dispatch__ = classmethod(module.dispatch)  # type: ignore[assignment]
     # The path above dispatch (DESIGN §12): the same implementation when it is built, else its twin.
+    if not (ABOVE_DEFAULT if above is None else above):
+        FastDTensor.__torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+        _active_function = "off"
+        _active = name
+        return
     function_impls = _native_pkg.function_implementations()
     function_module = function_impls.get(name, function_impls["python"])
     function_module.configure(_above.config())
@@ -154,7 +166,8 @@ _active_function = ""
 
 
 def active_function() -> str:
-    """The implementation of the path above dispatch now installed ("native" or "python")."""
+    """The implementation of the path above dispatch now installed ("native", "python" or
+    "off")."""
     return _active_function
 
 

@@ -1,15 +1,16 @@
 """The Python twin of ``_function.c``: the specification of the path above dispatch (DESIGN §12).
 
 ``torch_function`` is FastDTensor's ``__torch_function__``. It decides, per call:
-- pass-through: ``func`` is known to dispatch no aten op (attribute reads, ``dim()``, setters): torch's
-  disabled implementation, exactly what stock DTensor does;
-- step aside (stock behaviour, then the ``__torch_dispatch__`` path runs below): torch.compile tracing, a
-  torch function mode or dispatch mode active, or autograd needed (grad mode on and a FastDTensor argument
-  requires grad), or no key (an unhashable value, a tensor that is not a FastDTensor);
-- hit on a replay plan: call ``func`` on the local tensors and wrap the outputs with the recorded specs;
+- pass-through: ``func`` is known to dispatch no aten op (attribute reads, ``dim()``, setters):
+  torch's disabled implementation, exactly what stock DTensor does;
+- step aside (stock behaviour, then the ``__torch_dispatch__`` path runs below): torch.compile
+  tracing, a torch function or dispatch mode active, autograd needed (grad mode on and a
+  FastDTensor argument requires grad), or no key (an unhashable value, a tensor that is not a
+  FastDTensor);
+- hit on a replay plan: call ``func`` on the local tensors, wrap outputs with the recorded specs;
 - hit on a negative entry (a reason string): stock behaviour, counted by reason;
-- miss: ``above.miss`` (Python only) runs the call through the dispatch path, observes it and writes the
-  plan or a negative entry.
+- miss: ``above.miss`` (Python only) runs the call through the dispatch path, observes it and
+  writes the plan or a negative entry.
 The C code mirrors each block below, with a comment naming the block.
 """
 
@@ -21,11 +22,11 @@ __all__ = ["build_key", "configure", "torch_function"]
 
 _config: dict[str, Any] = {}
 
-# Output entry kinds of a replay plan (``above.ReplayPlan.out``), shared with the C code via configure.
+# Output entry kinds of a replay plan (``above.ReplayPlan.out``).
 OUT_NEW = 0
 """(OUT_NEW, spec): a fresh FastDTensor wrapping the replay's output with ``spec``."""
 OUT_ARG = 1
-"""(OUT_ARG, flat index): the FastDTensor argument itself (in-place, ``out=``, ``.to`` of same dtype)."""
+"""(OUT_ARG, flat index): the FastDTensor argument itself (in-place, ``out=``, ``.to(same)``)."""
 OUT_NONE = 2
 """(OUT_NONE, None): None."""
 OUT_SEQ = 3
@@ -37,7 +38,8 @@ def configure(config: dict[str, Any]) -> None:
     ``tensor_type``, ``new``, ``disabled`` (``torch._C._disabled_torch_function_impl``),
     ``passthrough`` (dict: func -> True), ``thread_cache`` (``above.thread_cache``), ``miss``
     (``above.miss``), ``is_compiling``, ``tf_mode``, ``dispatch_modes``, ``grad_enabled``,
-    ``inference``, ``disable_subclass``, ``increment_version``, ``below_autograd`` (a guard class), ``kw_marker``,
+    ``inference``, ``disable_subclass``, ``increment_version``, ``below_autograd`` (a guard class),
+    ``kw_marker``,
     ``value_marker``, ``structure_marker``."""
     _config.update(config)
 
@@ -51,7 +53,8 @@ def build_key(
     Layout: func, grad, inference, len(args), then per argument: FastDTensor -> (fast_type, spec,
     requires_grad); list/tuple -> (type, len, elements...); slice -> (slice, start, stop, step
     entries); anything else -> (type, value) (so 2, 2.0 and True differ); then, when kwargs are
-    given, the kw marker and (name, entry) per kwarg in call order. Hashability is checked at lookup.
+    given, the kw marker and (name, entry) per kwarg in call order. Hashability is checked at
+    lookup.
     """
     key: list[object] = [func, grad, inference, len(args)]
     scalars: list[int] = []
@@ -109,7 +112,8 @@ def _entry(a: Any, key: list[object], scalars: list[int], grad: bool) -> str | N
 
 
 def _unwrap(a: Any, fast_type: type, flat: list[Any]) -> Any:
-    """``a`` with every FastDTensor replaced by its local tensor (DFS order appended to ``flat``)."""
+    """``a`` with every FastDTensor replaced by its local tensor (DFS order appended to
+    ``flat``)."""
     t = type(a)
     if t is fast_type:
         flat.append(a)
@@ -180,17 +184,18 @@ def torch_function(
     flat: list[Any] = []
     local_args = [_unwrap(a, fast_type, flat) for a in args]
     local_kwargs = {k: _unwrap(v, fast_type, flat) for k, v in kwargs.items()}
-    if plan.bumps:
+    if plan.below:
         # In-place: run below ADInplaceOrView, as the dispatch path does, so the locals' version
-        # counters move exactly as stock's; the wrappers' counters are bumped as stock's are.
+        # counters move exactly as stock's.
         with c["below_autograd"]():
             result = func(*local_args, **local_kwargs)
-        for index, delta in plan.bumps:
-            bumped = (flat[index],)
-            for _ in range(delta):
-                c["increment_version"](bumped)
     else:
         result = func(*local_args, **local_kwargs)
+    # The wrappers' counters move as stock's do (ADInplaceOrView bumps them above dispatch).
+    for index, delta in plan.bumps:
+        bumped = (flat[index],)
+        for _ in range(delta):
+            c["increment_version"](bumped)
     # Block: wrap outputs.
     return _output(plan.out, result, flat, fast_type, c["new"])
 
@@ -211,4 +216,6 @@ def _output(entry: tuple[int, Any], result: Any, flat: list[Any], fast_type: typ
     if kind == OUT_NONE:
         return None
     container, entries = data
-    return container([_output(e, r, flat, fast_type, new) for e, r in zip(entries, result, strict=True)])
+    return container(
+        [_output(e, r, flat, fast_type, new) for e, r in zip(entries, result, strict=True)]
+    )
