@@ -55,8 +55,9 @@ STRUCTURE_MARKER = object()
 
 STEP_VARYING_LIMIT = 8
 """After this many misses of one call structure that differ only in Python scalar values, the
-structure gets a negative entry ("step-varying scalar"): a per-step scalar (pytorch#178276) would
-otherwise pay a miss, i.e. an observed call plus a verification replay, on every step."""
+structure gets a negative entry ("step-varying scalar") and its per-value entries are dropped: a
+per-step scalar (pytorch#178276) would otherwise pay a miss, i.e. an observed call plus a
+verification replay, on every step, and hold up to the LRU capacity in dead entries."""
 
 passthrough: dict[Any, bool] = {}
 """Funcs observed to dispatch no aten op and return no argument (attribute reads, ``dim()``,
@@ -119,8 +120,8 @@ class AboveCache:
         self.per_func: dict[Any, list[int]] = {}
         self.negative: dict[str, int] = {}
         self.stepped_aside: dict[str, int] = {}
-        # structure key -> number of misses seen (bounded like entries).
-        self.varying: OrderedDict[tuple[object, ...], int] = OrderedDict()
+        # structure key -> the keys of its misses so far (bounded like entries).
+        self.varying: OrderedDict[tuple[object, ...], list[tuple[object, ...]]] = OrderedDict()
         self.thread_name = threading.current_thread().name
         with _registry_lock:
             _all_caches.add(self)
@@ -532,9 +533,11 @@ def _miss(
     cache.insert(key, value)
     if structure is not None:
         structure_key = tuple(structure)
-        seen = cache.varying.get(structure_key, 0) + 1
-        cache.varying[structure_key] = seen
-        if seen >= STEP_VARYING_LIMIT:
+        seen = cache.varying.setdefault(structure_key, [])
+        seen.append(key)
+        if len(seen) >= STEP_VARYING_LIMIT:
+            for stale in cache.varying.pop(structure_key):
+                cache.entries.pop(stale, None)
             cache.insert(structure_key, "step-varying scalar")
     return result
 
