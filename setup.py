@@ -19,6 +19,14 @@ ext_modules: list[Extension] = [
         optional=not REQUIRE_NATIVE,
         extra_compile_args=["-Wall", "-Wextra", "-O2"],
     ),
+    # The path above dispatch (FastDTensor.__torch_function__), its own module so it builds and
+    # fails independently.
+    Extension(
+        "dtdispatch.native._function_c",
+        ["dtdispatch/native/_function.c"],
+        optional=not REQUIRE_NATIVE,
+        extra_compile_args=["-Wall", "-Wextra", "-O2"],
+    ),
 ]
 
 setup(ext_modules=ext_modules)

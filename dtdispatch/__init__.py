@@ -12,6 +12,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from dtdispatch import _compat
+from dtdispatch import above as _above
 from dtdispatch import cache as _cache
 from dtdispatch import dispatcher as _dispatcher
 from dtdispatch import native as _native
@@ -126,6 +127,36 @@ def stats() -> dict[str, Any]:
         _merge(total, snap)
     total["threads"] = threads
     total["implementation"] = _dispatcher.active()
+    total["above"] = _above_stats()
+    return total
+
+
+def _above_stats() -> dict[str, Any]:
+    """The path above dispatch (``__torch_function__``, DESIGN §12), aggregated over threads."""
+    total: dict[str, Any] = {
+        "hits": 0,
+        "misses": 0,
+        "entries": 0,
+        "evictions": 0,
+        "negative": {},
+        "stepped_aside": {},
+        "per_func": {},
+    }
+    parts = [_above.retired_totals()] + [c.snapshot() for c in _above.all_caches()]
+    for part in parts:
+        total["entries"] += part.get("entries", 0)
+        total["evictions"] += part["evictions"]
+        for field in ("negative", "stepped_aside"):
+            for reason, n in part[field].items():
+                total[field][reason] = total[field].get(reason, 0) + n
+        for func, c in part["per_func"].items():
+            mine = total["per_func"].setdefault(func, {"hits": 0, "misses": 0, "negative": 0})
+            for field in ("hits", "misses", "negative"):
+                mine[field] += c[field]
+    total["hits"] = sum(c["hits"] for c in total["per_func"].values())
+    total["misses"] = sum(c["misses"] for c in total["per_func"].values())
+    total["passthrough_funcs"] = len(_above.passthrough)
+    total["implementation"] = _dispatcher.active_function()
     return total
 
 
@@ -134,27 +165,43 @@ def reset_stats() -> None:
     _cache.reset_retired()
     for thread_cache in _cache.all_caches():
         thread_cache.reset_stats()
+    _above.reset_retired()
+    for above_cache in _above.all_caches():
+        above_cache.reset_stats()
 
 
 def clear_cache() -> None:
     """Drop every cached plan in every thread (counters stay)."""
     for thread_cache in _cache.all_caches():
         thread_cache.entries.clear()
+    for above_cache in _above.all_caches():
+        above_cache.clear()
 
 
 def set_cache_capacity(capacity: int) -> None:
-    """Bound each thread's plan cache to ``capacity`` plans (LRU; evictions are counted)."""
+    """Bound each thread's plan cache, and its cache above dispatch, to ``capacity`` entries (LRU;
+    evictions are counted)."""
     if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
         raise ValueError(f"cache capacity must be a positive int, got {capacity!r}")
     _cache.set_default_capacity(capacity)
+    for above_cache in _above.all_caches():
+        above_cache.evict_to(capacity)
 
 
 def native_status() -> tuple[bool, str]:
-    """(whether the C extension is the active implementation, why)."""
+    """(whether the C extension is the active implementation, why; the why also names the
+    implementation of the path above dispatch)."""
     active = _dispatcher.active() == "native"
-    return (
-        active,
+    reason = (
         _native.REASON
         if active or _dispatcher.active() == _native.DEFAULT
-        else "Python twin selected",
+        else "Python twin selected"
     )
+    above = (
+        _native.FUNCTION_REASON
+        if _dispatcher.active_function() == "native"
+        else "Python twin"
+        if _dispatcher.active() == "python"
+        else _native.FUNCTION_REASON
+    )
+    return active, f"{reason}; above dispatch: {above}"

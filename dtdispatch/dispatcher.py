@@ -6,6 +6,7 @@ The native entry (``native._speedups.dispatch`` or its twin) is FastDTensor's
 
 from __future__ import annotations
 
+import os
 from types import ModuleType
 from typing import Any
 
@@ -18,6 +19,7 @@ from torch.distributed.tensor.placement_types import _MaskPartial
 from torch.utils import _pytree as pytree
 
 from dtdispatch import _compat
+from dtdispatch import above as _above
 from dtdispatch import cache as _cache
 from dtdispatch import native as _native_pkg
 from dtdispatch._tensor import FastDTensor
@@ -128,9 +130,15 @@ def slow_path(
 _active = ""
 
 
-def install(name: str) -> None:
-    """Make implementation ``name`` ("native" or "python") FastDTensor's ``__torch_dispatch__``."""
-    global _active
+ABOVE_DEFAULT = os.environ.get("DTDISPATCH_ABOVE", "1") != "0"
+"""Whether ``install`` enables the path above dispatch by default (``DTDISPATCH_ABOVE=0``: off)."""
+
+
+def install(name: str, *, above: bool | None = None) -> None:
+    """Make implementation ``name`` ("native" or "python") FastDTensor's ``__torch_dispatch__``
+    and, unless ``above`` is False (default: ``ABOVE_DEFAULT``), its ``__torch_function__`` (the
+    path above dispatch, DESIGN §12; off, FastDTensor keeps stock DTensor's disabled one)."""
+    global _active, _active_function
     impls: dict[str, ModuleType] = _native_pkg.implementations()
     if name not in impls:
         raise ValueError(
@@ -152,11 +160,31 @@ def install(name: str) -> None:
         }
     )
     FastDTensor.__torch_dispatch__ = classmethod(module.dispatch)  # type: ignore[assignment]
+    # The path above dispatch (DESIGN §12): the same implementation when it is built, else its twin.
+    if not (ABOVE_DEFAULT if above is None else above):
+        FastDTensor.__torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+        _active_function = "off"
+        _active = name
+        return
+    function_impls = _native_pkg.function_implementations()
+    function_module = function_impls.get(name, function_impls["python"])
+    function_module.configure(_above.config())
+    FastDTensor.__torch_function__ = classmethod(function_module.torch_function)  # type: ignore[assignment]
+    _active_function = "native" if function_module is function_impls.get("native") else "python"
     _active = name
 
 
 def active() -> str:
     return _active
+
+
+_active_function = ""
+
+
+def active_function() -> str:
+    """The implementation of the path above dispatch now installed ("native", "python" or
+    "off")."""
+    return _active_function
 
 
 install(_native_pkg.DEFAULT)

@@ -38,8 +38,10 @@ class _KernelLog(TorchDispatchMode):
 
 
 def _fresh(impl: str) -> None:
-    """Select ``impl`` with an empty plan cache and zeroed counters (ranks outlive tests)."""
-    dispatcher.install(impl)
+    """Select ``impl`` with an empty plan cache and zeroed counters (ranks outlive tests). These
+    tests count the dispatch path, so the path above it (which would take their no-autograd calls)
+    is off."""
+    dispatcher.install(impl, above=False)
     dtdispatch.clear_cache()
     dtdispatch.reset_stats()
 

@@ -1,0 +1,572 @@
+"""The path above dispatch: its per-thread plan cache and the miss that writes plans (DESIGN §12).
+
+The hot path is ``native._function.torch_function`` (twin) / ``native._function_c`` (C). On a
+miss it calls ``miss``, which runs the call exactly as stock would (torch's disabled
+``__torch_function__``, then FastDTensor's ``__torch_dispatch__`` below autograd) while observing
+every aten op it dispatches, and then decides once whether the call may be replayed on the local
+tensors:
+- every aten op on FastDTensors ran a cached dispatch plan that is ``fast``, participating, not
+  random, with no rewritten (global -> local) arguments, no redistribution and no local chunk; no
+  aten op ran on another tensor subclass; no random op on plain tensors; no op returned a
+  non-tensor (data-dependent control flow);
+- outputs are None, FastDTensors or tuples/lists of them; no fresh output is a view or aliases an
+  argument's storage (stock ties those to their base: ``_base``, shared version counter); no fresh
+  output requires grad or has a moved version counter;
+- the arguments' specs, ``requires_grad`` and local tensor objects are unchanged;
+- replaying the public call on clones of the arguments' locals reproduces the observed outputs
+  and the arguments' final values bitwise (shape, stride, dtype, bytes), and the locals' version
+  counters moved by the same amounts.
+Anything else becomes a negative entry (a reason string): straight to the stock path from then on.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dtdispatch import cache as _dispatch_cache
+from dtdispatch._tensor import FastDTensor
+from dtdispatch.local_results import random_ops
+from dtdispatch.native._function import OUT_ARG, OUT_NEW, OUT_NONE, OUT_SEQ
+
+__all__ = [
+    "AboveCache",
+    "ReplayPlan",
+    "all_caches",
+    "miss",
+    "passthrough",
+    "reset_retired",
+    "retired_totals",
+    "thread_cache",
+]
+
+KW_MARKER = object()
+"""Separates positional entries from kwargs in a key."""
+VALUE_MARKER = object()
+"""Stands for a Python scalar's value in a structure key (scalars by type)."""
+STRUCTURE_MARKER = object()
+"""Starts a structure key: the key of a call with its Python scalars' values left out."""
+
+STEP_VARYING_LIMIT = 8
+"""After this many misses of one call structure that differ only in Python scalar values, the
+structure gets a negative entry ("step-varying scalar") and its per-value entries are dropped: a
+per-step scalar (pytorch#178276) would otherwise pay a miss, i.e. an observed call plus a
+verification replay, on every step, and hold up to the LRU capacity in dead entries."""
+
+passthrough: dict[Any, bool] = {}
+"""Funcs observed to dispatch no aten op and return no argument (attribute reads, ``dim()``,
+setters): the hot path hands them straight to torch's disabled implementation, as stock does.
+NOTE: process-wide and only ever grown; a wrong entry costs speed, never correctness (pass-through
+is
+stock behaviour)."""
+
+_RANDOM_OPS = random_ops()
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayPlan:
+    """How to replay one key on the locals. ``out`` is an output entry (see ``native._function``);
+    ``bumps`` holds (flat FastDTensor argument index, version delta) for arguments modified in
+    place."""
+
+    out: tuple[int, Any]
+    bumps: tuple[tuple[int, int], ...]
+    below: bool
+    """Run the replay below ADInplaceOrView (the call mutated a tensor): the locals' version
+    counters then move as on the dispatch path, where local ops run below autograd."""
+
+
+_registry_lock = threading.Lock()
+_all_caches: weakref.WeakSet[AboveCache] = weakref.WeakSet()
+_retired: dict[str, Any] = {
+    "evictions": 0,
+    "negative": {},
+    "stepped_aside": {},
+    "per_func": {},
+}
+
+
+class AboveCache:
+    """One thread's cache of the path above dispatch (bounded LRU, the dispatch cache's capacity)
+    and its counters.
+
+    NOTE: not locked. Every method runs with the GIL held and an AboveCache is only ever touched by
+    its own thread (``thread_cache()``), except ``snapshot()`` and clearing, which copy/replace
+    whole
+    containers.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "entries",
+        "evicted",
+        "negative",
+        "per_func",
+        "stepped_aside",
+        "thread_name",
+        "varying",
+    )
+
+    def __init__(self) -> None:
+        self.entries: OrderedDict[tuple[object, ...], ReplayPlan | str] = OrderedDict()
+        self.evicted = [0]
+        # per_func[func] = [hits, misses, negative]: lists so the hot path increments in place.
+        self.per_func: dict[Any, list[int]] = {}
+        self.negative: dict[str, int] = {}
+        self.stepped_aside: dict[str, int] = {}
+        # structure key -> the keys of its misses so far (bounded like entries).
+        self.varying: OrderedDict[tuple[object, ...], list[tuple[object, ...]]] = OrderedDict()
+        self.thread_name = threading.current_thread().name
+        with _registry_lock:
+            _all_caches.add(self)
+        weakref.finalize(
+            self, _retire, self.per_func, self.negative, self.stepped_aside, self.evicted
+        )
+
+    def func_counters(self, func: Any) -> list[int]:
+        counters = self.per_func.get(func)
+        if counters is None:
+            counters = self.per_func[func] = [0, 0, 0]
+        return counters
+
+    def insert(self, key: tuple[object, ...], value: ReplayPlan | str) -> None:
+        self.entries[key] = value
+        self.evict_to(_dispatch_cache._default_capacity)
+
+    def evict_to(self, capacity: int) -> None:
+        """Drop least recently used entries until at most ``capacity`` remain, counting each."""
+        entries = self.entries
+        while len(entries) > capacity:
+            entries.popitem(last=False)
+            self.evicted[0] += 1
+        while len(self.varying) > capacity:
+            self.varying.popitem(last=False)
+
+    def snapshot(self) -> dict[str, Any]:
+        per_func = {
+            _func_name(f): {"hits": c[0], "misses": c[1], "negative": c[2]}
+            for f, c in list(self.per_func.items())
+        }
+        return {
+            "hits": sum(c["hits"] for c in per_func.values()),
+            "misses": sum(c["misses"] for c in per_func.values()),
+            "entries": len(self.entries),
+            "evictions": self.evicted[0],
+            "negative": dict(self.negative),
+            "stepped_aside": dict(self.stepped_aside),
+            "per_func": per_func,
+        }
+
+    def reset_stats(self) -> None:
+        self.per_func.clear()
+        self.negative.clear()
+        self.stepped_aside.clear()
+        self.evicted[0] = 0
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.varying.clear()
+
+
+def _func_name(func: Any) -> str:
+    name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None)
+    if name is not None and name.endswith("__get__"):
+        return f"Tensor.{getattr(getattr(func, '__self__', None), '__name__', '?')}.__get__"
+    return str(name) if name else repr(func)
+
+
+def _add_counts(total: dict[str, int], part: dict[str, int]) -> None:
+    for reason, n in part.items():
+        total[reason] = total.get(reason, 0) + n
+
+
+def _retire(
+    per_func: dict[Any, list[int]],
+    negative: dict[str, int],
+    stepped_aside: dict[str, int],
+    evicted: list[int],
+) -> None:
+    """Fold a finished thread's counters into the process totals."""
+    with _registry_lock:
+        _retired["evictions"] += evicted[0]
+        _add_counts(_retired["negative"], negative)
+        _add_counts(_retired["stepped_aside"], stepped_aside)
+        for func, (h, m, n) in per_func.items():
+            c = _retired["per_func"].setdefault(
+                _func_name(func), {"hits": 0, "misses": 0, "negative": 0}
+            )
+            c["hits"] += h
+            c["misses"] += m
+            c["negative"] += n
+
+
+_local = threading.local()
+
+
+def thread_cache() -> AboveCache:
+    """This thread's cache, created on first use; freed with the thread (``threading.local``)."""
+    cache = getattr(_local, "cache", None)
+    if cache is None:
+        cache = _local.cache = AboveCache()
+    return cache
+
+
+def all_caches() -> list[AboveCache]:
+    with _registry_lock:
+        return list(_all_caches)
+
+
+def retired_totals() -> dict[str, Any]:
+    with _registry_lock:
+        return {
+            "evictions": _retired["evictions"],
+            "negative": dict(_retired["negative"]),
+            "stepped_aside": dict(_retired["stepped_aside"]),
+            "per_func": {k: dict(v) for k, v in _retired["per_func"].items()},
+        }
+
+
+def reset_retired() -> None:
+    with _registry_lock:
+        _retired.update(evictions=0, negative={}, stepped_aside={}, per_func={})
+
+
+class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]
+    """Active only during a miss: forwards every aten op exactly as it would run without the mode,
+    and records the first reason the call cannot be replayed (None while it can)."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.reason: str | None = None
+        self.ops = 0
+        self.mutates = False
+
+    def _block(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+
+    def __torch_dispatch__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        self.ops += 1
+        if func._schema.is_mutable:
+            self.mutates = True
+        if func in _RANDOM_OPS:
+            self._block("random op")
+        if any(t is not FastDTensor for t in types):
+            # Another tensor subclass (a stock DTensor ...): let it run its own handler.
+            self._block("foreign tensor op")
+            return NotImplemented
+        if types:
+            result = FastDTensor.__torch_dispatch__(func, types, args, kwargs)  # type: ignore[no-untyped-call]
+            self._check_plan(func, args, kwargs)
+        else:
+            result = func(*args, **kwargs)
+        if not _tensors_only(result):
+            self._block("data-dependent")
+        return result
+
+    def _check_plan(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        key = _dispatch_cache.build_key(func, args, kwargs)
+        plan = None if key is None else _dispatch_cache.thread_cache().entries.get(key)
+        if plan is None:
+            self._block("uncached op")
+        elif plan.random:
+            self._block("random op")
+        elif not plan.participating:
+            self._block("non-participating rank")
+        elif (
+            plan.communicates
+            or plan.chunks is not None
+            or (plan.transforms is not None and any(t is not None for t in plan.transforms))
+        ):
+            self._block("redistribution")
+        elif plan.rewritten_args is not None:
+            self._block("rewritten arguments")
+        elif not plan.fast:
+            self._block(f"dispatch plan: {plan.reason}")
+
+
+def _tensors_only(result: Any) -> bool:
+    if result is None or isinstance(result, torch.Tensor):
+        return True
+    if isinstance(result, (tuple, list)):
+        return all(_tensors_only(r) for r in result)
+    return False
+
+
+def _flat_fast(a: Any, flat: list[FastDTensor]) -> None:
+    """FastDTensors of ``a`` in the hot path's DFS order (``_function._unwrap``)."""
+    t = type(a)
+    if t is FastDTensor:
+        flat.append(a)
+    elif t is list or t is tuple:
+        for e in a:
+            _flat_fast(e, flat)
+
+
+def _version(t: torch.Tensor) -> int:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors track no version
+        return 0
+
+
+def _exact_clone(t: torch.Tensor) -> torch.Tensor:
+    """A copy with the same shape, stride, dtype and values (``clone`` may change strides)."""
+    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    with torch.no_grad():
+        out.copy_(t)
+    return out
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shape, stride, dtype, device and bytes (NaN-safe; -0.0 differs from 0.0)."""
+    if a.shape != b.shape or a.stride() != b.stride() or a.dtype != b.dtype or a.device != b.device:
+        return False
+    if a.numel() == 0:
+        return True
+    return torch.equal(
+        a.detach().contiguous().reshape(-1).view(torch.uint8),
+        b.detach().contiguous().reshape(-1).view(torch.uint8),
+    )
+
+
+def _storage_ptr(t: torch.Tensor) -> int | None:
+    """The data pointer of ``t``'s storage, or None where it has none we can read (a wrapper or
+    meta tensor...)."""
+    try:
+        return int(t.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _storages(flat: list[FastDTensor]) -> set[int | None]:
+    return {_storage_ptr(t._local_tensor) for t in flat} - {0}
+
+
+def _describe(
+    result: Any, flat: list[FastDTensor], storages: set[int | None]
+) -> tuple[tuple[int, Any] | None, str]:
+    """The output entry of an observed result, or (None, reason)."""
+    if result is None:
+        return (OUT_NONE, None), ""
+    for index, t in enumerate(flat):
+        if result is t:
+            return (OUT_ARG, index), ""
+    if type(result) is FastDTensor:
+        if result.requires_grad:
+            return None, "output requires grad"
+        ptr = _storage_ptr(result._local_tensor)
+        if ptr is None or None in storages:
+            return None, "unreadable storage"
+        if result._is_view() or ptr in storages:
+            return None, "view output"
+        if _version(result) != 0:
+            return None, "output version"
+        return (OUT_NEW, result._spec), ""
+    if isinstance(result, (tuple, list)):
+        entries = []
+        for r in result:
+            if isinstance(r, (tuple, list)):
+                return None, "nested output"
+            entry, reason = _describe(r, flat, storages)
+            if entry is None:
+                return None, reason
+            entries.append(entry)
+        return (OUT_SEQ, (type(result), tuple(entries))), ""
+    if isinstance(result, torch.Tensor):
+        return None, "output type"
+    return None, "non-tensor output"
+
+
+def _matches(entry: tuple[int, Any], observed: Any, replayed: Any, clones: list[Any]) -> bool:
+    kind, data = entry
+    if kind == OUT_NONE:
+        return replayed is None
+    if kind == OUT_ARG:
+        return replayed is clones[data]
+    if kind == OUT_NEW:
+        return (
+            type(replayed) is torch.Tensor
+            and not replayed.requires_grad
+            and _same_bits(observed._local_tensor, replayed)
+        )
+    entries = data[1]
+    return (
+        type(replayed) is type(observed)
+        and len(replayed) == len(entries)
+        and all(
+            _matches(e, o, r, clones) for e, o, r in zip(entries, observed, replayed, strict=True)
+        )
+    )
+
+
+def _rebuild(a: Any, clones: list[Any], position: list[int]) -> Any:
+    t = type(a)
+    if t is FastDTensor:
+        clone = clones[position[0]]
+        position[0] += 1
+        return clone
+    if t is list or t is tuple:
+        return t(_rebuild(e, clones, position) for e in a)
+    return a
+
+
+def _plan(
+    func: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    flat: list[FastDTensor],
+    before: list[tuple[Any, ...]],
+    result: Any,
+    observer: _Observer,
+) -> ReplayPlan | str:
+    """The replay plan of one observed call, or the reason it may not be replayed."""
+    if observer.reason is not None:
+        return observer.reason
+    entry, reason = _describe(result, flat, _storages(flat))
+    if entry is None:
+        return reason
+    bumps = []
+    for index, (t, (local, _, spec, requires_grad, version, _)) in enumerate(
+        zip(flat, before, strict=True)
+    ):
+        if t._local_tensor is not local or t._spec != spec or t.requires_grad != requires_grad:
+            return "argument metadata changed"
+        delta = _version(t) - version
+        if delta:
+            bumps.append((index, delta))
+    # Replay the public call once on the clones and compare with what was observed.
+    clones = [b[1] for b in before]
+    clone_versions = [_version(c) for c in clones]
+    position = [0]
+    local_args = [_rebuild(a, clones, position) for a in args]
+    local_kwargs = {k: _rebuild(v, clones, position) for k, v in kwargs.items()}
+    try:
+        if observer.mutates:
+            with torch._C._AutoDispatchBelowADInplaceOrView():
+                replayed = func(*local_args, **local_kwargs)
+        else:
+            replayed = func(*local_args, **local_kwargs)
+    except Exception:
+        return "replay failed"
+    if not _matches(entry, result, replayed, clones):
+        return "replay differs"
+    for t, (_, clone, _, _, _, local_version), clone_version in zip(
+        flat, before, clone_versions, strict=True
+    ):
+        if not _same_bits(t._local_tensor, clone):
+            return "replay differs"
+        if _version(t._local_tensor) - local_version != _version(clone) - clone_version:
+            return "replay differs"
+    return ReplayPlan(out=entry, bumps=tuple(bumps), below=observer.mutates)
+
+
+def miss(
+    cache: AboveCache,
+    func: Any,
+    types: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    key: tuple[object, ...],
+    structure: list[object] | None,
+) -> Any:
+    """Run one call as stock would while observing it; cache its replay plan or a negative entry
+    (or, for a func that dispatched nothing, add it to ``passthrough``). Returns the call's result.
+    """
+    # NOTE: everything here reads FastDTensor attributes, which would re-enter the handler; the
+    # observed call itself runs under torch's disabled implementation, i.e. with the same setting.
+    with torch._C.DisableTorchFunctionSubclass():
+        return _miss(cache, func, types, args, kwargs, key, structure)
+
+
+def _miss(
+    cache: AboveCache,
+    func: Any,
+    types: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    key: tuple[object, ...],
+    structure: list[object] | None,
+) -> Any:
+    flat: list[FastDTensor] = []
+    for a in args:
+        _flat_fast(a, flat)
+    for v in kwargs.values():
+        _flat_fast(v, flat)
+    try:
+        before = [
+            (
+                t._local_tensor,
+                _exact_clone(t._local_tensor),
+                t._spec,
+                t.requires_grad,
+                _version(t),
+                _version(t._local_tensor),
+            )
+            for t in flat
+        ]
+    except (RuntimeError, NotImplementedError):
+        # Locals that cannot be copied exactly (meta, wrapper subclasses ...): never replayed.
+        cache.insert(key, "unreadable storage")
+        return torch._C._disabled_torch_function_impl(func, types, args, kwargs)
+    observer = _Observer()
+    with observer:
+        result = torch._C._disabled_torch_function_impl(func, types, args, kwargs)
+    if observer.ops == 0 and not any(r is t for t in flat for r in _leaves(result)):
+        passthrough[func] = True
+        cache.entries.pop(key, None)
+        return result
+    value = _plan(func, args, kwargs, flat, before, result, observer)
+    cache.insert(key, value)
+    if structure is not None:
+        structure_key = tuple(structure)
+        seen = cache.varying.setdefault(structure_key, [])
+        seen.append(key)
+        if len(seen) >= STEP_VARYING_LIMIT:
+            for stale in cache.varying.pop(structure_key):
+                cache.entries.pop(stale, None)
+            cache.insert(structure_key, "step-varying scalar")
+    return result
+
+
+def _leaves(result: Any) -> list[Any]:
+    if isinstance(result, (tuple, list)):
+        return [leaf for r in result for leaf in _leaves(r)]
+    return [result]
+
+
+def config() -> dict[str, Any]:
+    """What ``native._function.configure`` (and its C mirror) receives."""
+    return {
+        "fast_type": FastDTensor,
+        "tensor_type": torch.Tensor,
+        "new": torch.Tensor._dtensor__new__,
+        "disabled": torch._C._disabled_torch_function_impl,
+        "passthrough": passthrough,
+        "thread_cache": thread_cache,
+        "miss": miss,
+        "is_compiling": torch.compiler.is_compiling,
+        "tf_mode": torch._C._is_torch_function_mode_enabled,
+        "dispatch_modes": torch._C._len_torch_dispatch_stack,
+        "grad_enabled": torch.is_grad_enabled,
+        "inference": torch.is_inference_mode_enabled,
+        "disable_subclass": torch._C.DisableTorchFunctionSubclass,
+        "increment_version": torch._C._increment_version,
+        "below_autograd": torch._C._AutoDispatchBelowADInplaceOrView,
+        "kw_marker": KW_MARKER,
+        "value_marker": VALUE_MARKER,
+        "structure_marker": STRUCTURE_MARKER,
+    }

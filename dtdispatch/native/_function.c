@@ -1,0 +1,877 @@
+/*
+ * dtdispatch.native._function_c: the C hot path above dispatch (FastDTensor.__torch_function__,
+ * DESIGN §12).
+ *
+ * The specification is Python: dtdispatch/native/_function.py (``configure``, ``build_key``,
+ * ``_entry``, ``_unwrap``, ``torch_function``, ``_step_aside``, ``_output``). Every block below names
+ * the Python block it mirrors; change both together. CPython C API only: no torch headers. Everything
+ * torch-specific (types, the disabled implementation, mode and grad queries, guards, markers) is taken
+ * from Python at ``configure`` time. The miss (observing a call and writing its plan) stays Python
+ * (dtdispatch.above.miss).
+ *
+ * Shortcuts whose answer is provably the twin's:
+ *   - this thread's AboveCache and its containers (entries, per_func, negative, stepped_aside) are
+ *     remembered in the thread-state dict, tagged with the thread_cache callable they came from. NOTE:
+ *     valid because AboveCache never rebinds those attributes (it clears them in place).
+ *   - ``isinstance(a, torch.Tensor)`` is skipped for exact int/float/bool/complex/str/None, which are
+ *     never tensors.
+ *   - the twin's ``with DisableTorchFunctionSubclass():`` around the key uses one guard object per
+ *     thread (in the same thread-state memo): its __enter__/__exit__ pairs never nest, because nothing
+ *     between them can re-enter this handler (torch function is off for subclasses there).
+ *
+ * Threading: module state is written by ``configure`` and read by the hot path, with the GIL held.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+/* PyErr_GetRaisedException / PyErr_SetRaisedException are 3.12+; the fetch/restore triple works
+ * everywhere. */
+typedef struct {
+    PyObject *type, *value, *tb;
+} SavedError;
+static SavedError save_error(void)
+{
+    SavedError e;
+    PyErr_Fetch(&e.type, &e.value, &e.tb);
+    return e;
+}
+static void restore_error(SavedError e) { PyErr_Restore(e.type, e.value, e.tb); }
+static void drop_error(SavedError e)
+{
+    Py_XDECREF(e.type);
+    Py_XDECREF(e.value);
+    Py_XDECREF(e.tb);
+}
+
+#ifdef Py_GIL_DISABLED
+#error "dtdispatch._function_c relies on the GIL (module state and AboveCache are unlocked)"
+#endif
+
+/* Module state: mirrors _function._config. */
+static PyObject *c_fast_type, *c_tensor_type, *c_new, *c_disabled, *c_passthrough, *c_thread_cache,
+    *c_miss, *c_is_compiling, *c_tf_mode, *c_dispatch_modes, *c_grad_enabled, *c_inference,
+    *c_disable_subclass, *c_increment_version, *c_below_autograd, *c_kw_marker, *c_value_marker,
+    *c_structure_marker;
+
+static PyObject *s_requires_grad, *s_spec, *s_local_tensor, *s_entries, *s_per_func, *s_negative,
+    *s_stepped_aside, *s_move_to_end, *s_out, *s_bumps, *s_below, *s_enter, *s_exit, *s_memo_key,
+    *s_mode_or_compiling, *s_unhashable, *s_kwnames_rg, *s_args, *s_kwargs, *small_one;
+
+/* Output entry kinds: mirrors _function.OUT_*. */
+enum { OUT_NEW = 0, OUT_ARG = 1, OUT_NONE = 2, OUT_SEQ = 3 };
+
+static struct {
+    const char *name;
+    PyObject **slot;
+} config_names[] = {
+    {"fast_type", &c_fast_type},
+    {"tensor_type", &c_tensor_type},
+    {"new", &c_new},
+    {"disabled", &c_disabled},
+    {"passthrough", &c_passthrough},
+    {"thread_cache", &c_thread_cache},
+    {"miss", &c_miss},
+    {"is_compiling", &c_is_compiling},
+    {"tf_mode", &c_tf_mode},
+    {"dispatch_modes", &c_dispatch_modes},
+    {"grad_enabled", &c_grad_enabled},
+    {"inference", &c_inference},
+    {"disable_subclass", &c_disable_subclass},
+    {"increment_version", &c_increment_version},
+    {"below_autograd", &c_below_autograd},
+    {"kw_marker", &c_kw_marker},
+    {"value_marker", &c_value_marker},
+    {"structure_marker", &c_structure_marker},
+};
+#define N_CONFIG ((Py_ssize_t)(sizeof(config_names) / sizeof(config_names[0])))
+
+/* configure: mirrors _function.configure (``_config.update(config)``). */
+static PyObject *fn_configure(PyObject *Py_UNUSED(module), PyObject *config)
+{
+    if (!PyDict_Check(config)) {
+        PyErr_Format(PyExc_TypeError, "configure() expects a dict, got %s", Py_TYPE(config)->tp_name);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < N_CONFIG; i++) {
+        PyObject *value = PyDict_GetItemString(config, config_names[i].name); /* borrowed */
+        if (value != NULL)
+            Py_XSETREF(*config_names[i].slot, Py_NewRef(value));
+    }
+    Py_RETURN_NONE;
+}
+
+static int configured(void)
+{
+    for (Py_ssize_t i = 0; i < N_CONFIG; i++) {
+        if (*config_names[i].slot == NULL) {
+            PyErr_Format(PyExc_KeyError, "'%s'", config_names[i].name);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* The thread's cache: (thread_cache, cache, entries, per_func, negative, stepped_aside, guard_enter,  */
+/* guard_exit), memoized in the thread-state dict.                                                   */
+/* ------------------------------------------------------------------------------------------------ */
+enum { M_TC, M_CACHE, M_ENTRIES, M_PER_FUNC, M_NEGATIVE, M_STEPPED, M_ENTER, M_EXIT, M_SIZE };
+
+/* Borrowed reference to this thread's memo tuple (owned by the thread-state dict, or by *hold). */
+static PyObject *thread_memo(PyObject **hold)
+{
+    *hold = NULL;
+    PyObject *tsd = PyThreadState_GetDict(); /* borrowed */
+    if (tsd != NULL) {
+        PyObject *memo = PyDict_GetItemWithError(tsd, s_memo_key);
+        if (memo != NULL && PyTuple_CheckExact(memo) && PyTuple_GET_SIZE(memo) == M_SIZE &&
+            PyTuple_GET_ITEM(memo, M_TC) == c_thread_cache)
+            return memo;
+        if (memo == NULL && PyErr_Occurred())
+            return NULL;
+    }
+    PyObject *cache = PyObject_CallNoArgs(c_thread_cache);
+    if (cache == NULL)
+        return NULL;
+    PyObject *entries = PyObject_GetAttr(cache, s_entries);
+    PyObject *per_func = entries ? PyObject_GetAttr(cache, s_per_func) : NULL;
+    PyObject *negative = per_func ? PyObject_GetAttr(cache, s_negative) : NULL;
+    PyObject *stepped = negative ? PyObject_GetAttr(cache, s_stepped_aside) : NULL;
+    PyObject *guard = stepped ? PyObject_CallNoArgs(c_disable_subclass) : NULL;
+    PyObject *enter = guard ? PyObject_GetAttr(guard, s_enter) : NULL;
+    PyObject *exit_ = enter ? PyObject_GetAttr(guard, s_exit) : NULL;
+    PyObject *memo = NULL;
+    if (exit_ != NULL) {
+        if (!PyDict_CheckExact(per_func) || !PyDict_CheckExact(negative) || !PyDict_CheckExact(stepped) ||
+            !PyDict_Check(entries))
+            PyErr_SetString(PyExc_TypeError, "AboveCache containers must be dicts");
+        else
+            memo = PyTuple_Pack(M_SIZE, c_thread_cache, cache, entries, per_func, negative, stepped, enter, exit_);
+    }
+    Py_DECREF(cache);
+    Py_XDECREF(entries);
+    Py_XDECREF(per_func);
+    Py_XDECREF(negative);
+    Py_XDECREF(stepped);
+    Py_XDECREF(guard);
+    Py_XDECREF(enter);
+    Py_XDECREF(exit_);
+    if (memo == NULL)
+        return NULL;
+    if (tsd != NULL && PyDict_SetItem(tsd, s_memo_key, memo) == 0) {
+        Py_DECREF(memo); /* the dict holds it for the thread's life */
+        return memo;
+    }
+    PyErr_Clear(); /* only the memo is lost */
+    *hold = memo;
+    return memo;
+}
+
+/* d[reason] = d.get(reason, 0) + 1 */
+static int count_reason(PyObject *d, PyObject *reason)
+{
+    PyObject *old = PyDict_GetItemWithError(d, reason); /* borrowed */
+    if (old == NULL && PyErr_Occurred())
+        return -1;
+    PyObject *n = old == NULL ? PyLong_FromLong(1) : PyNumber_Add(old, small_one);
+    if (n == NULL)
+        return -1;
+    int rc = PyDict_SetItem(d, reason, n);
+    Py_DECREF(n);
+    return rc;
+}
+
+/* counters[i] += 1 (counters: a list of three ints) */
+static int bump(PyObject *counters, Py_ssize_t i)
+{
+    PyObject *old = PyList_GET_ITEM(counters, i);
+    PyObject *n = PyNumber_Add(old, small_one);
+    if (n == NULL)
+        return -1;
+    PyList_SET_ITEM(counters, i, n);
+    Py_DECREF(old);
+    return 0;
+}
+
+/* mirrors AboveCache.func_counters. Borrowed reference. */
+static PyObject *func_counters(PyObject *per_func, PyObject *func)
+{
+    PyObject *counters = PyDict_GetItemWithError(per_func, func);
+    if (counters != NULL || PyErr_Occurred())
+        return counters;
+    counters = Py_BuildValue("[iii]", 0, 0, 0);
+    if (counters == NULL)
+        return NULL;
+    if (PyDict_SetItem(per_func, func, counters) < 0) {
+        Py_DECREF(counters);
+        return NULL;
+    }
+    Py_DECREF(counters); /* per_func holds it */
+    return counters;
+}
+
+static PyObject *call_disabled(PyObject *func, PyObject *types, PyObject *args, PyObject *kwargs)
+{
+    PyObject *argv[4] = {func, types, args, kwargs};
+    return PyObject_Vectorcall(c_disabled, argv, 4, NULL);
+}
+
+/* mirrors _function._step_aside */
+static PyObject *step_aside(PyObject *memo, PyObject *func, PyObject *types, PyObject *args, PyObject *kwargs,
+                            PyObject *reason)
+{
+    if (count_reason(PyTuple_GET_ITEM(memo, M_STEPPED), reason) < 0)
+        return NULL;
+    return call_disabled(func, types, args, kwargs);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Key: mirrors _function.build_key / _entry.                                                        */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* Append one argument's entry. Returns 0, -1 on error, or 1 with *reason set (a new reference to a
+ * str: step aside). */
+static int entry(PyObject *a, PyObject *key, PyObject *scalars, int grad, PyObject **reason)
+{
+    PyTypeObject *t = Py_TYPE(a);
+    if ((PyObject *)t == c_fast_type) {
+        /* Block: FastDTensor -> (fast_type, spec, requires_grad); autograd needed -> step aside. */
+        PyObject *rg = PyObject_GetAttr(a, s_requires_grad);
+        if (rg == NULL)
+            return -1;
+        int requires_grad = PyObject_IsTrue(rg);
+        if (requires_grad < 0) {
+            Py_DECREF(rg);
+            return -1;
+        }
+        if (grad && requires_grad) {
+            Py_DECREF(rg);
+            *reason = PyUnicode_FromString("autograd needed");
+            return *reason == NULL ? -1 : 1;
+        }
+        PyObject *spec = PyObject_GetAttr(a, s_spec);
+        int rc = spec == NULL || PyList_Append(key, (PyObject *)t) < 0 || PyList_Append(key, spec) < 0 ||
+                         PyList_Append(key, rg) < 0
+                     ? -1
+                     : 0;
+        Py_XDECREF(spec);
+        Py_DECREF(rg);
+        return rc;
+    }
+    int never_tensor = t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type || t == &PyComplex_Type ||
+                       t == &PyUnicode_Type || a == Py_None;
+    if (!never_tensor) {
+        /* Block: another tensor -> "foreign tensor". */
+        int is_tensor = PyObject_IsInstance(a, c_tensor_type);
+        if (is_tensor < 0)
+            return -1;
+        if (is_tensor) {
+            *reason = PyUnicode_FromString("foreign tensor");
+            return *reason == NULL ? -1 : 1;
+        }
+        if (t == &PyList_Type || t == &PyTuple_Type) {
+            /* Block: list/tuple -> (type, len, elements...). */
+            PyObject *n = PyLong_FromSsize_t(Py_SIZE(a));
+            if (n == NULL || PyList_Append(key, (PyObject *)t) < 0 || PyList_Append(key, n) < 0) {
+                Py_XDECREF(n);
+                return -1;
+            }
+            Py_DECREF(n);
+            for (Py_ssize_t i = 0; i < Py_SIZE(a); i++) {
+                /* NOTE: re-read each time: a list may change while Python code runs (isinstance). */
+                if (i >= Py_SIZE(a))
+                    break;
+                PyObject *e = t == &PyList_Type ? PyList_GET_ITEM(a, i) : PyTuple_GET_ITEM(a, i);
+                Py_INCREF(e);
+                int rc = entry(e, key, scalars, grad, reason);
+                Py_DECREF(e);
+                if (rc != 0)
+                    return rc;
+            }
+            return 0;
+        }
+        if (t == &PySlice_Type) {
+            /* Block: slice -> (slice, start, stop, step entries). */
+            PySliceObject *s = (PySliceObject *)a;
+            PyObject *parts[3] = {s->start, s->stop, s->step};
+            if (PyList_Append(key, (PyObject *)t) < 0)
+                return -1;
+            for (int i = 0; i < 3; i++) {
+                int rc = entry(parts[i], key, scalars, grad, reason);
+                if (rc != 0)
+                    return rc;
+            }
+            return 0;
+        }
+    }
+    /* Block: anything else -> (type, value); Python scalars' positions recorded. */
+    if (PyList_Append(key, (PyObject *)t) < 0)
+        return -1;
+    if (t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type || t == &PyComplex_Type) {
+        PyObject *pos = PyLong_FromSsize_t(PyList_GET_SIZE(key));
+        if (pos == NULL || PyList_Append(scalars, pos) < 0) {
+            Py_XDECREF(pos);
+            return -1;
+        }
+        Py_DECREF(pos);
+    }
+    return PyList_Append(key, a);
+}
+
+/* mirrors _function.build_key: 0 with *key_out, *scalars_out set; 1 with *key_out a reason str; -1. The
+ * caller holds the DisableTorchFunctionSubclass guard. */
+static int build_key_impl(PyObject *func, PyObject *args, PyObject *kwargs, int grad, int inference,
+                          PyObject **key_out, PyObject **scalars_out)
+{
+    *key_out = *scalars_out = NULL;
+    PyObject *nargs = PyLong_FromSsize_t(PyTuple_GET_SIZE(args));
+    PyObject *key = nargs ? PyList_New(4) : NULL;
+    PyObject *scalars = key ? PyList_New(0) : NULL;
+    PyObject *reason = NULL;
+    if (scalars == NULL) {
+        Py_XDECREF(nargs);
+        Py_XDECREF(key);
+        return -1;
+    }
+    PyList_SET_ITEM(key, 0, Py_NewRef(func));
+    PyList_SET_ITEM(key, 1, Py_NewRef(grad ? Py_True : Py_False));
+    PyList_SET_ITEM(key, 2, Py_NewRef(inference ? Py_True : Py_False));
+    PyList_SET_ITEM(key, 3, nargs);
+    int rc = 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args) && rc == 0; i++)
+        rc = entry(PyTuple_GET_ITEM(args, i), key, scalars, grad, &reason);
+    if (rc == 0 && kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0) {
+        if (PyList_Append(key, c_kw_marker) < 0)
+            rc = -1;
+        PyObject *name, *value;
+        Py_ssize_t pos = 0;
+        /* NOTE: kwargs is a fresh dict torch built for this call; no Python code here can change it
+         * except entry()'s isinstance on exotic objects, which we accept like the twin's iteration. */
+        while (rc == 0 && PyDict_Next(kwargs, &pos, &name, &value)) {
+            Py_INCREF(name);
+            Py_INCREF(value);
+            if (PyList_Append(key, name) < 0)
+                rc = -1;
+            else
+                rc = entry(value, key, scalars, grad, &reason);
+            Py_DECREF(name);
+            Py_DECREF(value);
+        }
+    }
+    if (rc == 0) {
+        *key_out = key;
+        *scalars_out = scalars;
+        return 0;
+    }
+    Py_DECREF(key);
+    Py_DECREF(scalars);
+    if (rc == 1) {
+        *key_out = reason;
+        return 1;
+    }
+    return -1;
+}
+
+static int query(PyObject *fn)
+{
+    PyObject *r = PyObject_CallNoArgs(fn);
+    if (r == NULL)
+        return -1;
+    int v = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return v;
+}
+
+/* build_key(func, args, kwargs, grad, inference): mirrors _function.build_key (for the differential
+ * tests; the hot path calls build_key_impl under the guard). */
+static PyObject *fn_build_key(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t nargs)
+{
+    if (nargs != 5 || !PyTuple_Check(argv[1]) || (argv[2] != Py_None && !PyDict_Check(argv[2]))) {
+        PyErr_SetString(PyExc_TypeError, "build_key(func, args: tuple, kwargs: dict, grad, inference)");
+        return NULL;
+    }
+    if (!configured())
+        return NULL;
+    int grad = PyObject_IsTrue(argv[3]), inference = PyObject_IsTrue(argv[4]);
+    if (grad < 0 || inference < 0)
+        return NULL;
+    PyObject *guard = PyObject_CallNoArgs(c_disable_subclass);
+    if (guard == NULL)
+        return NULL;
+    PyObject *entered = PyObject_CallMethodNoArgs(guard, s_enter);
+    if (entered == NULL) {
+        Py_DECREF(guard);
+        return NULL;
+    }
+    Py_DECREF(entered);
+    PyObject *key, *scalars;
+    int rc = build_key_impl(argv[0], argv[1], argv[2] == Py_None ? NULL : argv[2], grad, inference, &key, &scalars);
+    SavedError exc = save_error();
+    PyObject *exited = PyObject_CallMethod(guard, "__exit__", "OOO", Py_None, Py_None, Py_None);
+    Py_DECREF(guard);
+    if (exited == NULL) {
+        drop_error(exc);
+        Py_XDECREF(key);
+        Py_XDECREF(scalars);
+        return NULL;
+    }
+    Py_DECREF(exited);
+    restore_error(exc);
+    if (rc < 0)
+        return NULL;
+    if (rc == 1)
+        return Py_BuildValue("(N[])", key);
+    return Py_BuildValue("(NN)", key, scalars);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Replay: mirrors _function._unwrap and _function._output.                                          */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* mirrors _function._unwrap. New reference. */
+static PyObject *unwrap(PyObject *a, PyObject *flat)
+{
+    PyTypeObject *t = Py_TYPE(a);
+    if ((PyObject *)t == c_fast_type) {
+        if (PyList_Append(flat, a) < 0)
+            return NULL;
+        return PyObject_GetAttr(a, s_local_tensor);
+    }
+    if (t == &PyList_Type || t == &PyTuple_Type) {
+        Py_ssize_t n = Py_SIZE(a);
+        PyObject *out = PyList_New(n);
+        if (out == NULL)
+            return NULL;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *e = t == &PyList_Type ? PyList_GET_ITEM(a, i) : PyTuple_GET_ITEM(a, i);
+            Py_INCREF(e);
+            PyObject *u = unwrap(e, flat);
+            Py_DECREF(e);
+            if (u == NULL) {
+                Py_DECREF(out);
+                return NULL;
+            }
+            PyList_SET_ITEM(out, i, u);
+        }
+        if (t == &PyList_Type)
+            return out;
+        PyObject *tuple = PyList_AsTuple(out);
+        Py_DECREF(out);
+        return tuple;
+    }
+    return Py_NewRef(a);
+}
+
+/* mirrors _function._output. New reference. */
+static PyObject *output(PyObject *entry_, PyObject *result, PyObject *flat)
+{
+    if (!PyTuple_CheckExact(entry_) || PyTuple_GET_SIZE(entry_) != 2) {
+        PyErr_SetString(PyExc_TypeError, "malformed replay plan output entry");
+        return NULL;
+    }
+    long kind = PyLong_AsLong(PyTuple_GET_ITEM(entry_, 0));
+    PyObject *data = PyTuple_GET_ITEM(entry_, 1);
+    if (kind == -1 && PyErr_Occurred())
+        return NULL;
+    if (kind == OUT_NEW) {
+        /* new(fast_type, result, spec, requires_grad=False) */
+        PyObject *argv[4] = {c_fast_type, result, data, Py_False};
+        return PyObject_Vectorcall(c_new, argv, 3, s_kwnames_rg);
+    }
+    if (kind == OUT_ARG) {
+        Py_ssize_t index = PyLong_AsSsize_t(data);
+        if (index == -1 && PyErr_Occurred())
+            return NULL;
+        if (index < 0 || index >= PyList_GET_SIZE(flat)) {
+            PyErr_SetString(PyExc_IndexError, "replay plan argument index out of range");
+            return NULL;
+        }
+        return Py_NewRef(PyList_GET_ITEM(flat, index));
+    }
+    if (kind == OUT_NONE)
+        Py_RETURN_NONE;
+    /* OUT_SEQ: container([_output(e, r) for e, r in zip(entries, result, strict=True)]) */
+    if (!PyTuple_Check(data) || PyTuple_GET_SIZE(data) != 2 || !PyTuple_Check(PyTuple_GET_ITEM(data, 1))) {
+        PyErr_SetString(PyExc_TypeError, "malformed replay plan sequence entry");
+        return NULL;
+    }
+    PyObject *container = PyTuple_GET_ITEM(data, 0), *entries = PyTuple_GET_ITEM(data, 1);
+    PyObject *seq = PySequence_Fast(result, "replayed output is not a sequence");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(entries);
+    if (PySequence_Fast_GET_SIZE(seq) != n) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "zip() arguments have different lengths");
+        return NULL;
+    }
+    PyObject *items = PyList_New(n);
+    if (items == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *o = output(PyTuple_GET_ITEM(entries, i), PySequence_Fast_GET_ITEM(seq, i), flat);
+        if (o == NULL) {
+            Py_DECREF(seq);
+            Py_DECREF(items);
+            return NULL;
+        }
+        PyList_SET_ITEM(items, i, o);
+    }
+    Py_DECREF(seq);
+    PyObject *out = PyObject_CallOneArg(container, items);
+    Py_DECREF(items);
+    return out;
+}
+
+/* func(*local_args, **local_kwargs), below ADInplaceOrView when ``below``. */
+static PyObject *call_local(PyObject *func, PyObject *local_args, PyObject *local_kwargs, int below)
+{
+    if (!below)
+        return PyObject_Call(func, local_args, local_kwargs);
+    PyObject *guard = PyObject_CallNoArgs(c_below_autograd);
+    if (guard == NULL)
+        return NULL;
+    PyObject *entered = PyObject_CallMethodNoArgs(guard, s_enter);
+    if (entered == NULL) {
+        Py_DECREF(guard);
+        return NULL;
+    }
+    Py_DECREF(entered);
+    PyObject *result = PyObject_Call(func, local_args, local_kwargs);
+    SavedError exc = save_error();
+    PyObject *exited = PyObject_CallMethod(guard, "__exit__", "OOO", Py_None, Py_None, Py_None);
+    Py_DECREF(guard);
+    if (exited == NULL) {
+        drop_error(exc);
+        Py_XDECREF(result);
+        return NULL;
+    }
+    Py_DECREF(exited);
+    restore_error(exc);
+    return result;
+}
+
+/* Block: replay on the locals (mirrors the twin's "replay on the locals" and "wrap outputs"). */
+static PyObject *replay(PyObject *plan, PyObject *func, PyObject *args, PyObject *kwargs)
+{
+    PyObject *flat = PyList_New(0), *local_args = NULL, *local_kwargs = NULL, *result = NULL, *out = NULL;
+    PyObject *below_obj = NULL, *bumps = NULL, *out_entry = NULL;
+    if (flat == NULL)
+        return NULL;
+    Py_ssize_t n = PyTuple_GET_SIZE(args);
+    if ((local_args = PyTuple_New(n)) == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *u = unwrap(PyTuple_GET_ITEM(args, i), flat);
+        if (u == NULL)
+            goto done;
+        PyTuple_SET_ITEM(local_args, i, u);
+    }
+    if (kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0) {
+        if ((local_kwargs = PyDict_New()) == NULL)
+            goto done;
+        PyObject *name, *value;
+        Py_ssize_t pos = 0;
+        while (PyDict_Next(kwargs, &pos, &name, &value)) {
+            PyObject *u = unwrap(value, flat);
+            if (u == NULL)
+                goto done;
+            int rc = PyDict_SetItem(local_kwargs, name, u);
+            Py_DECREF(u);
+            if (rc < 0)
+                goto done;
+        }
+    }
+    if ((below_obj = PyObject_GetAttr(plan, s_below)) == NULL || (bumps = PyObject_GetAttr(plan, s_bumps)) == NULL ||
+        (out_entry = PyObject_GetAttr(plan, s_out)) == NULL)
+        goto done;
+    int below = PyObject_IsTrue(below_obj);
+    if (below < 0 || (result = call_local(func, local_args, local_kwargs, below)) == NULL)
+        goto done;
+    /* The wrappers' counters move as stock's do: increment_version((flat[index],)) delta times. */
+    if (!PyTuple_Check(bumps)) {
+        PyErr_SetString(PyExc_TypeError, "ReplayPlan.bumps must be a tuple");
+        goto done;
+    }
+    for (Py_ssize_t b = 0; b < PyTuple_GET_SIZE(bumps); b++) {
+        Py_ssize_t index, delta;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(bumps, b), "nn", &index, &delta))
+            goto done;
+        if (index < 0 || index >= PyList_GET_SIZE(flat)) {
+            PyErr_SetString(PyExc_IndexError, "replay plan argument index out of range");
+            goto done;
+        }
+        PyObject *bumped = PyTuple_Pack(1, PyList_GET_ITEM(flat, index));
+        if (bumped == NULL)
+            goto done;
+        for (Py_ssize_t k = 0; k < delta; k++) {
+            PyObject *r = PyObject_CallOneArg(c_increment_version, bumped);
+            if (r == NULL) {
+                Py_DECREF(bumped);
+                goto done;
+            }
+            Py_DECREF(r);
+        }
+        Py_DECREF(bumped);
+    }
+    out = output(out_entry, result, flat);
+done:
+    Py_DECREF(flat);
+    Py_XDECREF(local_args);
+    Py_XDECREF(local_kwargs);
+    Py_XDECREF(result);
+    Py_XDECREF(below_obj);
+    Py_XDECREF(bumps);
+    Py_XDECREF(out_entry);
+    return out;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* torch_function: mirrors _function.torch_function block by block.                                  */
+/* ------------------------------------------------------------------------------------------------ */
+static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t nargsf,
+                                   PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *func, *types, *args = NULL, *kwargs = NULL;
+    /* (cls, func, types, args=(), kwargs=None), as the twin's signature */
+    if (nargs < 3 || nargs > 5) {
+        PyErr_Format(PyExc_TypeError, "torch_function() takes 3 to 5 positional arguments (%zd given)", nargs);
+        return NULL;
+    }
+    args = nargs > 3 ? argv[3] : NULL;
+    kwargs = nargs > 4 ? argv[4] : NULL;
+    for (Py_ssize_t i = 0; kwnames != NULL && i < PyTuple_GET_SIZE(kwnames); i++) {
+        PyObject *name = PyTuple_GET_ITEM(kwnames, i), *value = argv[nargs + i];
+        int is_args = PyUnicode_Compare(name, s_args) == 0, is_kwargs = PyUnicode_Compare(name, s_kwargs) == 0;
+        if ((!is_args && !is_kwargs) || (is_args && nargs > 3) || (is_kwargs && nargs > 4)) {
+            PyErr_Format(PyExc_TypeError, "torch_function() got an unexpected or repeated keyword argument %R", name);
+            return NULL;
+        }
+        if (is_args)
+            args = value;
+        else
+            kwargs = value;
+    }
+    if (kwargs == Py_None)
+        kwargs = NULL;
+    if (!configured())
+        return NULL;
+    func = argv[1];
+    types = argv[2];
+    PyObject *own_args = NULL, *own_kwargs = NULL, *result = NULL;
+    if (args == NULL)
+        args = own_args = PyTuple_New(0);
+    else if (!PyTuple_Check(args))
+        args = own_args = PySequence_Tuple(args);
+    if (args == NULL)
+        return NULL;
+    if (kwargs == NULL) {
+        if ((kwargs = own_kwargs = PyDict_New()) == NULL)
+            goto out;
+    }
+    else if (!PyDict_Check(kwargs)) {
+        PyErr_SetString(PyExc_TypeError, "torch_function() kwargs must be a dict");
+        goto out;
+    }
+    /* Block: pass-through. */
+    int pass = PyDict_Contains(c_passthrough, func);
+    if (pass < 0)
+        goto out;
+    if (pass) {
+        result = call_disabled(func, types, args, kwargs);
+        goto out;
+    }
+    /* Block: step aside under compile tracing or an active mode. */
+    PyObject *hold;
+    PyObject *memo = thread_memo(&hold);
+    if (memo == NULL)
+        goto out;
+    int compiling = query(c_is_compiling), tf_mode = compiling == 0 ? query(c_tf_mode) : 0,
+        modes = compiling == 0 && tf_mode == 0 ? query(c_dispatch_modes) : 0;
+    if (compiling < 0 || tf_mode < 0 || modes < 0)
+        goto out_memo;
+    if (compiling || tf_mode || modes) {
+        result = step_aside(memo, func, types, args, kwargs, s_mode_or_compiling);
+        goto out_memo;
+    }
+    /* Block: key (under the DisableTorchFunctionSubclass guard). */
+    int grad = query(c_grad_enabled), inference = grad >= 0 ? query(c_inference) : 0;
+    if (grad < 0 || inference < 0)
+        goto out_memo;
+    PyObject *entered = PyObject_CallNoArgs(PyTuple_GET_ITEM(memo, M_ENTER));
+    if (entered == NULL)
+        goto out_memo;
+    Py_DECREF(entered);
+    PyObject *key_list, *scalars;
+    int krc = build_key_impl(func, args, kwargs, grad, inference, &key_list, &scalars);
+    {
+        SavedError exc = save_error();
+        PyObject *exit_args[3] = {Py_None, Py_None, Py_None};
+        PyObject *exited = PyObject_Vectorcall(PyTuple_GET_ITEM(memo, M_EXIT), exit_args, 3, NULL);
+        if (exited == NULL) {
+            drop_error(exc);
+            Py_XDECREF(key_list);
+            Py_XDECREF(scalars);
+            goto out_memo;
+        }
+        Py_DECREF(exited);
+        restore_error(exc);
+    }
+    if (krc < 0)
+        goto out_memo;
+    if (krc == 1) {
+        result = step_aside(memo, func, types, args, kwargs, key_list);
+        Py_DECREF(key_list);
+        goto out_memo;
+    }
+    PyObject *key = PyList_AsTuple(key_list);
+    Py_DECREF(key_list);
+    if (key == NULL) {
+        Py_DECREF(scalars);
+        goto out_memo;
+    }
+    /* Block: lookup. */
+    PyObject *entries = PyTuple_GET_ITEM(memo, M_ENTRIES);
+    PyObject *plan = PyDict_GetItemWithError(entries, key); /* borrowed */
+    if (plan == NULL && PyErr_Occurred()) {
+        if (!PyErr_ExceptionMatches(PyExc_TypeError))
+            goto out_key;
+        PyErr_Clear();
+        result = step_aside(memo, func, types, args, kwargs, s_unhashable);
+        goto out_key;
+    }
+    PyObject *counters = func_counters(PyTuple_GET_ITEM(memo, M_PER_FUNC), func);
+    if (counters == NULL)
+        goto out_key;
+    if (plan == NULL) {
+        /* Block: miss. A negative entry for the call's structure (scalars by type) first. */
+        PyObject *structure = NULL;
+        if (PyList_GET_SIZE(scalars) > 0) {
+            Py_ssize_t k = PyTuple_GET_SIZE(key);
+            if ((structure = PyList_New(k + 1)) == NULL)
+                goto out_key;
+            PyList_SET_ITEM(structure, 0, Py_NewRef(c_structure_marker));
+            for (Py_ssize_t i = 0; i < k; i++)
+                PyList_SET_ITEM(structure, i + 1, Py_NewRef(PyTuple_GET_ITEM(key, i)));
+            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(scalars); i++) {
+                Py_ssize_t position = PyLong_AsSsize_t(PyList_GET_ITEM(scalars, i));
+                if (position < 0 || position >= k) {
+                    if (!PyErr_Occurred())
+                        PyErr_SetString(PyExc_IndexError, "scalar position out of range");
+                    Py_DECREF(structure);
+                    goto out_key;
+                }
+                PyObject *old = PyList_GET_ITEM(structure, position + 1);
+                PyList_SET_ITEM(structure, position + 1, Py_NewRef(c_value_marker));
+                Py_DECREF(old);
+            }
+            PyObject *structure_key = PyList_AsTuple(structure);
+            if (structure_key == NULL) {
+                Py_DECREF(structure);
+                goto out_key;
+            }
+            PyObject *negative = PyDict_GetItemWithError(entries, structure_key); /* borrowed */
+            Py_DECREF(structure_key);
+            if (negative == NULL && PyErr_Occurred()) {
+                Py_DECREF(structure);
+                goto out_key;
+            }
+            if (negative != NULL) {
+                Py_DECREF(structure);
+                if (bump(counters, 2) < 0 || count_reason(PyTuple_GET_ITEM(memo, M_NEGATIVE), negative) < 0)
+                    goto out_key;
+                result = call_disabled(func, types, args, kwargs);
+                goto out_key;
+            }
+        }
+        if (bump(counters, 1) < 0) {
+            Py_XDECREF(structure);
+            goto out_key;
+        }
+        PyObject *miss_argv[7] = {PyTuple_GET_ITEM(memo, M_CACHE), func, types, args, kwargs, key,
+                                  structure != NULL ? structure : Py_None};
+        result = PyObject_Vectorcall(c_miss, miss_argv, 7, NULL);
+        Py_XDECREF(structure);
+        goto out_key;
+    }
+    Py_INCREF(plan);
+    {
+        PyObject *argv1[2] = {entries, key};
+        PyObject *moved = PyObject_VectorcallMethod(s_move_to_end, argv1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        if (moved == NULL) {
+            Py_DECREF(plan);
+            goto out_key;
+        }
+        Py_DECREF(moved);
+    }
+    if (PyUnicode_CheckExact(plan)) {
+        /* Block: negative entry. */
+        if (bump(counters, 2) == 0 && count_reason(PyTuple_GET_ITEM(memo, M_NEGATIVE), plan) == 0)
+            result = call_disabled(func, types, args, kwargs);
+        Py_DECREF(plan);
+        goto out_key;
+    }
+    if (bump(counters, 0) == 0)
+        result = replay(plan, func, args, kwargs);
+    Py_DECREF(plan);
+out_key:
+    Py_DECREF(key);
+    Py_DECREF(scalars);
+out_memo:
+    Py_XDECREF(hold);
+out:
+    Py_XDECREF(own_args);
+    Py_XDECREF(own_kwargs);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"configure", (PyCFunction)fn_configure, METH_O,
+     "configure(config: dict) -> None\n\nHand over what the hot path needs (see _function.configure)."},
+    {"build_key", (PyCFunction)(void (*)(void))fn_build_key, METH_FASTCALL,
+     "build_key(func, args, kwargs, grad, inference) -> (key list | reason, scalar positions)"},
+    {"torch_function", (PyCFunction)(void (*)(void))fn_torch_function, METH_FASTCALL | METH_KEYWORDS,
+     "FastDTensor.__torch_function__ (installed as a classmethod): see _function.torch_function."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef function_module = {
+    PyModuleDef_HEAD_INIT, "dtdispatch.native._function_c",
+    "The C hot path above dispatch; its Python twin is dtdispatch.native._function.", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+#define INTERN(var, text)                                                                                   \
+    do {                                                                                                    \
+        if ((var = PyUnicode_InternFromString(text)) == NULL)                                               \
+            return NULL;                                                                                    \
+    } while (0)
+
+PyMODINIT_FUNC PyInit__function_c(void)
+{
+    INTERN(s_requires_grad, "requires_grad");
+    INTERN(s_spec, "_spec");
+    INTERN(s_local_tensor, "_local_tensor");
+    INTERN(s_entries, "entries");
+    INTERN(s_per_func, "per_func");
+    INTERN(s_negative, "negative");
+    INTERN(s_stepped_aside, "stepped_aside");
+    INTERN(s_move_to_end, "move_to_end");
+    INTERN(s_out, "out");
+    INTERN(s_bumps, "bumps");
+    INTERN(s_below, "below");
+    INTERN(s_enter, "__enter__");
+    INTERN(s_exit, "__exit__");
+    INTERN(s_memo_key, "dtdispatch.native._function_c.thread_cache");
+    INTERN(s_mode_or_compiling, "mode or compiling");
+    INTERN(s_unhashable, "unhashable argument");
+    INTERN(s_args, "args");
+    INTERN(s_kwargs, "kwargs");
+    if ((s_kwnames_rg = Py_BuildValue("(s)", "requires_grad")) == NULL || (small_one = PyLong_FromLong(1)) == NULL)
+        return NULL;
+    return PyModule_Create(&function_module);
+}
