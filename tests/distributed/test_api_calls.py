@@ -281,3 +281,113 @@ def test_api_calls_match_stock_2d(rank: int, world_size: int) -> None:
             lambda t: t.to_local(grad_placements=(Replicate(), Shard(0))),
             f"to_local {src}",
         )
+
+
+class _TwoInputs(torch.nn.Module):
+    """Two projections of two inputs (one by keyword), two outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(4, 8)
+        self.down = torch.nn.Linear(8, 4)
+        self.norm = torch.nn.LayerNorm(4)
+
+    def forward(self, x: torch.Tensor, *, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.down(self.up(x))
+        return self.norm(h + y), h
+
+
+def _styled(accelerate: bool) -> torch.nn.Module:
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    torch.manual_seed(0)
+    model = _TwoInputs()
+    mesh = mesh_1d()
+    parallelize_module(
+        model,
+        mesh,
+        PrepareModuleInput(
+            input_layouts=(Shard(0),),
+            desired_input_layouts=(Replicate(),),
+            input_kwarg_layouts={"y": Shard(0)},
+            desired_input_kwarg_layouts={"y": Replicate()},
+            use_local_output=False,
+        ),
+    )
+    parallelize_module(
+        model,
+        mesh,
+        PrepareModuleOutput(
+            output_layouts=(Shard(0), None),
+            desired_output_layouts=(Replicate(), None),
+            use_local_output=True,
+        ),
+    )
+    parallelize_module(
+        model,
+        mesh,
+        {
+            "up": ColwiseParallel(),
+            "down": RowwiseParallel(output_layouts=Shard(0), use_local_output=False),
+            "norm": SequenceParallel(sequence_dim=0),
+        },
+    )
+    return dtdispatch.accelerate(model) if accelerate else model
+
+
+@pytest.mark.distributed(world_size=2, timeout=120)
+def test_style_hooks_match_stock(rank: int, world_size: int) -> None:
+    """Every torch style's hook is replaced by its dtdispatch twin (kwargs, several outputs, None
+    layouts, use_local_output both ways), forward and backward equal stock's, gradients are
+    FastDTensors; unwrap_hooks restores torch's own hooks."""
+    from dtdispatch._training import _StyleHook, unwrap_hooks, wrap_hooks
+
+    stock, fast = _styled(False), _styled(True)
+    hooks = [
+        h
+        for m in fast.modules()
+        for d in (m._forward_pre_hooks, m._forward_hooks)
+        for h in d.values()
+    ]
+    assert len(hooks) == 8 and all(type(h) is _StyleHook for h in hooks)
+    torch.manual_seed(1 + rank)
+    x, y = torch.randn(3, 4), torch.randn(3, 4)
+    results, seen = [], []
+    for model in (stock, fast):
+        layouts: list[Any] = []
+        seen.append(layouts)
+        for sub in (model.up, model.down, model.norm):
+            # user hooks run after the style's: they see the prepared inputs and outputs
+            sub.register_forward_hook(
+                lambda mod, args, out, layouts=layouts: layouts.extend(
+                    (type(t).__name__, getattr(t, "placements", None)) for t in (*args, out)
+                )
+            )
+        xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+        out, h = model(xs, y=ys)
+        assert type(out) is torch.Tensor
+        ((out * out).sum() + h.to_local().sum()).backward()
+        results.append((out, h, xs.grad, ys.grad, {n: p.grad for n, p in model.named_parameters()}))
+    (s_out, s_h, s_xg, s_yg, s_grads), (f_out, f_h, f_xg, f_yg, f_grads) = results
+    renamed = [(name.replace("FastDTensor", "DTensor"), p) for name, p in seen[1]]
+    assert renamed == seen[0] and len(seen[0]) == 6, seen
+    assert type(s_h) is DTensor and type(f_h) is FastDTensor and s_h.placements == f_h.placements
+    for a, b in ((s_out, f_out), (s_h.to_local(), f_h.to_local()), (s_xg, f_xg), (s_yg, f_yg)):
+        assert torch.equal(a, b)
+    for name, grad in s_grads.items():
+        assert type(f_grads[name]) is FastDTensor, name
+        assert f_grads[name].placements == grad.placements, name
+        assert torch.equal(f_grads[name].to_local(), grad.to_local()), name
+    # a plain DTensor input meets a twin: made a FastDTensor first, same result
+    with torch.no_grad():
+        dx = distribute_tensor(x, mesh_1d(), [Replicate()])
+        assert torch.equal(stock.up(dx), fast.up(dx))
+    assert unwrap_hooks(fast) == 8
+    assert unwrap_hooks(fast) == 0 and wrap_hooks(fast) == 8
