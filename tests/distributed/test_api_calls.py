@@ -391,3 +391,42 @@ def test_style_hooks_match_stock(rank: int, world_size: int) -> None:
         assert torch.equal(stock.up(dx), fast.up(dx))
     assert unwrap_hooks(fast) == 8
     assert unwrap_hooks(fast) == 0 and wrap_hooks(fast) == 8
+
+
+@pytest.mark.distributed(world_size=2, timeout=60)
+def test_rank_outside_the_mesh_matches_stock(rank: int, world_size: int) -> None:
+    """On a mesh of rank 0 only, rank 1 computes nothing (empty local tensors), as in stock."""
+    from dtdispatch.testing import sub_mesh
+
+    mesh = sub_mesh([0])
+    local = _value((3, 4))
+    results = []
+    for from_local in (DTensor.from_local, FastDTensor.from_local):
+        t = from_local(local, mesh, [Replicate()])
+        results.append((t, t.redistribute(placements=[Shard(0)]), t.to_local()))
+    for s, f in zip(*results, strict=True):
+        _same_tensor(s, f, "outside the mesh")
+    assert results[1][0]._local_tensor.numel() == (12 if rank == 0 else 0)
+
+
+@pytest.mark.distributed(world_size=2, timeout=60)
+def test_call_caches_are_bounded(rank: int, world_size: int) -> None:
+    """A program whose layouts change every call does not grow the caches past their limit, and
+    results stay right across the emptying."""
+    from dtdispatch import _tensor
+
+    limit, _tensor._CACHE_LIMIT = _tensor._CACHE_LIMIT, 3
+    try:
+        _tensor.clear_call_caches()
+        for rows in range(1, 9):
+            local = _value((rows, 4))
+            s = DTensor.from_local(local, mesh_1d(), [Replicate()]).redistribute(
+                placements=[Shard(0)]
+            )
+            f = FastDTensor.from_local(local, mesh_1d(), [Replicate()]).redistribute(
+                placements=[Shard(0)]
+            )
+            _same_tensor(s, f, f"{rows} rows")
+            assert len(_tensor._from_local_specs) <= 3 and len(_tensor._forward_plans) <= 3
+    finally:
+        _tensor._CACHE_LIMIT = limit
