@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, SupportsIndex, cast
 
 import torch
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._dtensor_spec import DTensorSpec
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._api import _normalize_placements_for_grad
+from torch.distributed.tensor._api import _ToTorchTensor as _TorchToTorchTensor
+from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+from torch.distributed.tensor._redistribute import (
+    NestedRedistribute,
+    redistribute_local_tensor,
+)
+from torch.distributed.tensor._utils import assert_no_mixed_partial_types
+from torch.distributed.tensor.placement_types import Placement, _is_shard_like, _StridedShard
 
 __all__ = ["FastDTensor", "as_fast", "as_stock"]
 
@@ -33,37 +42,501 @@ class FastDTensor(DTensor):
             f"placements={self._spec.placements})"
         )
 
-    def redistribute(self, *args: Any, **kwargs: Any) -> FastDTensor:
-        return _ToFast.apply(_fast_grads(DTensor.redistribute(self, *args, **kwargs)))  # type: ignore[no-untyped-call,no-any-return]  # torch: Function.apply is untyped
+    def redistribute(
+        self,
+        device_mesh: DeviceMesh | None = None,
+        placements: Sequence[Placement] | None = None,
+        *,
+        async_op: bool = False,
+        forward_dtype: torch.dtype | None = None,
+        backward_dtype: torch.dtype | None = None,
+    ) -> FastDTensor:
+        """``DTensor.redistribute`` with a cached plan; same values, spec and autograd as stock.
 
-    # NOTE: torch's backward of to_local / full_tensor / redistribute builds the input's gradient
-    # as a plain DTensor (``_ToTorchTensor.backward`` calls ``DTensor.from_local``,
-    # ``Redistribute.backward`` builds a ``DTensor``), so every backward op on that gradient alone
-    # would leave dtdispatch (a training step fell to 77% on dtdispatch). These overrides run
-    # torch's own method and hook its fresh, per-call graph node so that it hands the gradient on
-    # as a FastDTensor: same values, same grad_fn names, no extra node.
-    def to_local(self, *, grad_placements: Sequence[Any] | None = None) -> torch.Tensor:
-        result = DTensor.to_local(self, grad_placements=grad_placements)
-        # Without grad mode torch returns the local shard itself: no graph node to hook.
-        return _fast_grads(result) if torch.is_grad_enabled() else result
+        Nothing moves when the placements do not change (a new FastDTensor on the same local shard
+        and spec, as stock returns); Replicate -> Shard on a 1-D mesh is a local chunk; other
+        transforms go through torch's ``redistribute_local_tensor``. dtype casts, another mesh and
+        tracing take torch's own method.
+        """
+        spec = self._spec
+        dtype = self._local_tensor.dtype
+        if (
+            placements is None
+            or (device_mesh is not None and device_mesh is not spec.mesh)
+            or (forward_dtype is not None and forward_dtype != dtype)
+            or (backward_dtype is not None and backward_dtype != dtype)
+            or _compiling()
+        ):
+            return _stock_call(
+                DTensor.redistribute,
+                self,
+                device_mesh,
+                placements,
+                async_op=async_op,
+                forward_dtype=forward_dtype,
+                backward_dtype=backward_dtype,
+            )
+        key = (spec, placements if type(placements) is tuple else tuple(placements))
+        plan = _forward_plans.get(key)
+        if plan is None:
+            plan = _redistribute_plan(spec, key[1], ndim=self.ndim)
+            _remember(_forward_plans, key, plan)
+        if torch.is_grad_enabled() and self.requires_grad:
+            return _apply_redistribute(self, plan, async_op)  # type: ignore[no-any-return]
+        local = _run(plan, self._local_tensor, spec, async_op=async_op, explicit=True)
+        return _new(FastDTensor, local, plan.target, requires_grad=False)
 
-    def full_tensor(self, *, grad_placements: Sequence[Any] | None = None) -> torch.Tensor:
-        return _fast_grads(DTensor.full_tensor(self, grad_placements=grad_placements))
+    def to_local(self, *, grad_placements: Sequence[Placement] | None = None) -> torch.Tensor:
+        """``DTensor.to_local``; its backward hands on a FastDTensor gradient (stock's builds a
+        plain DTensor, so every backward op on it alone would leave dtdispatch)."""
+        if not torch.is_grad_enabled():
+            result = self._local_tensor
+        elif self.requires_grad:
+            if grad_placements is not None and type(grad_placements) is not tuple:
+                grad_placements = tuple(grad_placements)
+            result = _apply_to_torch(self, grad_placements)
+        else:
+            # NOTE: stock runs its autograd Function here too, whose forward returns this fresh
+            # view (never the local shard itself, which autograd metadata must not touch).
+            local = self._local_tensor
+            result = local.view_as(local)
+        # Stock's gh-166156: the local tensor of a Parameter(DTensor) is a Parameter too.
+        if getattr(self, "_is_param", False) and not getattr(result, "_is_param", False):
+            if result is self._local_tensor:
+                result = result.view_as(result)
+            result._is_param = True
+        return result
+
+    def full_tensor(self, *, grad_placements: Sequence[Placement] | None = None) -> torch.Tensor:
+        """``DTensor.full_tensor``: redistribute to Replicate everywhere, then the local tensor (a
+        fresh view, as stock's autograd Function returns even without grad)."""
+        full = self.redistribute(placements=_replicated(self._spec.mesh.ndim), async_op=False)
+        if torch.is_grad_enabled() and full.requires_grad:
+            if grad_placements is not None and type(grad_placements) is not tuple:
+                grad_placements = tuple(grad_placements)  # stock's backward treats both alike
+            return _apply_to_torch(full, grad_placements)  # type: ignore[no-any-return]
+        local = full._local_tensor
+        return local.view_as(local)
 
     @staticmethod
     def from_local(
         local_tensor: torch.Tensor,
-        device_mesh: Any = None,
-        placements: Sequence[Any] | None = None,
-        **kwargs: Any,
+        device_mesh: DeviceMesh | None = None,
+        placements: Sequence[Placement] | None = None,
+        *,
+        run_check: bool = False,
+        shape: torch.Size | None = None,
+        stride: tuple[int, ...] | None = None,
+        grad_placements: Sequence[Placement] | None = None,
     ) -> FastDTensor:
-        """``DTensor.from_local`` that returns a FastDTensor (autograd-correct)."""
-        return _ToFast.apply(DTensor.from_local(local_tensor, device_mesh, placements, **kwargs))  # type: ignore[no-untyped-call,no-any-return]  # torch: Function.apply is untyped
+        """``DTensor.from_local`` that returns a FastDTensor (same spec, values and autograd as
+        stock). The spec is cached per (mesh, placements, local layout, shape, stride); run_check,
+        an implicit mesh, another device and ranks outside the mesh take torch's own function."""
+        if run_check or device_mesh is None or isinstance(local_tensor, DTensor) or _compiling():
+            return _stock_from_local(
+                local_tensor, device_mesh, placements, run_check, shape, stride, grad_placements
+            )
+        try:
+            key = (
+                id(device_mesh),
+                placements
+                if placements is None or type(placements) is tuple
+                else tuple(placements),
+                local_tensor.shape,
+                local_tensor.stride(),
+                local_tensor.dtype,
+                local_tensor.device.type,
+                shape,
+                stride,
+            )
+            spec = _from_local_specs.get(key, _MISSING)
+        except TypeError:  # an unhashable shape or stride (a list): torch's own function
+            spec = None
+        if spec is _MISSING:
+            spec = _from_local_spec(local_tensor, device_mesh, key[1], shape, stride)
+            _remember(_from_local_specs, key, spec)
+        if spec is None:
+            return _stock_from_local(
+                local_tensor, device_mesh, placements, run_check, shape, stride, grad_placements
+            )
+        if local_tensor.requires_grad:
+            # NOTE: also without grad mode: the Function then only runs its forward, and its
+            # output's requires_grad is what stock gives (False, on a view that requires grad).
+            if grad_placements is not None:
+                grad_placements = tuple(grad_placements)
+            return _apply_from_torch(local_tensor, spec, grad_placements)  # type: ignore[no-any-return]
+        return _new(FastDTensor, local_tensor.view_as(local_tensor), spec, requires_grad=False)
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
         # NOTE: pickles as a stock DTensor plus a rebuild hook, so torch.load never needs to trust a
         # new global beyond dtdispatch's own function (see _rebuild).
         return (_rebuild, (as_stock(cast(DTensor, self.detach())), self.requires_grad))
+
+
+# ---------------------------------------------------------------------------------------------
+# Cheap DTensor API calls (issue 9): cached specs and redistribution plans, and one small autograd
+# Function per call whose backward does what stock's does and hands on FastDTensor gradients.
+#
+# NOTE: every cache below maps immutable, shared objects (DTensorSpec is treated as immutable
+# throughout dtdispatch) and is read and written under the GIL, one dict operation at a time, so
+# the caches are process-wide. Each holds at most _CACHE_LIMIT entries and is emptied when full: a
+# program has a handful of layouts, and a program whose layouts change every step must not grow
+# memory.
+
+_CACHE_LIMIT = 4096
+_MISSING: Any = object()
+
+_SAME, _CHUNK, _TORCH = 0, 1, 2
+"""Plan kinds: the local shard is unchanged; a local chunk (Replicate -> Shard on a 1-D mesh);
+torch's ``redistribute_local_tensor``."""
+
+
+class _Plan:
+    """How a local shard moves from one spec to ``target`` (immutable, shared)."""
+
+    __slots__ = ("chunks", "dim", "index", "kind", "target")
+
+    def __init__(
+        self, kind: int, target: DTensorSpec, *, dim: int = 0, chunks: int = 1, index: int = 0
+    ) -> None:
+        self.kind = kind
+        self.target = target
+        self.dim = dim
+        self.chunks = chunks
+        self.index = index
+
+
+_forward_plans: dict[tuple[DTensorSpec, tuple[Placement, ...]], _Plan] = {}
+"""(input spec, requested placements) -> plan, for ``FastDTensor.redistribute`` and the backward
+of ``from_local``."""
+_backward_plans: dict[tuple[DTensorSpec, DTensorSpec], tuple[_Plan, DTensorSpec]] = {}
+"""(gradient spec, the forward input's spec) -> (plan, the gradient's spec), for the backward of
+``redistribute``."""
+_from_local_specs: dict[tuple[Any, ...], DTensorSpec | None] = {}
+"""``from_local`` arguments -> the spec stock builds (None: not cacheable, take torch's path)."""
+_to_local_grad_specs: dict[tuple[Any, ...], DTensorSpec | None] = {}
+"""(spec, grad_placements, gradient layout) -> the gradient spec of ``to_local``'s backward."""
+
+
+def _grad_tensor(local: torch.Tensor, spec: DTensorSpec, requires_grad: bool) -> DTensor:
+    """The DTensor gradient that the backward of ``redistribute`` and ``to_local`` hands on: a
+    FastDTensor, so the backward ops on it alone stay on dtdispatch (stock's is a plain DTensor)."""
+    return _new(FastDTensor, local, spec, requires_grad=requires_grad)
+
+
+def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
+    if len(cache) >= _CACHE_LIMIT:
+        cache.clear()
+    cache[key] = value
+
+
+def clear_call_caches() -> None:
+    """Empty the caches of the DTensor API calls (for tests and memory measurements)."""
+    for cache in (_forward_plans, _backward_plans, _from_local_specs, _to_local_grad_specs):
+        cache.clear()
+
+
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+_REPLICATED: dict[int, tuple[Placement, ...]] = {}
+
+
+def _replicated(ndim: int) -> tuple[Placement, ...]:
+    placements = _REPLICATED.get(ndim)
+    if placements is None:
+        placements = _REPLICATED[ndim] = (Replicate(),) * ndim
+    return placements
+
+
+def _stock_call(method: Any, *args: Any, **kwargs: Any) -> FastDTensor:
+    """Torch's own method, its result and the gradients it hands on made FastDTensors."""
+    return as_fast(_fast_grads(method(*args, **kwargs)))  # type: ignore[arg-type]
+
+
+def _stock_from_local(
+    local_tensor: torch.Tensor,
+    device_mesh: DeviceMesh | None,
+    placements: Sequence[Placement] | None,
+    run_check: bool,
+    shape: torch.Size | None,
+    stride: tuple[int, ...] | None,
+    grad_placements: Sequence[Placement] | None,
+) -> FastDTensor:
+    stock = DTensor.from_local(
+        local_tensor,
+        device_mesh,
+        placements,
+        run_check=run_check,
+        shape=shape,
+        stride=stride,
+        grad_placements=grad_placements,
+    )
+    return as_fast(stock)
+
+
+def _plan_between(current: DTensorSpec, target: DTensorSpec) -> _Plan:
+    """The plan that moves a local shard laid out by ``current`` to ``target`` (same mesh): what
+    torch's ``redistribute_local_tensor`` would do, as a kind decided once."""
+    mesh = current.mesh
+    if not mesh._is_current_rank_part_of_mesh():
+        return _Plan(_SAME, target)  # torch returns the (empty) local tensor unchanged
+    if current.placements == target.placements and current.shard_order == target.shard_order:
+        return _Plan(_SAME, target)
+    if mesh.ndim == 1:
+        if mesh.size() == 1:
+            # NOTE: torch skips every transform of a mesh dimension of size 1 (no collective).
+            return _Plan(_SAME, target)
+        (src,), (dst,) = current.placements, target.placements
+        if type(src) is Replicate and type(dst) is Shard:
+            coordinate = mesh.get_coordinate()
+            assert coordinate is not None  # participating rank, checked above
+            return _Plan(_CHUNK, target, dim=dst.dim, chunks=mesh.size(), index=coordinate[0])
+    return _Plan(_TORCH, target)
+
+
+def _redistribute_plan(spec: DTensorSpec, placements: tuple[Placement, ...], *, ndim: int) -> _Plan:
+    """The plan of ``redistribute(placements=placements)``, checked and normalized as stock does
+    (``DTensor.redistribute``, ``Redistribute.forward``)."""
+    normalized = list(placements)
+    for i, placement in enumerate(normalized):
+        if placement.is_partial() and spec.placements[i] != placement:
+            raise RuntimeError(
+                f"Can not redistribute from {spec.placements[i]} to {placement}, "
+                "redistributing to Partial is for internal use only!"
+            )
+        elif isinstance(placement, Shard) and placement.dim < 0:
+            normalized[i] = Shard(placement.dim + ndim)
+        elif isinstance(placement, _StridedShard) and placement.dim < 0:
+            normalized[i] = _StridedShard(placement.dim + ndim, split_factor=placement.split_factor)
+    target_placements = tuple(normalized)
+    if spec.placements == target_placements:
+        return _Plan(_SAME, spec)  # stock: the same local tensor and the same spec object
+    target = DTensorSpec(spec.mesh, target_placements, tensor_meta=spec.tensor_meta)
+    assert_no_mixed_partial_types(spec.placements)
+    assert_no_mixed_partial_types(target_placements)
+    return _plan_between(spec, target)
+
+
+def _run(
+    plan: _Plan, local: torch.Tensor, current: DTensorSpec, *, async_op: bool, explicit: bool
+) -> torch.Tensor:
+    """``redistribute_local_tensor(local, current, plan.target)``, bitwise, by the plan."""
+    kind = plan.kind
+    if kind == _SAME:
+        return local
+    if kind == _CHUNK and type(local) is torch.Tensor:
+        # Mirrors Shard._replicate_to_shard: torch.chunk(local, chunks, dim)[index].clone(), and an
+        # empty shard (new_zeros) for an index past the last chunk of an uneven split.
+        dim = plan.dim
+        size = local.size(dim)
+        if size > 0:
+            chunk = (size + plan.chunks - 1) // plan.chunks
+            start = chunk * plan.index
+            if start < size:
+                return local.narrow(dim, start, min(chunk, size - start)).clone()
+            shape = list(local.shape)
+            shape[dim] = 0
+            return local.new_zeros(shape)
+    return redistribute_local_tensor(
+        local, current, plan.target, async_op=async_op, is_explicit=explicit
+    )
+
+
+class Redistribute(torch.autograd.Function):
+    """``redistribute`` with a plan (named as torch's, so ``grad_fn`` reads the same). Backward:
+    stock's ``_redistribute_backward`` (gradient placements normalized the same way), as a
+    FastDTensor; with ``create_graph`` torch's twice-differentiable ``NestedRedistribute``."""
+
+    @staticmethod
+    def forward(ctx: Any, input: DTensor, plan: _Plan, async_op: bool) -> FastDTensor:
+        spec = input._spec
+        ctx.spec = spec
+        ctx.async_op = async_op
+        ctx.dtype = input._local_tensor.dtype
+        local = _run(plan, input._local_tensor, spec, async_op=async_op, explicit=True)
+        return _new(FastDTensor, local, plan.target, requires_grad=True)
+
+    @staticmethod
+    def backward(ctx: Any, grad: DTensor) -> tuple[Any, None, None]:
+        return _redistribute_grad(grad, ctx.spec, ctx.async_op, ctx.dtype), None, None
+
+
+def _redistribute_grad(
+    grad: DTensor, previous: DTensorSpec, async_op: bool, dtype: torch.dtype
+) -> DTensor:
+    if torch.is_grad_enabled() or grad._local_tensor.dtype != dtype:
+        # create_graph, or a gradient of another dtype (stock casts it): torch's own backward.
+        out = NestedRedistribute.apply(grad, previous, async_op, dtype, dtype)  # type: ignore[no-untyped-call]
+        return as_fast(out)
+    spec = grad._spec
+    key = (spec, previous)
+    entry = _backward_plans.get(key)
+    if entry is None:
+        # Mirrors _redistribute_backward: a Shard or Replicate gradient of a Partial input stays
+        # Replicate (no conversion back to Partial); the transform targets the input's spec, the
+        # result carries the gradient's global shape and stride.
+        normalized = tuple(
+            Replicate()
+            if (_is_shard_like(current) or current.is_replicate()) and target.is_partial()
+            else target
+            for current, target in zip(spec.placements, previous.placements, strict=True)
+        )
+        strided = previous.use_strided_shard_as_shard_order
+        transform = DTensorSpec(
+            previous.device_mesh,
+            placements=normalized,
+            tensor_meta=previous.tensor_meta,
+            use_strided_shard_as_shard_order=strided,
+        )
+        meta = spec.tensor_meta
+        assert meta is not None  # every DTensor's spec has its tensor meta
+        out = DTensorSpec(
+            previous.device_mesh,
+            normalized,
+            tensor_meta=TensorMeta(shape=meta.shape, stride=meta.stride, dtype=dtype),
+            use_strided_shard_as_shard_order=strided,
+        )
+        entry = (_plan_between(spec, transform), out)
+        _remember(_backward_plans, key, entry)
+    plan, out_spec = entry
+    local = _run(plan, grad._local_tensor, spec, async_op=async_op, explicit=False)
+    return _grad_tensor(local, out_spec, grad.requires_grad)
+
+
+class _ToTorchTensor(torch.autograd.Function):
+    """``to_local`` / ``full_tensor`` (named as torch's). Backward: the gradient as a FastDTensor
+    with the spec stock's backward builds (cached per layout)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, input: DTensor, grad_placements: tuple[Placement, ...] | None
+    ) -> torch.Tensor:
+        ctx.spec = input._spec
+        ctx.grad_placements = grad_placements
+        ctx.set_materialize_grads(False)
+        local = input._local_tensor
+        # A fresh tensor object: autograd metadata is written into it, not into the local shard.
+        return local.view_as(local)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor | None) -> tuple[Any, None]:
+        if grad is None:
+            return None, None
+        spec, grad_placements = ctx.spec, ctx.grad_placements
+        key = (spec, grad_placements, grad.shape, grad.stride(), grad.dtype, grad.device.type)
+        grad_spec = _to_local_grad_specs.get(key, _MISSING)
+        if grad_spec is _MISSING:
+            grad_spec = _to_local_grad_spec(spec, grad_placements, grad)
+            _remember(_to_local_grad_specs, key, grad_spec)
+        if grad_spec is None:  # another device: stock's backward (it moves the gradient)
+            return as_fast(_stock_to_local_backward(spec, grad_placements, grad)), None
+        if torch.is_grad_enabled() and grad.requires_grad:  # create_graph: differentiable
+            return _apply_from_torch(grad, grad_spec, None), None
+        return _grad_tensor(grad.view_as(grad), grad_spec, False), None
+
+
+def _to_local_grad_spec(
+    spec: DTensorSpec, grad_placements: tuple[Placement, ...] | None, grad: torch.Tensor
+) -> DTensorSpec | None:
+    """The spec of the gradient stock's ``_ToTorchTensor.backward`` builds, computed by running it
+    once (without grad); None when it would move the gradient to another device."""
+    if grad.device.type != spec.mesh.device_type:
+        return None
+    with torch.no_grad():
+        stock = _stock_to_local_backward(spec, grad_placements, grad.detach())
+    return stock._spec
+
+
+class _StockToLocalContext:
+    """The two attributes stock's ``_ToTorchTensor.backward`` reads from its context."""
+
+    __slots__ = ("dtensor_spec", "grad_placements")
+
+    def __init__(self, spec: DTensorSpec, grad_placements: tuple[Placement, ...] | None) -> None:
+        self.dtensor_spec = spec
+        self.grad_placements = grad_placements
+
+
+def _stock_to_local_backward(
+    spec: DTensorSpec, grad_placements: tuple[Placement, ...] | None, grad: torch.Tensor
+) -> DTensor:
+    """Stock's backward of ``to_local`` (a plain DTensor gradient)."""
+    ctx = _StockToLocalContext(spec, grad_placements)
+    return cast(DTensor, _TorchToTorchTensor.backward(ctx, grad)[0])
+
+
+class _FromTorchTensor(torch.autograd.Function):
+    """``from_local`` with a cached spec (named as torch's). Backward: stock's (the gradient
+    redistributed to ``grad_placements`` or the forward placements with Partial -> Replicate, then
+    its local tensor)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        input: torch.Tensor,
+        spec: DTensorSpec,
+        grad_placements: tuple[Placement, ...] | None,
+    ) -> FastDTensor:
+        ctx.spec = spec
+        ctx.grad_placements = grad_placements
+        ctx.set_materialize_grads(False)
+        return _new(FastDTensor, input.view_as(input), spec, requires_grad=input.requires_grad)
+
+    @staticmethod
+    def backward(ctx: Any, grad: DTensor | None) -> tuple[Any, None, None]:
+        if grad is None:
+            return None, None, None
+        placements = ctx.grad_placements
+        if placements is None:
+            placements = _normalize_placements_for_grad(ctx.spec.placements)
+        if grad.placements != placements:
+            key = (grad._spec, placements)
+            plan = _forward_plans.get(key)
+            if plan is None:
+                target = DTensorSpec(ctx.spec.mesh, placements, tensor_meta=grad._spec.tensor_meta)
+                plan = _plan_between(grad._spec, target)
+                _remember(_forward_plans, key, plan)
+            local = _run(plan, grad._local_tensor, grad._spec, async_op=False, explicit=False)
+            return local, None, None
+        return grad.to_local(), None, None
+
+
+def _applier(function: type[torch.autograd.Function]) -> Callable[..., Any]:
+    """``function.apply`` without its Python wrapper (which only unwraps functorch's dead wrappers
+    and binds defaults for ``setup_context``, neither used here) unless a functorch transform is
+    active: about 3 µs of the 10 µs an autograd Function costs."""
+    c_apply = super(torch.autograd.Function, function).apply  # type: ignore[misc]
+
+    def apply(*args: Any) -> Any:
+        if _functorch_active():
+            return function.apply(*args)  # type: ignore[no-untyped-call]
+        return c_apply(*args)
+
+    return apply
+
+
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def _from_local_spec(
+    local: torch.Tensor,
+    mesh: DeviceMesh,
+    placements: tuple[Placement, ...] | None,
+    shape: torch.Size | None,
+    stride: tuple[int, ...] | None,
+) -> DTensorSpec | None:
+    """The spec stock's ``from_local`` builds for these arguments, computed by running it once
+    (without grad; its errors are torch's); None where it would move the tensor to the mesh's
+    device or replace it (a rank outside the mesh)."""
+    if local.device.type != mesh.device_type or not mesh._is_current_rank_part_of_mesh():
+        return None
+    with torch.no_grad():
+        stock = DTensor.from_local(
+            local.detach(), mesh, placements, run_check=False, shape=shape, stride=stride
+        )
+    return stock._spec
 
 
 def _grads_to_fast(grad_inputs: tuple[Any, ...], grad_outputs: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -81,6 +554,11 @@ def _fast_grads(result: torch.Tensor) -> torch.Tensor:
 def _rebuild(stock: DTensor, requires_grad: bool) -> FastDTensor:
     out = _new(FastDTensor, stock._local_tensor, stock._spec, requires_grad=requires_grad)
     return out
+
+
+_apply_redistribute = _applier(Redistribute)
+_apply_to_torch = _applier(_ToTorchTensor)
+_apply_from_torch = _applier(_FromTorchTensor)
 
 
 # NOTE: torch.load defaults to weights_only=True, which loads stock DTensor checkpoints but refuses

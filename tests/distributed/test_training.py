@@ -196,14 +196,16 @@ def test_coverage_measures_both_mechanisms(rank: int, world_size: int, impl: str
         training._torch_counters = counters
     assert wrap_hooks(trainer.model) > 0
 
-    # Without the gradient hook of to_local/redistribute, their backward hands out plain DTensors
-    # and whole gradient chains (bias sums, weight transposes) run on stock.
-    original = fast_tensor._grads_to_fast
-    fast_tensor._grads_to_fast = lambda grad_inputs, grad_outputs: None  # type: ignore[assignment]
+    # If the backward of to_local/redistribute handed out plain DTensors (as stock's does), whole
+    # gradient chains (bias sums, weight transposes) would run on stock.
+    original = fast_tensor._grad_tensor
+    fast_tensor._grad_tensor = lambda local, spec, requires_grad: DTensor(  # type: ignore[assignment]
+        local, spec, requires_grad=requires_grad
+    )
     try:
         no_grads = dtdispatch.coverage(trainer.step)
     finally:
-        fast_tensor._grads_to_fast = original
+        fast_tensor._grad_tensor = original
     assert no_grads["fraction"] < MIN_COVERAGE, no_grads
     assert {type(p.grad) for p in trainer.model.parameters()} != {FastDTensor}
     assert dtdispatch.coverage(trainer.step)["stock"] == 0

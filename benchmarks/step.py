@@ -1,0 +1,469 @@
+"""Whole steps: local tensors vs stock DTensor vs dtdispatch on two tensor-parallel models, and the
+DTensor API calls each alone.
+
+    python benchmarks/step.py                  # world sizes 1 and 2 via torchrun; writes results
+    python benchmarks/step.py --world-sizes 1 --rounds 9
+
+Models: ``throughput`` (``launch/throughput.py``'s: ``dtdispatch.testing.training``'s block + head
+under ColwiseParallel / RowwiseParallel / PrepareModuleInput / PrepareModuleOutput) and ``llama``
+(a llama-style block written as a new user would: RMSNorm under SequenceParallel, attention and a
+SwiGLU MLP under PrepareModuleInput + ColwiseParallel / RowwiseParallel, a final norm and head).
+Workloads: the forward under ``torch.no_grad()`` and a training step (zero_grad, forward, loss,
+backward, ``clip_grad_norm_`` foreach, AdamW foreach). "local" is the same module, not
+parallelized, on plain tensors (on every rank the whole model: a reference for the work, not a
+parallel run). Same process, same weights and inputs, variants interleaved in rotating order in
+every round; reported: the median over rounds of a round's mean time per call.
+
+Then ``--profile``: cProfile of each workload on dtdispatch and stock (world size 1 only), its time
+grouped into categories (where the rest of the time goes). Outputs (``--out``, default
+benchmarks/results): step.json, step.md and, with matplotlib (the ``plot`` extra), step.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ("local", "stock", "dtdispatch")
+MODELS = ("throughput", "llama")
+WORKLOADS = ("no_grad forward", "training step")
+
+
+def _llama(dim: int = 64, heads: int = 4, hidden: int = 128) -> Any:
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class RMSNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(dim))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head_dim = dim // heads
+            self.wq, self.wk, self.wv, self.wo = (nn.Linear(dim, dim, bias=False) for _ in "qkvo")
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            b, s, _ = x.shape
+            q, k, v = (
+                w(x).view(b, s, -1, self.head_dim).transpose(1, 2)
+                for w in (self.wq, self.wk, self.wv)
+            )
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+    class FeedForward(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w1 = nn.Linear(dim, hidden, bias=False)
+            self.w2 = nn.Linear(hidden, dim, bias=False)
+            self.w3 = nn.Linear(dim, hidden, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    class Llama(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attention_norm = RMSNorm()
+            self.attention = Attention()
+            self.ffn_norm = RMSNorm()
+            self.feed_forward = FeedForward()
+            self.norm = RMSNorm()
+            self.output = nn.Linear(dim, dim, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x + self.attention(self.attention_norm(x))
+            h = h + self.feed_forward(self.ffn_norm(h))
+            return self.output(self.norm(h))
+
+    return Llama()
+
+
+def _llama_plan() -> dict[str, Any]:
+    """torchtitan's plan for a block, with sequence parallel norms."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+    )
+
+    return {
+        "attention_norm": SequenceParallel(),
+        "attention": PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+        ),
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "ffn_norm": SequenceParallel(),
+        "feed_forward": PrepareModuleInput(
+            input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+        ),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        "feed_forward.w3": ColwiseParallel(),
+        "norm": SequenceParallel(),
+        "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate()),
+    }
+
+
+class _Run:
+    """One model in one variant: ``forward()`` under no_grad and ``step()`` (a training step)."""
+
+    def __init__(self, model: Any, inputs: Any, target: Any, loss: Callable[..., Any]) -> None:
+        import torch
+
+        self.model, self.inputs, self.target, self.loss_fn = model, inputs, target, loss
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
+
+    def forward(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            self.model(self.inputs)
+
+    def step(self) -> None:
+        import torch
+
+        self.optimizer.zero_grad()
+        loss = self.loss_fn(self.model(self.inputs), self.target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm=1.0, foreach=True)
+        self.optimizer.step()
+
+
+def _runs(model_name: str, mesh: Any) -> dict[str, _Run]:
+    import torch
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    import dtdispatch
+    from dtdispatch.testing import training
+
+    runs: dict[str, _Run] = {}
+    tp = mesh.size()
+    rank = mesh.get_local_rank()
+    gen = torch.Generator().manual_seed(1000)
+    if model_name == "throughput":
+        shape = (training.BATCH, training.SEQ, training.DIM)
+        inputs, target = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        config = training.TrainConfig(optimizer="adamw", foreach=True)
+        torch.manual_seed(config.seed)
+        local = training.Model()
+        runs["local"] = _Run(local, inputs, target, lambda out, t: (out - t).square().mean())
+        target_dt = distribute_tensor(target, mesh, [Replicate()])
+        for name in ("stock", "dtdispatch"):
+            model = training.build_model(mesh, config, accelerate=name == "dtdispatch")
+            runs[name] = _Run(model, inputs, target_dt, lambda out, t: (out - t).square().mean())
+        return runs
+    shape = (4, 16, 64)
+    inputs, target = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    torch.manual_seed(0)
+    runs["local"] = _Run(_llama(), inputs, target, lambda out, t: (out - t).square().mean())
+    # torchtitan's layout: the residual stream is each rank's local sequence shard (plain
+    # tensors); SequenceParallel / PrepareModuleInput make DTensors of it inside each module.
+    shard = inputs.chunk(tp, dim=1)[rank].contiguous()
+    for name in ("stock", "dtdispatch"):
+        torch.manual_seed(0)
+        model = _llama()
+        parallelize_module(model, mesh, _llama_plan())
+        if name == "dtdispatch":
+            dtdispatch.accelerate(model)
+        runs[name] = _Run(model, shard, target, lambda out, t: (out - t).square().mean())
+    return runs
+
+
+def _interleaved(
+    fns: dict[str, Callable[[], None]], rounds: int, calls: int, barrier: Callable[[], None]
+) -> dict[str, float]:
+    """Median over rounds of the mean ms per call; the order rotates every round."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            barrier()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fns[name]()
+            times[name].append((time.perf_counter() - start) / calls * 1e3)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def _api_cases(mesh: Any) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
+    """(stock call, dtdispatch call) for each DTensor API call on its own, none communicating."""
+    import torch
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+    import dtdispatch
+    from dtdispatch import FastDTensor
+
+    value = torch.randn(8, 16)
+    sharded = distribute_tensor(value, mesh, [Shard(1)])
+    replicated = distribute_tensor(value, mesh, [Replicate()])
+    leaf = sharded.detach().requires_grad_()
+    pairs = {
+        "sharded": (sharded, dtdispatch.accelerate(sharded)),
+        "replicated": (replicated, dtdispatch.accelerate(replicated)),
+        "leaf": (leaf, dtdispatch.accelerate(leaf.detach()).requires_grad_()),
+    }
+    local = torch.randn(8, 16)
+    local_grad = local.clone().requires_grad_()
+    same = (Shard(-1),)  # what ColwiseParallel's output hook asks for: no change
+    cases: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
+    for i, name in enumerate(("stock", "dtdispatch")):
+        stock = name == "stock"
+        sh, rep, lf = (pairs[k][i] for k in ("sharded", "replicated", "leaf"))
+        from_local = DTensor.from_local if stock else FastDTensor.from_local
+        calls = {
+            "redistribute, same placements": lambda sh=sh: sh.redistribute(placements=same),
+            "redistribute, same placements, needs grad": lambda lf=lf: lf.redistribute(
+                placements=same
+            ),
+            "redistribute Replicate -> Shard (local chunk)": lambda rep=rep: rep.redistribute(
+                placements=[Shard(0)]
+            ),
+            "from_local": lambda fl=from_local: fl(local, mesh, same),
+            "from_local, needs grad": lambda fl=from_local: fl(local_grad, mesh, same),
+            "to_local": lambda sh=sh: sh.to_local(),
+            "to_local, needs grad": lambda lf=lf: lf.to_local(),
+            "full_tensor of a Replicate": lambda rep=rep: rep.full_tensor(),
+        }
+        for case, fn in calls.items():
+            cases.setdefault(case, (fn, fn))
+            cases[case] = (fn, cases[case][1]) if stock else (cases[case][0], fn)
+    return cases
+
+
+_CATEGORIES = (
+    ("backward engine (C++: backward kernels, dispatch)", ("run_backward",)),
+    ("dtdispatch API calls and hooks", ("dtdispatch/_tensor.py", "dtdispatch/_training.py")),
+    ("dtdispatch dispatch, Python", ("dtdispatch/",)),
+    ("torch DTensor Python (redistribute, sharding, from_local ...)", ("torch/distributed/",)),
+    ("autograd Function machinery", ("torch/autograd/",)),
+    ("optimizer and clipping Python", ("torch/optim/", "torch/nn/utils/")),
+    ("nn.Module call machinery", ("torch/nn/modules/module.py",)),
+    ("model code (forward functions)", ("benchmarks/step.py", "dtdispatch/testing/")),
+    (
+        "torch ops from Python (C++: kernels, dispatch, native dtdispatch)",
+        ("<built-in method", "<method "),
+    ),
+)
+
+
+def _categorize(stats: pstats.Stats, total: float) -> dict[str, float]:
+    """Share of the profiled time by category (own time of each function)."""
+    shares: dict[str, float] = {}
+    for (path, _line, func), (_cc, _nc, tottime, _ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
+        where = f"{path} {func}"
+        category = "other Python and builtins"
+        for name, needles in _CATEGORIES:
+            if any(n in where for n in needles):
+                category = name
+                break
+        shares[category] = shares.get(category, 0.0) + tottime
+    return {k: v / total for k, v in sorted(shares.items(), key=lambda kv: -kv[1])}
+
+
+def _profile(fn: Callable[[], None], calls: int) -> dict[str, float]:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    return _categorize(stats, stats.total_tt)  # type: ignore[attr-defined]
+
+
+def _worker(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(ROOT / "launch"))
+    warnings.simplefilter("ignore")
+    import torch
+    import torch.distributed as dist
+    from _bootstrap import init_distributed
+    from torch.distributed.device_mesh import init_device_mesh
+
+    info = init_distributed()
+    mesh = init_device_mesh(info.device.type, (info.world_size,))
+    barrier = dist.barrier if info.world_size > 1 else (lambda: None)
+    result: dict[str, Any] = {
+        "world_size": info.world_size,
+        "backend": info.backend,
+        "torch": torch.__version__,
+        "rounds": args.rounds,
+        "steps": {},
+        "api": {},
+        "profile": {},
+    }
+    for model_name in MODELS:
+        runs = _runs(model_name, mesh)
+        for run in runs.values():  # warm-up: plans cached, optimizer state created
+            for _ in range(3):
+                run.step()
+                run.forward()
+        for workload in WORKLOADS:
+            fns = {
+                v: (runs[v].forward if workload == WORKLOADS[0] else runs[v].step) for v in VARIANTS
+            }
+            calls = args.calls if workload == WORKLOADS[0] else max(1, args.calls // 4)
+            ms = _interleaved(fns, args.rounds, calls, barrier)
+            result["steps"][f"{model_name}: {workload}"] = ms
+            if args.profile and info.world_size == 1:
+                result["profile"][f"{model_name}: {workload}"] = {
+                    v: _profile(fns[v], calls * 3) for v in ("stock", "dtdispatch")
+                }
+    for case, (stock, fast) in _api_cases(mesh).items():
+        us = _interleaved({"stock": stock, "dtdispatch": fast}, args.rounds, 200, lambda: None)
+        result["api"][case] = {k: v * 1e3 for k, v in us.items()}
+    if info.rank == 0:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"step_ws{info.world_size}.json").write_text(json.dumps(result, indent=1))
+    dist.destroy_process_group()
+
+
+def _table(results: list[dict[str, Any]]) -> str:
+    lines = []
+    for res in results:
+        lines += [
+            f"World size {res['world_size']} ({res['backend']}, torch {res['torch']}), ms, "
+            f"median of {res['rounds']} interleaved rounds:",
+            "",
+            "| workload | local | stock | dtdispatch | dtdispatch/stock | dtdispatch/local |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, ms in res["steps"].items():
+            lines.append(
+                f"| {name} | {ms['local']:.3f} | {ms['stock']:.3f} | {ms['dtdispatch']:.3f} | "
+                f"{ms['dtdispatch'] / ms['stock']:.2f} | {ms['dtdispatch'] / ms['local']:.1f} |"
+            )
+        lines += [
+            "",
+            f"DTensor API calls alone (world size {res['world_size']}), µs:",
+            "",
+            "| call | stock | dtdispatch | dtdispatch/stock |",
+            "|---|---|---|---|",
+        ]
+        for case, us in res["api"].items():
+            lines.append(
+                f"| {case} | {us['stock']:.2f} | {us['dtdispatch']:.2f} | "
+                f"{us['dtdispatch'] / us['stock']:.2f} |"
+            )
+        lines.append("")
+        for name, variants in res["profile"].items():
+            lines += [
+                f"Where the time goes (cProfile, own time, world size {res['world_size']}): {name}",
+                "",
+                "| category | stock | dtdispatch |",
+                "|---|---|---|",
+            ]
+            categories = list(variants["dtdispatch"])
+            categories += [c for c in variants["stock"] if c not in categories]
+            for c in categories:
+                lines.append(
+                    f"| {c} | {variants['stock'].get(c, 0.0):.0%} | "
+                    f"{variants['dtdispatch'].get(c, 0.0):.0%} |"
+                )
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(results: list[dict[str, Any]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, len(results), figsize=(7 * len(results), 4.5), squeeze=False)
+    for ax, res in zip(axes[0], results, strict=True):
+        names = list(res["steps"])
+        width = 0.27
+        for i, v in enumerate(VARIANTS):
+            vals = [res["steps"][n][v] for n in names]
+            ax.bar([x + (i - 1) * width for x in range(len(names))], vals, width, label=v)
+        ax.set_xticks(range(len(names)), names, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel("ms (median)")
+        ax.set_yscale("log")
+        ax.set_title(f"world size {res['world_size']} ({res['backend']})")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--world-sizes", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds (median)")
+    parser.add_argument(
+        "--calls", type=int, default=40, help="forwards per timed batch (a quarter as many steps)"
+    )
+    parser.add_argument(
+        "--no-profile", dest="profile", action="store_false", help="skip the cProfile breakdown"
+    )
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        _worker(args)
+        return
+    out = Path(args.out)
+    results = []
+    for n in args.world_sizes:
+        print(f"world size {n}: starting {n} rank(s) under torchrun", file=sys.stderr, flush=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={n}",
+            __file__,
+            "--worker",
+            "--rounds",
+            str(args.rounds),
+            "--calls",
+            str(args.calls),
+            "--out",
+            args.out,
+        ]
+        if not args.profile:
+            cmd.append("--no-profile")
+        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        results.append(json.loads((out / f"step_ws{n}.json").read_text()))
+    (out / "step.json").write_text(json.dumps(results, indent=1))
+    table = _table(results)
+    (out / "step.md").write_text(table)
+    plotted = _plot(results, out / "step.png")
+    print(table)
+    print(
+        f"wrote {out}/step.{{json,md}}" + (" and .png" if plotted else " (no matplotlib: no plot)")
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,432 @@
+"""FastDTensor's DTensor API calls (redistribute, from_local, to_local, full_tensor) against stock
+on real ranks: forward (local shard bitwise with shape and stride, spec, requires_grad, grad_fn
+names, object identity) and backward (gradient values, types, placements), including
+redistributions that communicate, uneven shards, grad_placements and double backward."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+import dtdispatch
+from dtdispatch import FastDTensor, dispatcher, native
+from dtdispatch.testing import mesh_1d, mesh_2d
+
+IMPLS = sorted(native.implementations())
+
+
+def _value(shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.arange(float(torch.Size(shape).numel())).reshape(shape) / 7.0
+
+
+def _input(mesh: Any, shape: tuple[int, ...], placements: tuple[Any, ...], grad: bool) -> DTensor:
+    """A stock DTensor leaf: distributed from one global value, or (any Partial placement) built
+    from rank-dependent local values."""
+    if any(p.is_partial() for p in placements):
+        rank = torch.distributed.get_rank()
+        local = _value(shape) * (rank + 1)
+        t = DTensor.from_local(
+            local, mesh, placements, shape=torch.Size(shape), stride=local.stride()
+        )
+        t = t.detach()
+    else:
+        t = distribute_tensor(_value(shape), mesh, placements)
+    return t.requires_grad_(grad)
+
+
+def _pair(
+    mesh: Any, shape: tuple[int, ...], placements: tuple[Any, ...], grad: bool
+) -> tuple[DTensor, DTensor]:
+    stock = _input(mesh, shape, placements, grad)
+    fast = dtdispatch.accelerate(stock.detach()).requires_grad_(grad)
+    return stock, fast
+
+
+def _same_tensor(stock: torch.Tensor, fast: torch.Tensor, what: str) -> None:
+    if isinstance(stock, DTensor):
+        assert type(stock) is DTensor and type(fast) is FastDTensor, (what, type(stock), type(fast))
+        assert fast._spec == stock._spec, (what, fast._spec, stock._spec)
+        stock, fast = stock._local_tensor, fast._local_tensor
+    else:
+        assert type(fast) is type(stock), (what, type(stock), type(fast))
+    assert fast.shape == stock.shape and fast.stride() == stock.stride(), what
+    assert fast.dtype == stock.dtype and torch.equal(fast, stock), what
+
+
+def _same_autograd(stock: torch.Tensor, fast: torch.Tensor, what: str) -> None:
+    assert fast.requires_grad == stock.requires_grad, what
+    assert fast.is_leaf == stock.is_leaf, what
+    names = [type(t.grad_fn).__name__ if t.grad_fn is not None else None for t in (stock, fast)]
+    assert names[0] == names[1], (what, names)
+
+
+def _check_call(
+    mesh: Any,
+    shape: tuple[int, ...],
+    placements: tuple[Any, ...],
+    call: Callable[[DTensor], torch.Tensor],
+    what: str,
+) -> None:
+    """``call`` on stock and on FastDTensor, without grad, with grad, and backward through it."""
+    for mode in ("no_grad", "leaf without grad", "grad"):
+        stock, fast = _pair(mesh, shape, placements, grad=mode != "leaf without grad")
+        with torch.set_grad_enabled(mode != "no_grad"):
+            outs = call(stock), call(fast)
+        label = f"{what} [{mode}]"
+        _same_tensor(*outs, label)
+        _same_autograd(*outs, label)
+        if mode != "grad":
+            continue
+        weight = (
+            _value(outs[0].to_local().shape if isinstance(outs[0], DTensor) else outs[0].shape)
+            + 1.0
+        )
+        for out in outs:
+            local = out.to_local() if isinstance(out, DTensor) else out
+            (local * weight).sum().backward()
+        _same_tensor(stock.grad, fast.grad, f"{label} gradient")
+
+
+REDISTRIBUTIONS = [
+    # (global shape, from, to): communicating ones, local ones, no-ops, negative dims, uneven
+    ((4, 6), (Shard(0),), (Replicate(),)),
+    ((4, 6), (Replicate(),), (Shard(1),)),
+    ((4, 6), (Shard(0),), (Shard(1),)),
+    ((4, 6), (Partial(),), (Replicate(),)),
+    ((4, 6), (Partial(),), (Shard(0),)),
+    ((4, 6), (Shard(1),), (Shard(-1),)),
+    ((4, 6), (Replicate(),), (Replicate(),)),
+    ((5, 3), (Replicate(),), (Shard(0),)),
+    ((5, 3), (Shard(0),), (Replicate(),)),
+    ((3, 1), (Replicate(),), (Shard(0),)),
+    ((2, 3, 5), (Replicate(),), (Shard(2),)),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.distributed(world_size=2, timeout=120)
+def test_api_calls_match_stock_1d(rank: int, world_size: int, impl: str) -> None:
+    dispatcher.install(impl)
+    mesh = mesh_1d()
+    for shape, src, dst in REDISTRIBUTIONS:
+        _check_call(
+            mesh,
+            shape,
+            src,
+            lambda t, dst=dst: t.redistribute(mesh, dst),
+            f"redistribute {src}->{dst} {shape}",
+        )
+        _check_call(
+            mesh,
+            shape,
+            src,
+            lambda t, dst=dst: t.redistribute(placements=list(dst), async_op=True),
+            f"redistribute async {src}->{dst} {shape}",
+        )
+    for shape, src in [
+        ((4, 6), (Shard(0),)),
+        ((5, 3), (Shard(1),)),
+        ((4, 6), (Partial(),)),
+        ((4, 6), (Replicate(),)),
+    ]:
+        _check_call(mesh, shape, src, lambda t: t.to_local(), f"to_local {src}")
+        _check_call(mesh, shape, src, lambda t: t.full_tensor(), f"full_tensor {src}")
+        # grad_placements that describe the local gradient: the input's own layout (Partial
+        # input: a replicated or a partial gradient), or a partial sum of a replicated one.
+        grad_layouts = [src, (Replicate(),)] if src == (Partial(),) else [src]
+        if src == (Replicate(),):
+            grad_layouts.append((Partial(),))
+        for gp in grad_layouts:
+            _check_call(
+                mesh,
+                shape,
+                src,
+                lambda t, gp=gp: t.to_local(grad_placements=gp),
+                f"to_local grad_placements={gp} {src}",
+            )
+        for gp in ((Replicate(),), [Partial()]):
+            _check_call(
+                mesh,
+                shape,
+                src,
+                lambda t, gp=gp: t.full_tensor(grad_placements=gp),
+                f"full_tensor grad_placements={gp} {src}",
+            )
+
+
+def _from_local_case(
+    local: torch.Tensor, placements: Any, grad: bool, **kwargs: Any
+) -> tuple[tuple[DTensor, torch.Tensor], tuple[DTensor, torch.Tensor]]:
+    results = []
+    for from_local in (DTensor.from_local, FastDTensor.from_local):
+        leaf = local.clone().requires_grad_(grad)
+        results.append((from_local(leaf, mesh_1d(), placements, **kwargs), leaf))
+    return results[0], results[1]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.distributed(world_size=2, timeout=120)
+def test_from_local_matches_stock(rank: int, world_size: int, impl: str) -> None:
+    dispatcher.install(impl)
+    local = _value((3, 4)) + rank
+    uneven = {"shape": torch.Size((5, 4)), "stride": (4, 1)}
+    cases: list[tuple[Any, dict[str, Any]]] = [
+        ((Shard(0),), {}),
+        ([Shard(-1)], {}),
+        ((Replicate(),), {}),
+        ((Partial(),), {}),
+        (None, {}),
+        ((Shard(0),), uneven),
+        # grad_placements that keep the local gradient's shape
+        ((Shard(0),), {"grad_placements": (Shard(0),)}),
+        ((Partial(),), {"grad_placements": [Replicate()]}),
+        ((Replicate(),), {"grad_placements": (Partial(),)}),
+    ]
+    for placements, kwargs in cases:
+        what = f"from_local {placements} {kwargs}"
+        # uneven: 5 rows as 3 + 2
+        mine = local[: 3 - rank] if kwargs.get("shape") else local
+        for mode in ("no_grad", "leaf without grad", "grad"):
+            with torch.set_grad_enabled(mode != "no_grad"):
+                (s, s_leaf), (f, f_leaf) = _from_local_case(
+                    mine, placements, mode != "leaf without grad", **kwargs
+                )
+            _same_tensor(s, f, f"{what} [{mode}]")
+            _same_autograd(s, f, f"{what} [{mode}]")
+            assert f._local_tensor is not f_leaf  # a fresh view, as stock
+            assert f._local_tensor.requires_grad == s._local_tensor.requires_grad
+        # backward: the plain local gradient, redistributed as stock does
+        weight = _value(s.to_local().shape) * (rank + 2)
+        for out in (s, f):
+            (
+                out.redistribute(placements=[Replicate()]).to_local().sum()
+                + (out.to_local() * weight).sum()
+            ).backward()
+        _same_tensor(s_leaf.grad, f_leaf.grad, f"{what} gradient")
+    # torch's own errors, unchanged
+    with pytest.raises(RuntimeError, match="Please pass both shape and stride"):
+        FastDTensor.from_local(local, mesh_1d(), [Shard(0)], shape=torch.Size((6, 4)))
+    with pytest.raises(RuntimeError, match=r"only accepts torch\.Tensor"):
+        FastDTensor.from_local(
+            dtdispatch.accelerate(distribute_tensor(local, mesh_1d())), mesh_1d()
+        )
+
+
+@pytest.mark.distributed(world_size=2, timeout=120)
+def test_same_placements_and_errors(rank: int, world_size: int) -> None:
+    mesh = mesh_1d()
+    fast = dtdispatch.accelerate(distribute_tensor(_value((4, 4)), mesh, [Shard(0)]))
+    stock = dtdispatch.to_torch(fast)
+    for t in (stock, fast):
+        same = t.redistribute(placements=[Shard(0)])
+        # stock: a new DTensor object on the same local tensor and the same spec object
+        assert same is not t and same._local_tensor is t._local_tensor and same._spec is t._spec
+        with torch.no_grad():
+            assert t.to_local() is t._local_tensor
+        with pytest.raises(RuntimeError, match="redistributing to Partial is for internal use"):
+            t.redistribute(placements=[Partial()])
+        with pytest.raises(RuntimeError, match="placements is needed"):
+            t.redistribute(mesh)
+    # a Parameter's local tensor is a Parameter too (torch gh-166156), on both
+    for t in (stock, fast):
+        param = torch.nn.Parameter(t.clone())
+        assert isinstance(param.to_local(), torch.nn.Parameter)
+
+
+@pytest.mark.distributed(world_size=2, timeout=120)
+def test_double_backward_matches_stock(rank: int, world_size: int) -> None:
+    mesh = mesh_1d()
+    grads = []
+    for convert in (lambda t: t, dtdispatch.accelerate):
+        x = convert(distribute_tensor(_value((4, 4)), mesh, [Shard(0)])).requires_grad_()
+        y = x.redistribute(placements=[Replicate()]).to_local()
+        (g,) = torch.autograd.grad((y * y * y).sum(), x, create_graph=True)
+        (gg,) = torch.autograd.grad((g.to_local() * g.to_local()).sum(), x)
+        grads.append((g, gg))
+    (g_s, gg_s), (g_f, gg_f) = grads
+    assert torch.equal(g_s.to_local(), g_f.to_local()) and g_s.placements == g_f.placements
+    assert torch.equal(gg_s.to_local(), gg_f.to_local()) and gg_s.placements == gg_f.placements
+
+
+@pytest.mark.distributed(world_size=4, timeout=120)
+def test_api_calls_match_stock_2d(rank: int, world_size: int) -> None:
+    dispatcher.install(native.DEFAULT)
+    mesh = mesh_2d()
+    cases = [
+        ((4, 6), (Shard(0), Replicate()), (Replicate(), Shard(1))),
+        ((4, 6), (Replicate(), Replicate()), (Shard(0), Shard(1))),
+        ((4, 6), (Replicate(), Replicate()), (Replicate(), Shard(0))),
+        ((5, 3), (Replicate(), Replicate()), (Shard(0), Shard(0))),
+        ((4, 6), (Partial(), Shard(0)), (Replicate(), Shard(0))),
+        ((4, 6), (Shard(0), Shard(1)), (Shard(0), Shard(1))),
+    ]
+    for shape, src, dst in cases:
+        _check_call(
+            mesh,
+            shape,
+            src,
+            lambda t, dst=dst: t.redistribute(mesh, dst),
+            f"redistribute {src}->{dst} {shape}",
+        )
+    for shape, src in [((4, 6), (Shard(0), Shard(1))), ((5, 3), (Partial(), Shard(0)))]:
+        _check_call(mesh, shape, src, lambda t: t.full_tensor(), f"full_tensor {src}")
+        _check_call(
+            mesh,
+            shape,
+            src,
+            lambda t: t.to_local(grad_placements=(Replicate(), Shard(0))),
+            f"to_local {src}",
+        )
+
+
+class _TwoInputs(torch.nn.Module):
+    """Two projections of two inputs (one by keyword), two outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = torch.nn.Linear(4, 8)
+        self.down = torch.nn.Linear(8, 4)
+        self.norm = torch.nn.LayerNorm(4)
+
+    def forward(self, x: torch.Tensor, *, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.down(self.up(x))
+        return self.norm(h + y), h
+
+
+def _styled(accelerate: bool) -> torch.nn.Module:
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        PrepareModuleOutput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    torch.manual_seed(0)
+    model = _TwoInputs()
+    mesh = mesh_1d()
+    parallelize_module(
+        model,
+        mesh,
+        PrepareModuleInput(
+            input_layouts=(Shard(0),),
+            desired_input_layouts=(Replicate(),),
+            input_kwarg_layouts={"y": Shard(0)},
+            desired_input_kwarg_layouts={"y": Replicate()},
+            use_local_output=False,
+        ),
+    )
+    parallelize_module(
+        model,
+        mesh,
+        PrepareModuleOutput(
+            output_layouts=(Shard(0), None),
+            desired_output_layouts=(Replicate(), None),
+            use_local_output=True,
+        ),
+    )
+    parallelize_module(
+        model,
+        mesh,
+        {
+            "up": ColwiseParallel(),
+            "down": RowwiseParallel(output_layouts=Shard(0), use_local_output=False),
+            "norm": SequenceParallel(sequence_dim=0),
+        },
+    )
+    return dtdispatch.accelerate(model) if accelerate else model
+
+
+@pytest.mark.distributed(world_size=2, timeout=120)
+def test_style_hooks_match_stock(rank: int, world_size: int) -> None:
+    """Every torch style's hook is replaced by its dtdispatch twin (kwargs, several outputs, None
+    layouts, use_local_output both ways), forward and backward equal stock's, gradients are
+    FastDTensors; unwrap_hooks restores torch's own hooks."""
+    from dtdispatch._training import _StyleHook, unwrap_hooks, wrap_hooks
+
+    stock, fast = _styled(False), _styled(True)
+    hooks = [
+        h
+        for m in fast.modules()
+        for d in (m._forward_pre_hooks, m._forward_hooks)
+        for h in d.values()
+    ]
+    assert len(hooks) == 8 and all(type(h) is _StyleHook for h in hooks)
+    torch.manual_seed(1 + rank)
+    x, y = torch.randn(3, 4), torch.randn(3, 4)
+    results, seen = [], []
+    for model in (stock, fast):
+        layouts: list[Any] = []
+        seen.append(layouts)
+        for sub in (model.up, model.down, model.norm):
+            # user hooks run after the style's: they see the prepared inputs and outputs
+            sub.register_forward_hook(
+                lambda mod, args, out, layouts=layouts: layouts.extend(
+                    (type(t).__name__, getattr(t, "placements", None)) for t in (*args, out)
+                )
+            )
+        xs, ys = x.clone().requires_grad_(), y.clone().requires_grad_()
+        out, h = model(xs, y=ys)
+        assert type(out) is torch.Tensor
+        ((out * out).sum() + h.to_local().sum()).backward()
+        results.append((out, h, xs.grad, ys.grad, {n: p.grad for n, p in model.named_parameters()}))
+    (s_out, s_h, s_xg, s_yg, s_grads), (f_out, f_h, f_xg, f_yg, f_grads) = results
+    renamed = [(name.replace("FastDTensor", "DTensor"), p) for name, p in seen[1]]
+    assert renamed == seen[0] and len(seen[0]) == 6, seen
+    assert type(s_h) is DTensor and type(f_h) is FastDTensor and s_h.placements == f_h.placements
+    for a, b in ((s_out, f_out), (s_h.to_local(), f_h.to_local()), (s_xg, f_xg), (s_yg, f_yg)):
+        assert torch.equal(a, b)
+    for name, grad in s_grads.items():
+        assert type(f_grads[name]) is FastDTensor, name
+        assert f_grads[name].placements == grad.placements, name
+        assert torch.equal(f_grads[name].to_local(), grad.to_local()), name
+    # a plain DTensor input meets a twin: made a FastDTensor first, same result
+    with torch.no_grad():
+        dx = distribute_tensor(x, mesh_1d(), [Replicate()])
+        assert torch.equal(stock.up(dx), fast.up(dx))
+    assert unwrap_hooks(fast) == 8
+    assert unwrap_hooks(fast) == 0 and wrap_hooks(fast) == 8
+
+
+@pytest.mark.distributed(world_size=2, timeout=60)
+def test_rank_outside_the_mesh_matches_stock(rank: int, world_size: int) -> None:
+    """On a mesh of rank 0 only, rank 1 computes nothing (empty local tensors), as in stock."""
+    from dtdispatch.testing import sub_mesh
+
+    mesh = sub_mesh([0])
+    local = _value((3, 4))
+    results = []
+    for from_local in (DTensor.from_local, FastDTensor.from_local):
+        t = from_local(local, mesh, [Replicate()])
+        results.append((t, t.redistribute(placements=[Shard(0)]), t.to_local()))
+    for s, f in zip(*results, strict=True):
+        _same_tensor(s, f, "outside the mesh")
+    assert results[1][0]._local_tensor.numel() == (12 if rank == 0 else 0)
+
+
+@pytest.mark.distributed(world_size=2, timeout=60)
+def test_call_caches_are_bounded(rank: int, world_size: int) -> None:
+    """A program whose layouts change every call does not grow the caches past their limit, and
+    results stay right across the emptying."""
+    from dtdispatch import _tensor
+
+    limit, _tensor._CACHE_LIMIT = _tensor._CACHE_LIMIT, 3
+    try:
+        _tensor.clear_call_caches()
+        for rows in range(1, 9):
+            local = _value((rows, 4))
+            s = DTensor.from_local(local, mesh_1d(), [Replicate()]).redistribute(
+                placements=[Shard(0)]
+            )
+            f = FastDTensor.from_local(local, mesh_1d(), [Replicate()]).redistribute(
+                placements=[Shard(0)]
+            )
+            _same_tensor(s, f, f"{rows} rows")
+            assert len(_tensor._from_local_specs) <= 3 and len(_tensor._forward_plans) <= 3
+    finally:
+        _tensor._CACHE_LIMIT = limit
