@@ -13,7 +13,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dtdispatch-installed
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard dtdispatch/native/*.c dtdispatch/native/*.h)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo fuzz test lint clean
 
 install: $(STAMP)
 
@@ -30,6 +30,13 @@ $(STAMP): $(BUILD_INPUTS) | $(PY)
 demo: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 launch/correctness.py
 	$(VENV)/bin/torchrun --standalone --nproc-per-node 2 launch/throughput.py
+
+# Differential fuzzing against stock DTensor (launch/fuzz.py): SECONDS split between 2 and 4 ranks.
+SECONDS ?= 300
+SEED ?= 0
+fuzz: $(STAMP)
+	rc=0; for n in 2 4; do $(VENV)/bin/torchrun --standalone --nproc-per-node $$n launch/fuzz.py \
+	  --seconds $$(( $(SECONDS) / 2 )) --seed $(SEED) || rc=1; done; exit $$rc
 
 # The whole suite. No -n: the multi-rank tests already keep both cores busy (see README).
 test: $(STAMP)

@@ -1,0 +1,967 @@
+"""Differential fuzzing: random DTensor programs on stock DTensor and on dtdispatch, compared bitwise.
+
+A ``Program`` is a mesh, a list of ``Input`` tensors and a list of Python source lines over names
+``t0, t1, ...`` (the inputs first). ``generate(seed, index, ...)`` draws one reproducibly (the same
+program on every rank, so collectives match); the generator checks each line on ``meta`` tensors of
+the global shapes, so most programs are well-formed and the interesting failures are the DTensor ones.
+
+``check(program)`` runs it on stock DTensor once, then on dtdispatch three times: after clearing
+the plan cache (plans), again (replays) and at cache capacity 1 (every call evicts). It compares
+every name's value (type, placements, global shape/stride/dtype, local bits), requires_grad,
+object identity between names (in-place and ``out=`` return their argument), the inputs'
+gradients, and where stock raises, the line and the exception type. Any rank raising ends the
+program on every rank (one all-reduce per line), so a failure on one rank never hangs the others.
+
+``shrink(program)`` delta-debugs a failing program (drop lines, simplify inputs) and ``render``
+prints it as a script runnable under torchrun. Every function here is collective: call it on all
+ranks with the same arguments.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.tensor._random as dt_random
+import torch.nn.functional as F
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.placement_types import Placement
+
+import dtdispatch
+from dtdispatch import FastDTensor, dispatcher
+from dtdispatch import cache as _cache
+from dtdispatch.testing import _meshes
+
+__all__ = [
+    "AVOIDED",
+    "EXCLUSIONS",
+    "Input",
+    "Program",
+    "check",
+    "fuzz",
+    "generate",
+    "make_input",
+    "mesh_for",
+    "render",
+    "shrink",
+]
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+_FLOATS = ("float32", "float64", "bfloat16")
+
+# Known, documented places where dtdispatch may differ from stock: (substring of a line, stock's
+# exception type name, why). A program whose stock run raises that type on a line containing the
+# substring is not flagged, whatever dtdispatch does there.
+EXCLUSIONS: tuple[tuple[str, str, str], ...] = (
+    (
+        "F.embedding",
+        "RuntimeError",
+        "stock's cached _MaskPartial shares one mask buffer per cache entry and raises 'MaskBuffer "
+        "has been materialized with conflicting data'; dtdispatch gives each call its own mask "
+        "(issue 11 part 1)",
+    ),
+)
+
+
+# What the generator never draws, because stock itself fails there in a way no comparison survives.
+AVOIDED: tuple[tuple[str, str], ...] = (
+    (
+        "amax / max(dim) / argmax over a tensor that may have an empty local shard",
+        "the local kernel raises on the ranks whose shard is empty (a reduction over a zero-size "
+        "dim), while the other ranks enter the collective of torch's argmax handler or the Partial "
+        "reduction and hang: stock DTensor deadlocks",
+    ),
+    (
+        "max(dim) / argmax on a sub-mesh",
+        "torch's custom handlers for them run the local kernel on non-participating ranks too, "
+        "whose local tensor is empty, and raise there only (IndexError) while participating ranks "
+        "go on",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input tensor: global shape, dtype name, placement codes per mesh dim ("S<d>", "R",
+    "P" for Partial sum), whether it is a leaf requiring grad, whether its layout is column-major
+    in the last two dims, the data seed, and for int64 the exclusive upper bound of its values."""
+
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+    placements: tuple[str, ...] = ("R",)
+    requires_grad: bool = False
+    noncontig: bool = False
+    seed: int = 0
+    high: int = 8
+
+
+@dataclass(frozen=True)
+class Program:
+    """A mesh name (see ``mesh_for``), the implementation dtdispatch runs with, inputs ``t0..``
+    and source lines over them."""
+
+    mesh: str
+    impl: str
+    inputs: tuple[Input, ...]
+    lines: tuple[str, ...]
+    rng_seed: int = 0
+
+
+def mesh_for(name: str) -> DeviceMesh:
+    """The mesh a program runs on: "1d" (all ranks), "2d" (2x2, world size 4) or "sub:<ranks>"
+    (a 1-D sub-mesh, e.g. "sub:0,1"; the other ranks do not participate)."""
+    if name == "1d":
+        return _meshes.mesh_1d()
+    if name == "2d":
+        return _meshes.mesh_2d()
+    if name.startswith("sub:"):
+        return _meshes.sub_mesh(ranks=tuple(int(r) for r in name[4:].split(",")))
+    raise ValueError(f"unknown fuzz mesh {name!r}; use '1d', '2d' or 'sub:<r>,<r>...'")
+
+
+def _placement(code: str) -> Placement:
+    if code == "R":
+        return Replicate()
+    if code == "P":
+        return Partial()
+    if code.startswith("S"):
+        return Shard(int(code[1:]))
+    raise ValueError(f"unknown placement code {code!r}; use S<dim>, R or P")
+
+
+def _placements(codes: Sequence[str]) -> list[Placement]:
+    return [_placement(c) for c in codes]
+
+
+def _col_major(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def _global_value(inp: Input) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(inp.seed)
+    dtype = _DTYPES[inp.dtype]
+    if dtype.is_floating_point:
+        value = torch.randn(inp.shape, generator=gen).to(dtype)
+    else:
+        value = torch.randint(0, inp.high, inp.shape, generator=gen).to(dtype)
+    return _col_major(value) if inp.noncontig and value.ndim >= 2 else value
+
+
+def make_input(cls: type[DTensor], mesh: DeviceMesh, inp: Input) -> DTensor:
+    """``inp`` as a leaf ``cls`` (DTensor or FastDTensor) on ``mesh``; needs no communication.
+
+    Partial: rank coordinate c adds sum(c) to its addend, so the addends differ per rank.
+    """
+    value = _global_value(inp)
+    codes = list(inp.placements)
+    shard_codes = ["R" if c == "P" else c for c in codes]
+    base = distribute_tensor(value, mesh, _placements(shard_codes), src_data_rank=None)
+    local = base._local_tensor
+    spec = base._spec
+    if "P" in codes:
+        coordinate = mesh.get_coordinate()
+        if coordinate is not None:
+            local = local + sum(coordinate)
+        spec = replace(spec, placements=tuple(_placements(codes)))
+    if inp.noncontig and local.ndim >= 2:
+        local = _col_major(local)
+    else:
+        local = local.clone()
+    return torch.Tensor._dtensor__new__(cls, local, spec, requires_grad=inp.requires_grad)  # type: ignore[no-any-return]
+
+
+def _meta_input(inp: Input) -> torch.Tensor:
+    t = torch.empty(inp.shape, dtype=_DTYPES[inp.dtype], device="meta")
+    if inp.noncontig and t.ndim >= 2:
+        t = _col_major(t)
+    return t.requires_grad_(inp.requires_grad)
+
+
+def _redist_dt(t: DTensor, codes: Sequence[str]) -> DTensor:
+    return t.redistribute(t.device_mesh, _placements(codes))
+
+
+def _full_dt(t: DTensor) -> torch.Tensor:
+    return t.full_tensor()
+
+
+def _namespace(redist: Callable[..., Any], full: Callable[..., Any]) -> dict[str, Any]:
+    return {"torch": torch, "F": F, "redist": redist, "full": full}
+
+
+def _meta_namespace() -> dict[str, Any]:
+    return _namespace(lambda t, codes: t.clone(), lambda t: t.clone())
+
+
+# --------------------------------------------------------------------------- the generator
+
+
+@dataclass
+class _Val:
+    name: str
+    meta: Any  # a meta tensor, or a tuple/list of them
+    kind: str  # "dt" (a DTensor), "plain" (a torch.Tensor), "seq" (a list/tuple of DTensors)
+
+
+@dataclass
+class _Gen:
+    rng: random.Random
+    mesh_shape: tuple[int, ...]
+    sub_mesh: bool
+    seed: int
+    inputs: list[Input] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    vals: list[_Val] = field(default_factory=list)
+    ns: dict[str, Any] = field(default_factory=_meta_namespace)
+    count: int = 0
+    input_names: list[str] = field(default_factory=list)
+
+    def fresh(self) -> str:
+        name = f"t{self.count}"
+        self.count += 1
+        return name
+
+    def dtype(self) -> str:
+        return self.rng.choices(list(_DTYPES), weights=[10, 2, 2, 1, 0])[0]
+
+    def dim_size(self) -> int:
+        return self.rng.choice([1, 2, 3, 4, 5, 6, 8])
+
+    def shape(self, ndim: int | None = None) -> tuple[int, ...]:
+        n = self.rng.choice([1, 2, 2, 2, 3]) if ndim is None else ndim
+        return tuple(self.dim_size() for _ in range(n))
+
+    def codes(self, ndim: int, dtype: str) -> tuple[str, ...]:
+        options = ["R", "R"] + [f"S{d}" for d in range(ndim)] * 2
+        if dtype in _FLOATS:
+            options.append("P")
+        return tuple(self.rng.choice(options) for _ in self.mesh_shape)
+
+    def never_empty(self, t: Any) -> bool:
+        """No shard of ``t`` can be empty on this mesh, whatever its placements (torch.chunk
+        splits n into ceil(n / k)-sized pieces, so some are empty when ceil(n / k) * (k - 1) >= n)."""
+        counts = set(self.mesh_shape) | {math.prod(self.mesh_shape)}
+        return all(-(-n // k) * (k - 1) < n for n in t.shape for k in counts if k > 1)
+
+    def new_input(
+        self,
+        shape: tuple[int, ...] | None = None,
+        dtype: str | None = None,
+        *,
+        high: int = 8,
+        grad: bool | None = None,
+    ) -> str:
+        shape = self.shape() if shape is None else shape
+        dtype = self.dtype() if dtype is None else dtype
+        floating = dtype in _FLOATS
+        inp = Input(
+            shape=shape,
+            dtype=dtype,
+            placements=self.codes(len(shape), dtype),
+            requires_grad=floating and (self.rng.random() < 0.4 if grad is None else grad),
+            noncontig=len(shape) >= 2 and self.rng.random() < 0.2,
+            seed=self.rng.randrange(1 << 30),
+            high=high,
+        )
+        name = self.fresh()
+        self.inputs.append(inp)
+        self.ns[name] = _meta_input(inp)
+        self.vals.append(_Val(name, self.ns[name], "dt"))
+        self.input_names.append(name)
+        return name
+
+    def pick(self, pred: Callable[[Any], bool] = lambda t: True) -> str | None:
+        found = [v.name for v in self.vals if v.kind == "dt" and pred(v.meta)]
+        return self.rng.choice(found) if found else None
+
+    def pick_or_new(
+        self, pred: Callable[[Any], bool], make: Callable[[], str], p_new: float = 0.3
+    ) -> str:
+        name = None if self.rng.random() < p_new else self.pick(pred)
+        return make() if name is None else name
+
+    def scalar(self, integral: bool = False) -> str:
+        if integral or self.rng.random() < 0.25:
+            return repr(self.rng.choice([-2, -1, 2, 3]))
+        return repr(round(self.rng.uniform(-2.0, 2.0), 3) or 0.5)
+
+    def emit(self, line: str) -> bool:
+        """Run ``line`` on the meta namespace; keep it when it succeeds."""
+        before = dict(self.ns)
+        try:
+            exec(compile(line, "<fuzz>", "exec"), self.ns)
+        except Exception:
+            self.ns.clear()
+            self.ns.update(before)
+            return False
+        self.lines.append(line)
+        known = {v.name for v in self.vals}
+        for name, value in self.ns.items():
+            if name.startswith("t") and name[1:].isdigit() and name not in known:
+                if isinstance(value, torch.Tensor):
+                    kind = "plain" if line.startswith(f"{name} = full(") else "dt"
+                    self.vals.append(_Val(name, value, kind))
+                elif isinstance(value, (list, tuple)) and all(
+                    isinstance(x, torch.Tensor) for x in value
+                ):
+                    self.vals.append(_Val(name, value, "seq"))
+        return True
+
+
+def _fp(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype.is_floating_point
+
+
+def _nd(n: int) -> Callable[[Any], bool]:
+    return lambda t: t.ndim >= n
+
+
+def _fp_nd(n: int) -> Callable[[Any], bool]:
+    return lambda t: _fp(t) and t.ndim >= n
+
+
+# Each op generator returns the source of one or more lines (already run on the meta namespace by
+# ``_Gen.emit``) or None when it found nothing to apply.
+_Op = Callable[[_Gen], None]
+
+
+def _op_unary(g: _Gen) -> None:
+    a = g.pick_or_new(lambda t: True, g.new_input, 0.2)
+    if _fp(g.ns[a]):
+        fn = g.rng.choice(
+            ["torch.relu", "torch.neg", "torch.exp", "torch.sigmoid", "torch.tanh", "torch.abs",
+             "F.gelu", "torch.sin", "torch.square"]
+        )
+    else:
+        fn = g.rng.choice(["torch.neg", "torch.abs", "torch.square"])
+    g.emit(f"{g.fresh()} = {fn}({a})")
+
+
+def _op_scalar(g: _Gen) -> None:
+    """Pointwise with a scalar, repeated with step-varying values (an optimizer's pattern)."""
+    a = g.pick_or_new(lambda t: True, g.new_input, 0.2)
+    form = g.rng.choice(["{a} * {s}", "{a} + {s}", "{a} / {s}", "{s} - {a}", "{a} - {s}",
+                         "torch.clamp({a}, min={s})", "{a}.pow(2)", "torch.add({a}, {a}, alpha={s})"])
+    for _ in range(g.rng.choice([1, 2, 3])):
+        out = g.fresh()
+        if g.emit(f"{out} = " + form.format(a=a, s=g.scalar())):
+            a = out
+
+
+def _broadcast_partner(g: _Gen, a: str) -> str:
+    shape = tuple(g.ns[a].shape)
+    dtype = g.rng.choice([str(g.ns[a].dtype).removeprefix("torch."), g.dtype()])
+    choice = g.rng.random()
+    if choice < 0.4:
+        same = g.pick(lambda t: tuple(t.shape) == shape)
+        if same is not None:
+            return same
+    if choice < 0.6 and shape:
+        return g.new_input(shape[-1:], dtype)
+    return g.new_input(shape, dtype)
+
+
+def _op_binary(g: _Gen) -> None:
+    a = g.pick_or_new(lambda t: True, g.new_input, 0.2)
+    b = _broadcast_partner(g, a)
+    if g.rng.random() < 0.5:
+        a, b = b, a
+    form = g.rng.choice(["{a} + {b}", "{a} - {b}", "{a} * {b}", "{a} / {b}", "torch.maximum({a}, {b})",
+                         "torch.where({a} > 0, {a}, {b})", "{a} > {b}", "torch.sub({a}, {b}, alpha=2)"])
+    g.emit(f"{g.fresh()} = " + form.format(a=a, b=b))
+
+
+def _op_scalar_tensor(g: _Gen) -> None:
+    a = g.pick_or_new(_fp, lambda: g.new_input(dtype="float32"), 0.2)
+    g.emit(f"{g.fresh()} = {a} * torch.tensor({g.scalar()})")
+
+
+def _op_reduce(g: _Gen) -> None:
+    a = g.pick_or_new(_nd(1), g.new_input, 0.2)
+    nd = g.ns[a].ndim
+    d = g.rng.randrange(-nd, nd) if nd else 0
+    forms = ["{a}.sum()", "{a}.sum({d})", "{a}.sum({d}, keepdim=True)", "torch.cumsum({a}, {d})"]
+    if g.never_empty(g.ns[a]):  # see AVOIDED
+        forms.append("{a}.amax({d})")
+        if not g.sub_mesh:
+            forms += ["{a}.max({d})", "{a}.argmax({d})"]
+    if _fp(g.ns[a]):
+        forms += ["{a}.mean()", "{a}.mean({d})", "torch.softmax({a}, {d})",
+                  "torch.log_softmax({a}, {d})", "{a}.norm()", "{a}.var({d})"]
+    g.emit(f"{g.fresh()} = " + g.rng.choice(forms).format(a=a, d=d))
+
+
+def _factor(n: int, rng: random.Random) -> tuple[int, ...]:
+    """A random shape with ``n`` elements (1 to 3 dims)."""
+    dims: list[int] = []
+    rest = n
+    for _ in range(rng.choice([0, 1, 2])):
+        divisors = [d for d in range(2, rest + 1) if rest % d == 0]
+        if not divisors:
+            break
+        d = rng.choice(divisors)
+        dims.append(d)
+        rest //= d
+    dims.append(rest)
+    rng.shuffle(dims)
+    return tuple(dims)
+
+
+def _op_view(g: _Gen) -> None:
+    a = g.pick_or_new(_nd(1), g.new_input, 0.2)
+    t = g.ns[a]
+    nd = t.ndim
+    forms = ["{a}.view(-1)", "{a}.reshape({shape})", "{a}.view({shape})", "{a}.unsqueeze({d})",
+             "{a}.flatten()", "{a}.contiguous()", "{a}[1:]", "{a}[::2]", "{a}[0]",
+             "{a}.narrow({d}, 0, 1)", "{a}.squeeze()"]
+    if nd >= 2:
+        forms += ["{a}.t()", "{a}.transpose(0, {d})", "{a}.permute({perm})", "{a}[:, 1:]",
+                  "{a}[..., 0]", "{a}.expand(2, *{a}.shape)", "{a}.unflatten(0, ({s0}, 1))",
+                  "{a}.mT"]
+    if any(s == 1 for s in t.shape):
+        forms.append("{a}.expand({expanded})")
+    perm = list(range(nd))
+    g.rng.shuffle(perm)
+    form = g.rng.choice(forms)
+    g.emit(
+        f"{g.fresh()} = "
+        + form.format(
+            a=a,
+            d=g.rng.randrange(nd),
+            shape=_factor(t.numel(), g.rng),
+            perm=tuple(perm),
+            s0=t.shape[0] if nd else 1,
+            expanded=tuple(3 if s == 1 else s for s in t.shape),
+        )
+    )
+
+
+def _op_seq(g: _Gen) -> None:
+    a = g.pick_or_new(_nd(1), g.new_input, 0.2)
+    t = g.ns[a]
+    d = g.rng.randrange(t.ndim)
+    kind = g.rng.choice(["cat", "stack", "split", "chunk", "unbind"])
+    if kind in ("cat", "stack"):
+        shape = list(t.shape)
+        if kind == "cat":
+            shape[d] = g.dim_size()
+        b = g.pick_or_new(lambda u: tuple(u.shape) == tuple(shape) and u.dtype == t.dtype,
+                          lambda: g.new_input(tuple(shape), str(t.dtype).removeprefix("torch.")))
+        g.emit(f"{g.fresh()} = torch.{kind}([{a}, {b}], dim={d})")
+        return
+    out = g.fresh()
+    if kind == "split":
+        line = f"{out} = torch.split({a}, {g.rng.choice([1, 2, 3])}, dim={d})"
+    elif kind == "chunk":
+        line = f"{out} = torch.chunk({a}, {g.rng.choice([2, 3])}, dim={d})"
+    else:
+        line = f"{out} = torch.unbind({a}, dim={d})"
+    if g.emit(line):
+        g.emit(f"{g.fresh()} = {out}[-1]")
+
+
+def _op_matmul(g: _Gen) -> None:
+    kind = g.rng.choice(["mm", "matmul", "bmm", "addmm", "linear"])
+    dtype = g.rng.choice(["float32", "float32", "float64", "bfloat16"])
+    same = lambda shape: lambda u: tuple(u.shape) == shape and str(u.dtype) == f"torch.{dtype}"  # noqa: E731
+    m, k, n = g.dim_size(), g.dim_size(), g.dim_size()
+    a = g.pick_or_new(lambda u: same(tuple(u.shape))(u) and u.ndim == 2, lambda: g.new_input((m, k), dtype), 0.4)
+    m, k = g.ns[a].shape
+    if kind == "bmm":
+        b_ = g.dim_size()
+        x = g.new_input((b_, m, k), dtype)
+        y = g.pick_or_new(same((b_, k, n)), lambda: g.new_input((b_, k, n), dtype))
+        g.emit(f"{g.fresh()} = torch.bmm({x}, {y})")
+        return
+    if kind == "linear":
+        w = g.pick_or_new(same((n, k)), lambda: g.new_input((n, k), dtype))
+        bias = g.new_input((n,), dtype)
+        g.emit(f"{g.fresh()} = F.linear({a}, {w}, {bias})")
+        return
+    b = g.pick_or_new(same((k, n)), lambda: g.new_input((k, n), dtype))
+    if kind == "addmm":
+        bias = g.new_input(g.rng.choice([(n,), (m, n)]), dtype)
+        g.emit(f"{g.fresh()} = torch.addmm({bias}, {a}, {b})")
+    elif kind == "matmul":
+        g.emit(f"{g.fresh()} = {a} @ {b}")
+    else:
+        g.emit(f"{g.fresh()} = torch.mm({a}, {b})")
+
+
+def _op_index(g: _Gen) -> None:
+    a = g.pick_or_new(_nd(1), g.new_input, 0.2)
+    t = g.ns[a]
+    d = g.rng.randrange(t.ndim)
+    form = g.rng.choice(["torch.index_select({a}, {d}, {i})", "{a}[{i}]"])
+    d = d if "index_select" in form else 0
+    idx = g.new_input((g.rng.choice([1, 2, 3, 4]),), "int64", high=max(1, t.shape[d]))
+    g.emit(f"{g.fresh()} = " + form.format(a=a, d=d, i=idx))
+
+
+def _op_inplace(g: _Gen) -> None:
+    a = g.pick_or_new(lambda t: True, g.new_input, 0.2)
+    t = g.ns[a]
+    out = g.fresh()
+    kind = g.rng.choice(["scalar", "tensor", "unary", "out"])
+    if kind == "scalar":
+        form = g.rng.choice(["{a}.mul_({s})", "{a}.add_({s})", "{a}.fill_({s})",
+                             "{a}.clamp_(min={s})", "{a}.div_({s})"])
+        g.emit(f"{out} = " + form.format(a=a, s=g.scalar()))
+    elif kind == "unary":
+        g.emit(f"{out} = {a}." + g.rng.choice(["zero_()", "relu_()", "neg_()", "abs_()"]))
+    elif kind == "tensor":
+        b = _broadcast_partner(g, a)
+        form = g.rng.choice(["{a}.add_({b})", "{a}.mul_({b})", "{a}.copy_({b})", "{a}.sub_({b}, alpha=2)"])
+        g.emit(f"{out} = " + form.format(a=a, b=b))
+    else:
+        b = _broadcast_partner(g, a)
+        o = g.pick_or_new(lambda u: tuple(u.shape) == tuple(t.shape),
+                          lambda: g.new_input(tuple(t.shape), grad=False), 0.5)
+        fn = g.rng.choice(["torch.add", "torch.mul", "torch.sub"])
+        g.emit(f"{out} = {fn}({a}, {b}, out={o})")
+
+
+def _op_foreach(g: _Gen) -> None:
+    xs = [g.pick_or_new(_fp, lambda: g.new_input(dtype="float32"), 0.3) for _ in range(g.rng.choice([2, 3]))]
+    lst = "[" + ", ".join(xs) + "]"
+    kind = g.rng.choice(["add_scalar", "mul_", "add_list", "norm", "lerp_", "addcmul_", "scalar_list"])
+    out = g.fresh()
+    if kind == "add_scalar":
+        g.emit(f"{out} = torch._foreach_add({lst}, {g.scalar()})")
+    elif kind == "mul_":
+        g.emit(f"torch._foreach_mul_({lst}, {g.scalar()})")
+    elif kind == "scalar_list":
+        g.emit(f"{out} = torch._foreach_mul({lst}, [{', '.join(g.scalar() for _ in xs)}])")
+    elif kind == "norm":
+        g.emit(f"{out} = torch._foreach_norm({lst})")
+    else:
+        ys = "[" + ", ".join(_broadcast_partner_same(g, x) for x in xs) + "]"
+        if kind == "add_list":
+            g.emit(f"{out} = torch._foreach_add({lst}, {ys})")
+        elif kind == "lerp_":
+            g.emit(f"torch._foreach_lerp_({lst}, {ys}, {g.scalar()})")
+        else:
+            g.emit(f"torch._foreach_addcmul_({lst}, {ys}, {ys}, value={g.scalar()})")
+
+
+def _broadcast_partner_same(g: _Gen, a: str) -> str:
+    t = g.ns[a]
+    return g.pick_or_new(lambda u: tuple(u.shape) == tuple(t.shape) and u.dtype == t.dtype,
+                         lambda: g.new_input(tuple(t.shape), str(t.dtype).removeprefix("torch."), grad=False))
+
+
+def _op_redistribute(g: _Gen) -> None:
+    a = g.pick_or_new(lambda t: True, g.new_input, 0.1)
+    t = g.ns[a]
+    codes = g.codes(t.ndim, "int64" if not _fp(t) else "float32")
+    g.emit(f"{g.fresh()} = redist({a}, {codes!r})")
+
+
+def _op_random(g: _Gen) -> None:
+    a = g.pick_or_new(_fp, lambda: g.new_input(dtype="float32"), 0.2)
+    out = g.fresh()
+    form = g.rng.choice(["F.dropout({a}, 0.5, training=True)", "torch.rand_like({a})",
+                         "torch.randn_like({a})", "{a}.normal_()", "{a}.uniform_()",
+                         "torch.bernoulli(torch.sigmoid({a}))"])
+    g.emit(f"{out} = " + form.format(a=a))
+
+
+def _op_convert(g: _Gen) -> None:
+    a = g.pick_or_new(lambda t: True, g.new_input, 0.2)
+    form = g.rng.choice(["{a}.to(torch.float64)", "{a}.float()", "{a}.to(torch.bfloat16)",
+                         "torch.zeros_like({a})", "torch.ones_like({a})", "torch.full_like({a}, {s})",
+                         "{a}.clone()", "full({a})", "{a}.detach()"])
+    g.emit(f"{g.fresh()} = " + form.format(a=a, s=g.scalar()))
+
+
+_OPS: tuple[tuple[_Op, int], ...] = (
+    (_op_unary, 3),
+    (_op_scalar, 3),
+    (_op_binary, 4),
+    (_op_scalar_tensor, 1),
+    (_op_reduce, 3),
+    (_op_view, 4),
+    (_op_seq, 2),
+    (_op_matmul, 3),
+    (_op_index, 1),
+    (_op_inplace, 3),
+    (_op_foreach, 2),
+    (_op_redistribute, 2),
+    (_op_random, 1),
+    (_op_convert, 2),
+)
+
+
+def _meshes_for(world_size: int) -> list[tuple[str, tuple[int, ...]]]:
+    """(mesh name, mesh shape) for a world size."""
+    if world_size == 4:
+        return [("1d", (4,)), ("2d", (2, 2)), ("sub:0,1,2", (3,)), ("sub:1,3", (2,))]
+    if world_size == 1:
+        return [("1d", (1,))]
+    return [("1d", (world_size,)), ("sub:0", (1,)), (f"sub:{','.join(map(str, range(world_size - 1)))}", (world_size - 1,))]
+
+
+def generate(seed: int, index: int, *, world_size: int, impls: Sequence[str]) -> Program:
+    """Program number ``index`` of ``seed`` for ``world_size`` ranks: the same on every call."""
+    rng = random.Random(f"dtdispatch-fuzz:{seed}:{index}:{world_size}")
+    mesh, mesh_shape = rng.choice(_meshes_for(world_size))
+    g = _Gen(rng=rng, mesh_shape=mesh_shape, sub_mesh=mesh.startswith("sub:"), seed=seed)
+    for _ in range(rng.choice([1, 1, 2])):
+        g.new_input()
+    ops, weights = zip(*_OPS, strict=True)
+    for _ in range(rng.randint(2, 8)):
+        rng.choices(ops, weights=weights)[0](g)
+    _add_backward(g)
+    return _renumber(
+        Program(mesh, impls[index % len(impls)], tuple(g.inputs), tuple(g.lines),
+                rng.randrange(1 << 30)),
+        g.input_names,
+    )
+
+
+def _add_backward(g: _Gen) -> None:
+    if g.rng.random() < 0.3:
+        return
+    grads = [v.name for v in g.vals if v.kind == "dt" and _fp(v.meta) and v.meta.requires_grad]
+    if not grads:
+        return
+    chosen = g.rng.sample(grads, min(len(grads), g.rng.choice([1, 2])))
+    g.emit("(" + " + ".join(f"{n}.float().sum()" for n in chosen) + ").backward()")
+
+
+_NAME = re.compile(r"\bt\d+\b")
+
+
+def _renumber(program: Program, input_names: list[str]) -> Program:
+    """Inputs become t0..t(k-1) and the lines' names follow, so a program reads top to bottom."""
+    mapping = {name: f"t{i}" for i, name in enumerate(input_names)}
+    k = len(input_names)
+    for line in program.lines:
+        for name in _NAME.findall(line):
+            if name not in mapping:
+                mapping[name] = f"t{k}"
+                k += 1
+    lines = tuple(_NAME.sub(lambda m: mapping[m.group(0)], line) for line in program.lines)
+    return replace(program, lines=lines)
+
+
+def _compact(program: Program) -> Program:
+    """``program`` without the inputs no line uses, names renumbered densely."""
+    used = {name for line in program.lines for name in _NAME.findall(line)}
+    keep = [i for i in range(len(program.inputs)) if f"t{i}" in used]
+    compact = replace(program, inputs=tuple(program.inputs[i] for i in keep))
+    return _renumber(compact, [f"t{i}" for i in keep])
+
+
+# --------------------------------------------------------------------------- the runner
+
+
+@dataclass
+class _Outcome:
+    ns: dict[str, Any]
+    line: int | None  # the line some rank raised on (every rank stopped there)
+    exc: BaseException | None  # this rank's exception on that line, if any
+
+
+def _any_rank(flag: bool) -> bool:
+    t = torch.tensor([1 if flag else 0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _run(program: Program, cls: type[DTensor], mesh: DeviceMesh) -> _Outcome:
+    ns = _namespace(_redist_dt, _full_dt)
+    for i, inp in enumerate(program.inputs):
+        ns[f"t{i}"] = make_input(cls, mesh, inp)
+    torch.manual_seed(program.rng_seed)
+    dt_random._rng_tracker = None
+    for k, line in enumerate(program.lines):
+        exc: BaseException | None = None
+        try:
+            exec(compile(line, f"<fuzz line {k}>", "exec"), ns)
+        except Exception as e:  # compared by type with stock's
+            exc = e
+        if _any_rank(exc is not None):
+            return _Outcome(ns, k, exc)
+    return _Outcome(ns, None, None)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    # A fresh row-major copy: a "contiguous" tensor may still have odd strides on size-1 dims.
+    flat = torch.empty(t.shape, dtype=t.dtype).copy_(t.detach()).reshape(-1)
+    return flat.view(torch.uint8) if t.numel() else flat
+
+
+def _compare(stock: Any, fast: Any, where: str) -> None:
+    if isinstance(stock, DTensor):
+        if type(fast) is not FastDTensor:
+            raise AssertionError(f"{where}: expected FastDTensor, got {type(fast).__name__}")
+        if stock.placements != fast.placements:
+            raise AssertionError(f"{where}: placements {fast.placements} != stock {stock.placements}")
+        if stock.device_mesh != fast.device_mesh:
+            raise AssertionError(f"{where}: mesh {fast.device_mesh} != stock {stock.device_mesh}")
+        _compare_meta(stock, fast, where + " global")
+        _compare(stock._local_tensor, fast._local_tensor, where + " local")
+    elif isinstance(stock, torch.Tensor):
+        if not isinstance(fast, torch.Tensor) or isinstance(fast, DTensor):
+            raise AssertionError(f"{where}: expected a plain tensor, got {type(fast).__name__}")
+        _compare_meta(stock, fast, where)
+        if not torch.equal(_bits(stock), _bits(fast)):
+            raise AssertionError(f"{where}: values differ:\n{fast}\nstock:\n{stock}")
+    elif isinstance(stock, (list, tuple)):
+        if type(stock) is not type(fast) or len(stock) != len(fast):
+            raise AssertionError(f"{where}: {type(fast).__name__} of {len(fast)} != stock's")
+        for i, (s, f) in enumerate(zip(stock, fast, strict=True)):
+            _compare(s, f, f"{where}[{i}]")
+    elif stock != fast and not (stock != stock and fast != fast):  # NaN == NaN here
+        raise AssertionError(f"{where}: {fast!r} != stock {stock!r}")
+
+
+def _compare_meta(stock: torch.Tensor, fast: torch.Tensor, where: str) -> None:
+    got = (tuple(fast.shape), fast.stride(), fast.dtype, fast.requires_grad)
+    want = (tuple(stock.shape), stock.stride(), stock.dtype, stock.requires_grad)
+    if got != want:
+        raise AssertionError(
+            f"{where}: shape/stride/dtype/requires_grad {got} != stock {want}"
+        )
+
+
+def _names(ns: dict[str, Any]) -> list[str]:
+    return sorted((n for n in ns if n.startswith("t") and n[1:].isdigit()), key=lambda n: int(n[1:]))
+
+
+def _excluded(program: Program, stock: _Outcome) -> str | None:
+    if stock.line is None or stock.exc is None:
+        return None
+    for needle, exc_type, why in EXCLUSIONS:
+        if needle in program.lines[stock.line] and type(stock.exc).__name__ == exc_type:
+            return why
+    return None
+
+
+def _diff(program: Program, stock: _Outcome, fast: _Outcome, label: str) -> str | None:
+    """The first difference between two runs on this rank, or None."""
+    if stock.line != fast.line or type(stock.exc) is not type(fast.exc):
+        if _excluded(program, stock) is not None:
+            return None
+        where = lambda o: "no error" if o.line is None else f"line {o.line} {type(o.exc).__name__}: {o.exc}"  # noqa: E731
+        return f"{label}: dtdispatch {where(fast)}; stock {where(stock)}"
+    names = _names(stock.ns)
+    try:
+        if names != _names(fast.ns):
+            raise AssertionError(f"names {_names(fast.ns)} != stock {names}")
+        for name in names:
+            _compare(stock.ns[name], fast.ns[name], name)
+        for i in range(len(program.inputs)):
+            name = f"t{i}"
+            s_in, f_in = stock.ns[name], fast.ns[name]
+            if s_in.is_leaf != f_in.is_leaf:  # an in-place op with a grad-requiring operand
+                raise AssertionError(f"{name}.is_leaf {f_in.is_leaf} != stock {s_in.is_leaf}")
+            if s_in.is_leaf:
+                _compare(s_in.grad, f_in.grad, f"{name}.grad")
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                if (stock.ns[a] is stock.ns[b]) != (fast.ns[a] is fast.ns[b]):
+                    raise AssertionError(f"{a} is {b}: dtdispatch {fast.ns[a] is fast.ns[b]}, "
+                                         f"stock {stock.ns[a] is stock.ns[b]}")
+    except Exception as exc:  # a comparison that cannot even run is a difference too
+        return f"{label}: {exc}"
+    return None
+
+
+def _runs(program: Program) -> Iterator[tuple[str, Callable[[], None], Callable[[], None]]]:
+    """The dtdispatch runs: (label, set-up, tear-down)."""
+
+    def nothing() -> None:
+        pass
+
+    def cap1() -> None:
+        dtdispatch.clear_cache()
+        dtdispatch.set_cache_capacity(1)
+
+    capacity = _cache._default_capacity
+
+    def restore() -> None:
+        dtdispatch.set_cache_capacity(capacity)
+
+    yield "plan", dtdispatch.clear_cache, nothing
+    yield "replay", nothing, nothing
+    yield "capacity 1", cap1, restore
+
+
+def failure(program: Program) -> str | None:
+    """Run ``program`` on stock and on dtdispatch (plan, replay, capacity 1); the first difference
+    on any rank as text (the same on every rank), or None. Collective."""
+    mesh = mesh_for(program.mesh)
+    previous = dispatcher.active()
+    dispatcher.install(program.impl)
+    found: str | None = None
+    try:
+        stock = _run(program, DTensor, mesh)
+        for label, set_up, tear_down in _runs(program):
+            set_up()
+            try:
+                fast = _run(program, FastDTensor, mesh)
+            finally:
+                tear_down()
+            found = _diff(program, stock, fast, f"{program.impl} {label}")
+            if _any_rank(found is not None):
+                break
+    finally:
+        dispatcher.install(previous)
+    return _first_report(found)
+
+
+def _first_report(found: str | None) -> str | None:
+    reports: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, found)
+    for rank, report in enumerate(reports):
+        if report is not None:
+            return f"rank {rank}: {report}"
+    return None
+
+
+def check(program: Program) -> None:
+    """Raise AssertionError (with a shrunk, runnable reproduction) when ``program`` differs."""
+    found = failure(program)
+    if found is not None:
+        small = shrink(program)
+        raise AssertionError(f"{found}\n\nminimal reproduction:\n{render(small)}")
+
+
+# --------------------------------------------------------------------------- shrinking
+
+
+def _candidates(program: Program) -> Iterator[Program]:
+    """Smaller or simpler variants of ``program``, the most aggressive first."""
+    lines = program.lines
+    n = len(lines)
+    chunk = max(1, n // 2)
+    while chunk >= 1:
+        for start in range(0, n, chunk):
+            yield replace(program, lines=lines[:start] + lines[start + chunk:])
+        chunk //= 2
+    for i, inp in enumerate(program.inputs):
+        simpler = [
+            replace(inp, requires_grad=False),
+            replace(inp, noncontig=False),
+            replace(inp, placements=("R",) * len(inp.placements)),
+            replace(inp, dtype="float32") if inp.dtype in _FLOATS else inp,
+            replace(inp, shape=tuple(min(s, 4) for s in inp.shape)),
+            replace(inp, shape=tuple(min(s, 2) for s in inp.shape)),
+        ]
+        for code_i, code in enumerate(inp.placements):
+            if code != "R":
+                codes = list(inp.placements)
+                codes[code_i] = "R"
+                simpler.append(replace(inp, placements=tuple(codes)))
+        for s in simpler:
+            if s != inp:
+                inputs = list(program.inputs)
+                inputs[i] = s
+                yield replace(program, inputs=tuple(inputs))
+    if program.mesh not in ("1d",) and program.mesh != "2d":
+        yield replace(program, mesh="1d")
+
+
+def shrink(program: Program, *, budget_s: float = 60.0) -> Program:
+    """A smaller program that still fails (greedy delta debugging). Collective."""
+    deadline = time.monotonic() + budget_s
+    progress = True
+    while progress and _agree(time.monotonic() < deadline):
+        progress = False
+        for candidate in _candidates(program):
+            if not _agree(time.monotonic() < deadline):
+                break
+            if failure(candidate) is not None:
+                program = candidate
+                progress = True
+                break
+    compact = _compact(program)
+    return compact if compact != program and failure(compact) is not None else program
+
+
+def _agree(flag: bool) -> bool:
+    """Rank 0's ``flag`` on every rank (time-based decisions must not diverge)."""
+    t = torch.tensor([1 if flag else 0])
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def render(program: Program) -> str:
+    """``program`` as a script runnable under torchrun (it exits non-zero on a difference); importing
+    it only defines ``program``."""
+    ranks = [int(r) for r in program.mesh[4:].split(",")] if program.mesh.startswith("sub:") else []
+    world = 4 if program.mesh == "2d" or max(ranks, default=0) >= 2 else 2
+    inputs = "".join(f"        {inp!r},\n" for inp in program.inputs)
+    lines = "".join(f"        {line!r},\n" for line in program.lines)
+    return (
+        f"# torchrun --standalone --nproc-per-node {world} repro.py\n"
+        "import torch.distributed as dist\n\n"
+        "from dtdispatch.testing.fuzz import Input, Program, failure\n\n"
+        "program = Program(\n"
+        f"    mesh={program.mesh!r},\n"
+        f"    impl={program.impl!r},\n"
+        f"    inputs=(\n{inputs}    ),\n"
+        f"    lines=(\n{lines}    ),\n"
+        f"    rng_seed={program.rng_seed!r},\n"
+        ")\n\n"
+        'if __name__ == "__main__":\n'
+        '    dist.init_process_group("gloo")\n'
+        "    found = failure(program)\n"
+        "    dist.destroy_process_group()\n"
+        "    if found:\n"
+        "        raise SystemExit(found)\n"
+    )
+
+
+# --------------------------------------------------------------------------- the driver
+
+
+def fuzz(
+    seed: int,
+    *,
+    count: int | None = None,
+    seconds: float | None = None,
+    impls: Sequence[str] | None = None,
+    start: int = 0,
+    shrink_s: float = 60.0,
+) -> tuple[int, list[str]]:
+    """Run programs ``start, start+1, ...`` of ``seed`` until ``count`` ran or ``seconds`` passed
+    (rank 0's clock decides). Returns (programs run, failure reports with shrunk reproductions).
+    Collective."""
+    if count is None and seconds is None:
+        raise ValueError("fuzz needs count= or seconds= (got neither)")
+    from dtdispatch import native
+
+    impls = sorted(native.implementations()) if impls is None else list(impls)
+    deadline = None if seconds is None else time.monotonic() + seconds
+    world = dist.get_world_size()
+    failures: list[str] = []
+    index = start
+    while count is None or index - start < count:
+        if deadline is not None and not _agree(time.monotonic() < deadline):
+            break
+        program = generate(seed, index, world_size=world, impls=impls)
+        found = failure(program)
+        if found is not None:
+            small = shrink(program, budget_s=shrink_s)
+            failures.append(
+                f"seed {seed} program {index}: {found}\n{render(small)}"
+            )
+        index += 1
+    return index - start, failures
