@@ -218,6 +218,11 @@ class Plan:
     alias_pairs: tuple[tuple[int, int], ...]
     """VIEW plans: (argument index, return index) pairs whose storages
     ``return_and_correct_aliasing`` ties."""
+    local_call: Any = None
+    """A public torch function (or ``TensorBase`` method) verified when planned to dispatch exactly
+    ``op_call`` with the same arguments (``local_results.verified_local_call``), or None. The native
+    path calls it instead of ``op_call`` for calls without kwargs while no torch function mode is
+    active: it skips ``OpOverload._op``'s second, schema-driven parse of the arguments."""
 
 
 _registry_lock = threading.Lock()
