@@ -1,16 +1,15 @@
 """Per-op dispatch cost: stock DTensor vs FastDTensor (Python twin) vs FastDTensor (C extension).
 
-Not a test. World size 1 (gloo, file store), 8x8 float32 Shard(0) (``mm``: Shard(0) x Replicate), one
-thread, interleaved batches so that machine noise hits every variant alike. Prints the median µs per
-op call of each variant, the overhead over the plain local op and the ratio to stock. Each op runs
-twice: without autograd, and "+grad" (inputs require grad, grad mode on; forward only, the graph is
-dropped).
+Not a test. World size 1 (gloo, file store), 8x8 float32 Shard(0) (``mm``: Shard(0) x Replicate),
+one thread, interleaved batches so that machine noise hits every variant alike. Prints the median µs
+per op call of each variant and its ratio to stock. Each op runs twice: without autograd, and
+"+grad" (inputs require grad, grad mode on; forward only, the graph is dropped).
 
-"floor" is a minimal Python ``__torch_dispatch__`` (unwrap, call ``OpOverload._op``, wrap; no key, no
-cache, no counting): what entering Python, calling an ``OpOverload`` and building a DTensor cost by
-themselves. "floor-pub" is the same handler calling the public torch function of the overload
-(``torch._C._VariableFunctions.<name>``) instead of ``OpOverload._op``: the cheapest local op call a
-C-API-only path can make.
+"floor" is a minimal Python ``__torch_dispatch__`` (unwrap, call ``OpOverload._op``, wrap; no key,
+no cache, no counting): what entering Python, calling an ``OpOverload`` and building a DTensor cost
+by themselves. "floor-pub" is the same handler calling the public torch function of the overload
+(``torch._C._VariableFunctions.<name>``) instead of ``OpOverload._op``: the cheapest local op call
+a C-API-only path can make.
 
     .venv/bin/python benchmarks/native_overhead.py [--rounds 41] [--batch 1000] [--ops add mul]
 """
@@ -86,8 +85,11 @@ def main() -> None:
     parser.add_argument("--ops", nargs="*", default=list(OPS))
     opts = parser.parse_args()
     torch.set_num_threads(1)
-    cases = [(f"{name}{'+grad' if grad else ''}", OPS[name], grad) for grad in (False, True)
-             for name in opts.ops]
+    cases = [
+        (f"{name}{'+grad' if grad else ''}", OPS[name], grad)
+        for grad in (False, True)
+        for name in opts.ops
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=0, world_size=1)
         try:
@@ -101,13 +103,17 @@ def main() -> None:
                 for stock in (stock_a, stock_b):
                     s = stock.detach().requires_grad_(grad)
                     local = s._local_tensor.detach().requires_grad_(grad)
-                    pair.append({
-                        "local": local,
-                        "floor": _new(_Floor, s._local_tensor, s._spec, requires_grad=grad),
-                        "floor-pub": _new(_FloorPublic, s._local_tensor, s._spec, requires_grad=grad),
-                        "stock": s,
-                        "fast": dtdispatch.accelerate(s),
-                    })
+                    pair.append(
+                        {
+                            "local": local,
+                            "floor": _new(_Floor, s._local_tensor, s._spec, requires_grad=grad),
+                            "floor-pub": _new(
+                                _FloorPublic, s._local_tensor, s._spec, requires_grad=grad
+                            ),
+                            "stock": s,
+                            "fast": dtdispatch.accelerate(s),
+                        }
+                    )
                 return {label: (pair[0][label], pair[1][label]) for label in pair[0]}
 
             by_grad = {grad: inputs(grad) for grad in (False, True)}
@@ -152,7 +158,9 @@ def main() -> None:
         for label in labels[1:]:
             if label != "stock":
                 ratio = med[label] / med["stock"]
-                ratios.setdefault(f"{label} {'grad' if '+grad' in name else 'no grad'}", []).append(ratio)
+                ratios.setdefault(f"{label} {'grad' if '+grad' in name else 'no grad'}", []).append(
+                    ratio
+                )
                 row += f"{ratio:18.3f}"
         print(row)
     for what, values in ratios.items():

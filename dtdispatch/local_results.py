@@ -235,11 +235,11 @@ def _replay_locals(
     return local_args
 
 
-class _Recorder(TorchDispatchMode):
+class _Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch: __init_subclass__ is untyped
     """Records every aten call that reaches the Python dispatch key, then runs it."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]  # torch: untyped
         self.calls: list[tuple[OpOverload, tuple[Any, ...], dict[str, Any]]] = []
 
     def __torch_dispatch__(
@@ -262,7 +262,9 @@ def _same_value(a: object, b: object) -> bool:
         return False
     if isinstance(a, (list, tuple)):
         b_seq = cast(Sequence[object], b)
-        return len(a) == len(b_seq) and all(_same_value(x, y) for x, y in zip(a, b_seq))
+        return len(a) == len(b_seq) and all(
+            _same_value(x, y) for x, y in zip(a, b_seq, strict=True)
+        )
     return bool(a == b)
 
 
@@ -291,7 +293,7 @@ def _same_output(a: object, b: object, *, view: bool) -> bool:
         return (
             type(a) is type(b)
             and len(a) == len(b_seq)
-            and all(_same_output(x, y, view=view) for x, y in zip(a, b_seq))
+            and all(_same_output(x, y, view=view) for x, y in zip(a, b_seq, strict=True))
         )
     return type(a) is type(b) and bool(a == b)
 
@@ -369,12 +371,12 @@ def verified_local_call(
         try:
             with reference:
                 expected = op_call._op(*local_args)
-        except Exception:  # noqa: BLE001  # execute() raises it for the user; no shortcut
+        except Exception:  # execute() raises it for the user; no shortcut
             return None
         try:
             with observed:
                 got = candidate(*local_args)
-        except Exception:  # noqa: BLE001  # this candidate does not take these arguments
+        except Exception:  # this candidate does not take these arguments
             continue
         if (
             len(reference.calls) == 1

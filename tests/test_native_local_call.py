@@ -160,7 +160,9 @@ def test_hit_with_kwargs_on_a_plan_without_them_calls_op_call(mesh: DeviceMesh, 
     _ = x + x
     (plan,) = _plans(aten.add.Tensor)
     assert plan.local_call is VF.add
-    assert _observable(torch.add(x, x, alpha=2)) == _observable(torch.add(stock_x, stock_x, alpha=2))
+    assert _observable(torch.add(x, x, alpha=2)) == _observable(
+        torch.add(stock_x, stock_x, alpha=2)
+    )
     assert dtdispatch.stats()["per_op"]["aten.add.Tensor"]["hits"] >= 1
 
 
@@ -173,7 +175,9 @@ def test_verified_local_call_rejects_a_different_overload(mesh: DeviceMesh) -> N
     # a public function that decomposes (or runs another overload) is not the op
     assert verified_local_call(aten.sum.default, aten.sum.default, [x], None) is VF.sum
     assert verified_local_call(aten.addmm.default, aten.addmm.default, [x, x, x], None) is VF.addmm
-    assert verified_local_call(aten.mul.Tensor, aten.mul.Tensor, [x, torch.tensor(2.0)], None) is None
+    assert (
+        verified_local_call(aten.mul.Tensor, aten.mul.Tensor, [x, torch.tensor(2.0)], None) is None
+    )
 
 
 def test_no_shortcut_planned_under_a_dispatch_mode(mesh: DeviceMesh) -> None:
@@ -184,7 +188,9 @@ def test_no_shortcut_planned_under_a_dispatch_mode(mesh: DeviceMesh) -> None:
             super().__init__()
             self.seen: list[Any] = []
 
-        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
             self.seen.append(func)
             return func(*args, **(kwargs or {}))
 
