@@ -309,12 +309,14 @@ def _key_pins_argument_types(
     local's rank), a value the plan itself supplies (``rewritten``), None, or a scalar of a
     ``scalar_value_free_ops`` op (keyed by its exact type). Anything keyed by value is not pinned
     (``1 == 1.0 == True`` share a key), nor is a 0-dim tensor: the parser may read one as a Scalar
-    depending on ``requires_grad``, which no key holds.
+    depending on ``requires_grad``, which no key holds. Tensors must be plain ``torch.Tensor``s (a
+    subclass's ``__torch_function__`` would see the public function instead of the aten op; the
+    native path checks this again per call, as the key does not hold the local's type).
     """
     value_free = op in _cache._VALUE_FREE_OPS
     for value in local_args:
         if isinstance(value, torch.Tensor):
-            if value.ndim == 0:
+            if value.ndim == 0 or type(value) is not torch.Tensor:
                 return False
         elif not (
             rewritten is not None

@@ -52,6 +52,10 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class _Sub(torch.Tensor):
+    pass
+
+
 class _Passthrough(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         return func(*args, **(kwargs or {}))
@@ -69,7 +73,11 @@ def _workloads(mesh: DeviceMesh) -> dict[str, tuple[Callable[[], Any], list[Any]
     touched = [x, r, inplace, out, x._spec, r._spec, scalar, kwargs_dtype]
     touched += [t._local_tensor for t in (x, r, inplace, out)]
     mode = _Passthrough()
-    touched.append(mode)
+    # the plan of ``x + x`` (a public function) hit with a local whose type is a subclass
+    sub = torch.Tensor._dtensor__new__(
+        type(x), x._local_tensor.as_subclass(_Sub), x._spec, requires_grad=False
+    )
+    touched += [mode, sub, sub._local_tensor]
 
     def under_function_mode() -> Any:
         # __torch_dispatch__ called directly, so the mode is active inside it: Plan.local_call is
@@ -85,6 +93,7 @@ def _workloads(mesh: DeviceMesh) -> dict[str, tuple[Callable[[], Any], list[Any]
         "view (aliasing)": (lambda: x.view(64), touched),
         "t (view through a public function)": (lambda: x.t(), touched),
         "add under a torch function mode (op_call)": (under_function_mode, touched),
+        "add on a tensor-subclass local (op_call)": (lambda: sub + sub, touched),
         "in-place": (lambda: inplace.mul_(1.0), touched),
         "out=": (lambda: torch.add(x, x, out=out), touched),
         "cat (tensor list)": (lambda: torch.cat([x, x], 0), touched),
@@ -105,6 +114,7 @@ WORKLOADS = [
     "view (aliasing)",
     "t (view through a public function)",
     "add under a torch function mode (op_call)",
+    "add on a tensor-subclass local (op_call)",
     "in-place",
     "out=",
     "cat (tensor list)",

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -226,6 +226,36 @@ def test_torch_function_mode_sees_the_aten_op_not_the_public_function(
     assert aten.add.Tensor in mode.seen
     assert VF.add not in mode.seen
     assert _observable(out) == _observable(stock_x + stock_x)
+    assert dtdispatch.stats()["per_op"]["aten.add.Tensor"]["hits"] == 1
+
+
+class _Tagged(torch.Tensor):
+    """A local tensor subclass with its own ``__torch_function__`` (as torchao's float8 weights)."""
+
+    seen: ClassVar[list[Any]] = []
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        cls.seen.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_subclass_local_sees_the_aten_op_not_the_public_function(
+    mesh: DeviceMesh, impl: str
+) -> None:
+    """The key holds specs, not the locals' types: a hit whose local is a tensor subclass calls
+    ``op_call``, so its ``__torch_function__`` sees what it saw before this shortcut existed."""
+    _, x = _pair(mesh, Shard(0))
+    _ = x + x
+    (plan,) = _plans(aten.add.Tensor)
+    assert plan.local_call is VF.add
+    tagged = x._local_tensor.as_subclass(_Tagged)
+    y = torch.Tensor._dtensor__new__(FastDTensor, tagged, x._spec, requires_grad=False)
+    _Tagged.seen.clear()
+    out = y + y
+    assert aten.add.Tensor in _Tagged.seen
+    assert VF.add not in _Tagged.seen
+    assert _bits(out._local_tensor) == _bits(x._local_tensor + x._local_tensor)
     assert dtdispatch.stats()["per_op"]["aten.add.Tensor"]["hits"] == 1
 
 

@@ -91,10 +91,15 @@ def dispatch(
             k: (v._local_tensor if isinstance(v, dtensor_type) else v) for k, v in kwargs.items()
         }
         result = plan.op_call(*local, **local_kwargs)
-    elif plan.local_call is not None and not c["torch_function_mode_enabled"]():
+    elif (
+        plan.local_call is not None
+        and not c["torch_function_mode_enabled"]()
+        and _plain_tensors(local, c["tensor_type"])
+    ):
         # The public function verified when planned (Plan.local_call): it skips OpOverload._op's
-        # second, schema-driven parse of the arguments. NOTE: under a torch function mode the mode
-        # would see it instead of the aten op, so op_call stays.
+        # second, schema-driven parse of the arguments. NOTE: a torch function mode, or a local
+        # tensor subclass's __torch_function__, would see it instead of the aten op (the key holds
+        # neither), so then op_call stays.
         result = plan.local_call(*local)
     else:
         result = plan.op_call(*local)
@@ -120,6 +125,11 @@ def dispatch(
             for r in ret if isinstance(ret, list) else (ret,):
                 unsafe_set(r, args[arg_index])
     return wrapped
+
+
+def _plain_tensors(values: list[Any], tensor_type: type[Any]) -> bool:
+    """Every tensor among ``values`` is exactly ``tensor_type`` (no subclass)."""
+    return all(type(v) is tensor_type or not isinstance(v, tensor_type) for v in values)
 
 
 def _wrap(result: Any, spec: Any, fast_type: type, new: Any, tensor_type: type[Any]) -> Any:

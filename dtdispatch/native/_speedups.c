@@ -1684,21 +1684,34 @@ static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv,
         Py_DECREF(pairs_seq);
     }
     if (!has_kwargs) {
-        /* elif plan.local_call is not None and not c["torch_function_mode_enabled"](): result =
-         * plan.local_call(*local). The public function verified when planned (Plan.local_call): it skips
-         * OpOverload._op's second, schema-driven parse. NOTE: under a torch function mode the mode would see it
-         * instead of the aten op, so op_call stays. */
+        /* elif plan.local_call is not None and not c["torch_function_mode_enabled"]() and all(type(a) is
+         * c["tensor_type"] or not isinstance(a, c["tensor_type"]) for a in local) (_plain_tensors): result =
+         * plan.local_call(*local).
+         * The public function verified when planned (Plan.local_call): it skips OpOverload._op's second,
+         * schema-driven parse. NOTE: a torch function mode, or a local tensor subclass's __torch_function__,
+         * would see it instead of the aten op (the key holds neither), so then op_call stays. */
         if ((tmp = GET_SLOT(plan, local_call)) == NULL)
             goto done;
         if (tmp != Py_None) {
-            if (cfg(cfg_tf_mode_enabled, "torch_function_mode_enabled") == NULL)
+            if (cfg(cfg_tf_mode_enabled, "torch_function_mode_enabled") == NULL ||
+                cfg(cfg_tensor_type, "tensor_type") == NULL)
                 goto done;
             PyObject *flag = PyObject_CallNoArgs(cfg_tf_mode_enabled);
             int mode_on = flag != NULL ? PyObject_IsTrue(flag) : -1;
             Py_XDECREF(flag);
             if (mode_on < 0)
                 goto done;
-            if (!mode_on) {
+            int plain = !mode_on;
+            for (Py_ssize_t i = 1; plain && i < local.len; i++) {
+                PyObject *a = local.items[i];
+                if ((PyObject *)Py_TYPE(a) != cfg_tensor_type) {
+                    int ist = is_instance(a, cfg_tensor_type, tensor_cfg_check_is_plain);
+                    if (ist < 0)
+                        goto done;
+                    plain = !ist;
+                }
+            }
+            if (plain) {
                 local_result = PyObject_Vectorcall(tmp, local.items + 1,
                                                    (size_t)(local.len - 1) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
                 Py_CLEAR(tmp);
