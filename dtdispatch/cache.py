@@ -222,6 +222,11 @@ class Plan:
     """The ``_MaskPartial`` placements the transforms create (vocab-parallel embedding, gather):
     templates only. A mask buffer is per-call state, so ``execute`` swaps each for a fresh copy on
     every call (``local_results._fresh_masks``), and such a plan is never ``fast``."""
+    local_call: Any = None
+    """A public torch function (or ``TensorBase`` method) verified when planned to dispatch exactly
+    ``op_call`` with the same arguments (``local_results.verified_local_call``), or None. The native
+    path calls it instead of ``op_call`` for calls without kwargs while no torch function mode is
+    active: it skips ``OpOverload._op``'s second, schema-driven parse of the arguments."""
 
 
 _registry_lock = threading.Lock()

@@ -157,6 +157,7 @@ def install(name: str, *, above: bool | None = None) -> None:
             "thread_cache": _cache.thread_cache,
             "unsafe_set": torch._functionalize_unsafe_set,
             "explicit_local": _compat.explicit_redistribution_local,
+            "torch_function_mode_enabled": torch._C._is_torch_function_mode_enabled,
         }
     )
     FastDTensor.__torch_dispatch__ = classmethod(module.dispatch)  # type: ignore[assignment]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import torch
@@ -22,13 +22,18 @@ from torch.distributed.tensor._op_schema import OpInfo, OutputSharding
 from torch.distributed.tensor._random import is_rng_supported_mesh
 from torch.distributed.tensor._redistribute import redistribute_local_tensor
 from torch.distributed.tensor.placement_types import _MaskPartial
-from torch.utils._python_dispatch import get_alias_info, return_and_correct_aliasing
+from torch.utils._python_dispatch import (
+    TorchDispatchMode,
+    get_alias_info,
+    return_and_correct_aliasing,
+)
 
 from dtdispatch import _compat
+from dtdispatch import cache as _cache
 from dtdispatch._tensor import FastDTensor
 from dtdispatch.cache import EQUAL, INPLACE, NEW, OUT, VIEW, Plan
 
-__all__ = ["execute", "make_plan", "random_ops", "wrap"]
+__all__ = ["execute", "make_plan", "random_ops", "verified_local_call", "wrap"]
 
 aten = torch.ops.aten
 _new = torch.Tensor._dtensor__new__
@@ -196,6 +201,11 @@ def make_plan(
         reason = ""
     out_names = tuple(a.name for a in op._schema.arguments if a.is_out) if kind == OUT else ()
     alias_pairs = tuple(get_alias_info(op).read_only_alias_match_indexes) if kind == VIEW else ()
+    local_call = None
+    if not reason and kind in (NEW, VIEW) and not needs_pytree and not op_info.local_kwargs:
+        local_call = verified_local_call(
+            op, op_call, _replay_locals(list(op_info.local_args), rewritten, chunks), rewritten
+        )
     return Plan(
         op_call=op_call,
         mesh=op_info.compute_mesh,
@@ -213,6 +223,7 @@ def make_plan(
         chunks=chunks,
         alias_pairs=alias_pairs,
         masks=masks,
+        local_call=local_call,
     )
 
 
@@ -273,6 +284,183 @@ def _fresh_masks(plan: Plan) -> Plan:
         transforms=tuple(respec(t) for t in transforms) if transforms is not None else None,
         output_spec=respec(plan.output_spec),
     )
+
+
+def _replay_locals(
+    local_args: list[Any],
+    rewritten: tuple[object, ...] | None,
+    chunks: tuple[tuple[int, int, int, int], ...] | None,
+) -> list[Any]:
+    """The positional arguments the native path hands the local op for this call (the unwrap block
+    of ``_native.dispatch``, from torch's already unwrapped ``local_args``)."""
+    if rewritten is not None:
+        local_args = [
+            a if isinstance(a, torch.Tensor) else rewritten[i] for i, a in enumerate(local_args)
+        ]
+        local_args.extend(rewritten[len(local_args) :])
+    for index, dim, offset, length in chunks or ():
+        local_args[index] = local_args[index].narrow(dim, offset, length).clone()
+    return local_args
+
+
+class _Recorder(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch: __init_subclass__ is untyped
+    """Records every aten call that reaches the Python dispatch key, then runs it."""
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]  # torch: untyped
+        self.calls: list[tuple[OpOverload, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __torch_dispatch__(
+        self,
+        func: OpOverload,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        self.calls.append((func, args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _same_value(a: object, b: object) -> bool:
+    """Tensors by identity; everything else by exact type and ``==``, element by element."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return a is b
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (list, tuple)):
+        b_seq = cast(Sequence[object], b)
+        return len(a) == len(b_seq) and all(
+            _same_value(x, y) for x, y in zip(a, b_seq, strict=True)
+        )
+    return bool(a == b)
+
+
+def _same_output(a: object, b: object, *, view: bool) -> bool:
+    """Bitwise the same result: type, shape, stride, offset, dtype, device, values (and, for
+    views, the same storage)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        same = (
+            type(a) is type(b)
+            and a.shape == b.shape
+            and a.stride() == b.stride()
+            and a.storage_offset() == b.storage_offset()
+            and a.dtype == b.dtype
+            and a.device == b.device
+            and a.requires_grad == b.requires_grad
+            and (not view or a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
+        )
+        if not same or a.numel() == 0:
+            return same
+        return torch.equal(
+            a.detach().contiguous().reshape(-1).view(torch.uint8),
+            b.detach().contiguous().reshape(-1).view(torch.uint8),
+        )
+    if isinstance(a, (list, tuple)):
+        b_seq = cast(Sequence[object], b)
+        return (
+            type(a) is type(b)
+            and len(a) == len(b_seq)
+            and all(_same_output(x, y, view=view) for x, y in zip(a, b_seq, strict=True))
+        )
+    return type(a) is type(b) and bool(a == b)
+
+
+def _key_pins_argument_types(
+    op: OpOverload, local_args: Sequence[Any], rewritten: tuple[object, ...] | None
+) -> bool:
+    """True when every call that hits this plan's key hands the local op positional arguments that
+    torch's Python argument parser reads the same way as ``local_args``.
+
+    The parser picks an overload from the Python types of the arguments, so each position's type
+    must be fixed by the key: a tensor of at least one dimension (a DTensor's spec fixes its
+    local's rank), a value the plan itself supplies (``rewritten``), None, or a scalar of a
+    ``scalar_value_free_ops`` op (keyed by its exact type). Anything keyed by value is not pinned
+    (``1 == 1.0 == True`` share a key), nor is a 0-dim tensor: the parser may read one as a Scalar
+    depending on ``requires_grad``, which no key holds. Tensors must be plain ``torch.Tensor``s (a
+    subclass's ``__torch_function__`` would see the public function instead of the aten op; the
+    native path checks this again per call, as the key does not hold the local's type).
+    """
+    value_free = op in _cache._VALUE_FREE_OPS
+    for value in local_args:
+        if isinstance(value, torch.Tensor):
+            if value.ndim == 0 or type(value) is not torch.Tensor:
+                return False
+        elif not (
+            rewritten is not None
+            or value is None
+            or (value_free and type(value) in _cache._SCALAR_TYPES)
+        ):
+            return False
+    return True
+
+
+def _public_callables(op: OpOverload) -> list[Callable[..., Any]]:
+    """The public functions named like ``op``: ``torch._C._VariableFunctions`` (the ``torch.*``
+    functions), then the ``Tensor`` method (called with self first)."""
+    namespace, _, name = op._schema.name.partition("::")
+    if namespace != "aten":
+        return []
+    found = []
+    for owner in (torch._C._VariableFunctions, torch._C.TensorBase):
+        candidate = getattr(owner, name, None)
+        if callable(candidate) and not isinstance(candidate, type):
+            found.append(candidate)
+    return found
+
+
+def verified_local_call(
+    op: OpOverload,
+    op_call: OpOverload,
+    local_args: list[Any],
+    rewritten: tuple[object, ...] | None,
+) -> Callable[..., Any] | None:
+    """A public function that provably runs ``op_call`` on ``local_args`` as ``op_call._op`` does,
+    or None.
+
+    Both run once on these very arguments under a recording dispatch mode: accepted only when each
+    dispatches exactly one aten call, ``op_call``, with identical arguments (tensors by identity,
+    other values by type and value) and the results are bitwise the same. That holds for every
+    later call with the plan's key only when the key pins how the public function's parser reads
+    each argument (``_key_pins_argument_types``). ``op`` must not mutate its inputs.
+    NOTE: when in doubt, None: the plan then calls ``op_call`` as before (a wrong overload is a
+    silent wrong result).
+    """
+    if (
+        op_call._schema.is_mutable
+        or not _key_pins_argument_types(op, local_args, rewritten)
+        # A user's mode would see the verification calls (and a torch function mode would see the
+        # public call): plan without the shortcut.
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._is_torch_function_mode_enabled()
+    ):
+        return None
+    view = _output_kind(op_call) == VIEW
+    for candidate in _public_callables(op_call):
+        reference, observed = _Recorder(), _Recorder()
+        try:
+            with reference:
+                expected = op_call._op(*local_args)
+        except Exception:  # execute() raises it for the user; no shortcut
+            return None
+        try:
+            with observed:
+                got = candidate(*local_args)
+        except Exception:  # this candidate does not take these arguments
+            continue
+        if (
+            len(reference.calls) == 1
+            and len(observed.calls) == 1
+            and reference.calls[0][0] is op_call
+            and observed.calls[0][0] is op_call
+            and _same_value(reference.calls[0][1], observed.calls[0][1])
+            and _same_value(
+                sorted(reference.calls[0][2].items()), sorted(observed.calls[0][2].items())
+            )
+            and _same_output(expected, got, view=view)
+        ):
+            return candidate
+    return None
 
 
 def wrap(result: object, spec: object) -> object:

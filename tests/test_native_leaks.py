@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+from torch.overrides import TorchFunctionMode
 
 import dtdispatch
-from dtdispatch import cache, dispatcher, native
+from dtdispatch import FastDTensor, cache, dispatcher, native
 
 _speedups = native.implementations().get("native")
 pytestmark = pytest.mark.skipif(
@@ -51,6 +52,15 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+class _Sub(torch.Tensor):
+    pass
+
+
+class _Passthrough(TorchFunctionMode):
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
 def _workloads(mesh: DeviceMesh) -> dict[str, tuple[Callable[[], Any], list[Any]]]:
     """name -> (one call, the objects whose reference counts must not move)."""
 
@@ -62,12 +72,28 @@ def _workloads(mesh: DeviceMesh) -> dict[str, tuple[Callable[[], Any], list[Any]
     kwargs_dtype = torch.float64
     touched = [x, r, inplace, out, x._spec, r._spec, scalar, kwargs_dtype]
     touched += [t._local_tensor for t in (x, r, inplace, out)]
+    mode = _Passthrough()
+    # the plan of ``x + x`` (a public function) hit with a local whose type is a subclass
+    sub = torch.Tensor._dtensor__new__(
+        type(x), x._local_tensor.as_subclass(_Sub), x._spec, requires_grad=False
+    )
+    touched += [mode, sub, sub._local_tensor]
+
+    def under_function_mode() -> Any:
+        # __torch_dispatch__ called directly, so the mode is active inside it: Plan.local_call is
+        # skipped and op_call runs
+        with mode:
+            return FastDTensor.__torch_dispatch__(aten.add.Tensor, (FastDTensor,), (x, x), {})
+
     return {
         "add (new output)": (lambda: x + x, touched),
         "mul by a Python scalar": (lambda: x * 2.5, touched),
         "mul by a 0-d plain tensor": (lambda: x * scalar, touched),
         "Shard + Replicate (local chunk)": (lambda: x + r, touched),
         "view (aliasing)": (lambda: x.view(64), touched),
+        "t (view through a public function)": (lambda: x.t(), touched),
+        "add under a torch function mode (op_call)": (under_function_mode, touched),
+        "add on a tensor-subclass local (op_call)": (lambda: sub + sub, touched),
         "in-place": (lambda: inplace.mul_(1.0), touched),
         "out=": (lambda: torch.add(x, x, out=out), touched),
         "cat (tensor list)": (lambda: torch.cat([x, x], 0), touched),
@@ -86,6 +112,9 @@ WORKLOADS = [
     "mul by a 0-d plain tensor",
     "Shard + Replicate (local chunk)",
     "view (aliasing)",
+    "t (view through a public function)",
+    "add under a torch function mode (op_call)",
+    "add on a tensor-subclass local (op_call)",
     "in-place",
     "out=",
     "cat (tensor list)",
@@ -130,6 +159,7 @@ def test_dispatch_leaves_nothing_behind(mesh: DeviceMesh, name: str) -> None:
         aten.add.Tensor,
         aten.mul.Tensor,
         aten.view.default,
+        aten.t.default,
         aten.mul_.Tensor,
         aten.add.out,
         aten.cat.default,

@@ -19,7 +19,8 @@ _config: dict[str, Any] = {}
 
 def configure(config: dict[str, Any]) -> None:
     """Hand over what the hot path needs, resolved once: ``slow_path``, ``custom_ops``,
-    ``dtensor_type``, ``fast_type``, ``new`` (``torch.Tensor._dtensor__new__``)."""
+    ``dtensor_type``, ``fast_type``, ``new`` (``torch.Tensor._dtensor__new__``),
+    ``torch_function_mode_enabled`` (``torch._C._is_torch_function_mode_enabled``) ..."""
     _config.update(config)
 
 
@@ -90,6 +91,16 @@ def dispatch(
             k: (v._local_tensor if isinstance(v, dtensor_type) else v) for k, v in kwargs.items()
         }
         result = plan.op_call(*local, **local_kwargs)
+    elif (
+        plan.local_call is not None
+        and not c["torch_function_mode_enabled"]()
+        and _plain_tensors(local, c["tensor_type"])
+    ):
+        # The public function verified when planned (Plan.local_call): it skips OpOverload._op's
+        # second, schema-driven parse of the arguments. NOTE: a torch function mode, or a local
+        # tensor subclass's __torch_function__, would see it instead of the aten op (the key holds
+        # neither), so then op_call stays.
+        result = plan.local_call(*local)
     else:
         result = plan.op_call(*local)
     # Block: return, by output kind (torch's _dispatch_fast_path_python_tail and wrap).
@@ -116,13 +127,19 @@ def dispatch(
     return wrapped
 
 
+def _plain_tensors(values: list[Any], tensor_type: type[Any]) -> bool:
+    """Every tensor among ``values`` is exactly ``tensor_type`` (no subclass)."""
+    return all(type(v) is tensor_type or not isinstance(v, tensor_type) for v in values)
+
+
 def _wrap(result: Any, spec: Any, fast_type: type, new: Any, tensor_type: type[Any]) -> Any:
     """torch's ``OpDispatcher.wrap`` with FastDTensor outputs (a spec-less tensor output is a 0-d
     tensor)."""
     if isinstance(result, tensor_type):
         if spec is None:
             return result
-        return new(fast_type, result, spec, requires_grad=result.requires_grad)
+        # requires_grad passed by position: a keyword costs torch's parser a kwargs dict per call.
+        return new(fast_type, result, spec, result.requires_grad)
     if isinstance(result, (tuple, list)):
         wrapped = [
             _wrap(r, s, fast_type, new, tensor_type) for r, s in zip(result, spec, strict=False)

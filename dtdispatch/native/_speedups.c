@@ -75,6 +75,7 @@ static PyObject *cfg_new;            /* c["new"]: torch.Tensor._dtensor__new__ *
 static PyObject *cfg_thread_cache;   /* c["thread_cache"] */
 static PyObject *cfg_unsafe_set;     /* c["unsafe_set"]: torch._functionalize_unsafe_set */
 static PyObject *cfg_explicit_local; /* c["explicit_local"]: ExplicitRedistributionContext._local */
+static PyObject *cfg_tf_mode_enabled; /* c["torch_function_mode_enabled"]: torch._C._is_torch_function_mode_enabled */
 static int dtensor_check_is_plain;   /* type(dtensor_type) keeps type.__instancecheck__ */
 static int tensor_cfg_check_is_plain;
 
@@ -109,7 +110,6 @@ static int own_tuple_hash_ok;          /* key_hash reproduces tuple.__hash__ (ch
 /* Looked up once at module init. */
 static PyObject *odict_type;           /* collections.OrderedDict: .get is dict's for exactly this type */
 static PyObject *object_class_descr;   /* object.__dict__["__class__"] */
-static PyObject *requires_grad_kwnames; /* ("requires_grad",) */
 static PyObject *small_one, *small_zero, *empty_tuple;
 
 /* Interned attribute / method names. */
@@ -117,7 +117,7 @@ static PyObject *s_local_tensor, *s_spec, *s_tensor_meta, *s_shape, *s_entries, 
     *s_reason, *s_op_call, *s_output_spec, *s_requires_grad, *s_per_op, *s_op, *s_numel, *s_ndim, *s_stride,
     *s_dtype, *s_get, *s_op_counters, *s_static_argnum, *s_static_kwargkey, *s_class, *s_call_dunder,
     *s_hash_dunder, *s_hash_attr, *s_value_free_ops, *s_chunks, *s_needs_pytree, *s_rewritten_args, *s_kind,
-    *s_out_names, *s_alias_pairs, *s_active, *s_narrow, *s_clone, *s_tc_key, *s_custom_handler, *s_no_key,
+    *s_out_names, *s_alias_pairs, *s_local_call, *s_active, *s_narrow, *s_clone, *s_tc_key, *s_custom_handler, *s_no_key,
     *s_miss, *s_explicit_reason;
 
 /* ------------------------------------------------------------------------------------------------------ */
@@ -178,7 +178,7 @@ typedef struct {
 } SlotAttr;
 
 static SlotAttr sa_local_tensor, sa_spec, sa_entries, sa_per_op, sa_fast, sa_reason, sa_chunks, sa_needs_pytree,
-    sa_rewritten_args, sa_op_call, sa_kind, sa_output_spec, sa_out_names, sa_alias_pairs;
+    sa_rewritten_args, sa_op_call, sa_kind, sa_output_spec, sa_out_names, sa_alias_pairs, sa_local_call;
 
 static void slot_init(SlotAttr *a, PyObject *owner, PyObject *name)
 {
@@ -602,6 +602,7 @@ static int load_cache_names(void)
     slot_init(&sa_output_spec, plan_type, s_output_spec);
     slot_init(&sa_out_names, plan_type, s_out_names);
     slot_init(&sa_alias_pairs, plan_type, s_alias_pairs);
+    slot_init(&sa_local_call, plan_type, s_local_call);
     if (check_tuple_hash() < 0)
         goto done;
     cache_loaded = 1;
@@ -1103,6 +1104,7 @@ static PyObject *sp_configure(PyObject *Py_UNUSED(module), PyObject *const *args
     take_config(config, "thread_cache", &cfg_thread_cache);
     take_config(config, "unsafe_set", &cfg_unsafe_set);
     take_config(config, "explicit_local", &cfg_explicit_local);
+    take_config(config, "torch_function_mode_enabled", &cfg_tf_mode_enabled);
     Py_DECREF(config);
     dtensor_check_is_plain = plain_instancecheck(cfg_dtensor_type);
     tensor_cfg_check_is_plain = plain_instancecheck(cfg_tensor_type);
@@ -1289,13 +1291,12 @@ static PyObject *wrap(PyObject *result, PyObject *spec, PyObject *fast_type, PyO
         /* if spec is None: return result */
         if (spec == Py_None)
             return Py_NewRef(result);
-        /* return new(fast_type, result, spec, requires_grad=result.requires_grad) */
+        /* return new(fast_type, result, spec, result.requires_grad) (by position: no kwargs dict per call) */
         PyObject *rg = PyObject_GetAttr(result, s_requires_grad);
         if (rg == NULL)
             return NULL;
         PyObject *call_args[5] = {NULL, fast_type, result, spec, rg};
-        PyObject *out =
-            PyObject_Vectorcall(new_fn, call_args + 1, 3 | PY_VECTORCALL_ARGUMENTS_OFFSET, requires_grad_kwnames);
+        PyObject *out = PyObject_Vectorcall(new_fn, call_args + 1, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
         Py_DECREF(rg);
         return out;
     }
@@ -1682,12 +1683,53 @@ static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv,
         }
         Py_DECREF(pairs_seq);
     }
-    if ((tmp = GET_SLOT(plan, op_call)) == NULL)
-        goto done;
-    local_result = call_op(tmp, local.items + 1, local.len - 1, local_kwargs);
-    Py_CLEAR(tmp);
-    if (local_result == NULL)
-        goto done;
+    if (!has_kwargs) {
+        /* elif plan.local_call is not None and not c["torch_function_mode_enabled"]() and all(type(a) is
+         * c["tensor_type"] or not isinstance(a, c["tensor_type"]) for a in local) (_plain_tensors): result =
+         * plan.local_call(*local).
+         * The public function verified when planned (Plan.local_call): it skips OpOverload._op's second,
+         * schema-driven parse. NOTE: a torch function mode, or a local tensor subclass's __torch_function__,
+         * would see it instead of the aten op (the key holds neither), so then op_call stays. */
+        if ((tmp = GET_SLOT(plan, local_call)) == NULL)
+            goto done;
+        if (tmp != Py_None) {
+            if (cfg(cfg_tf_mode_enabled, "torch_function_mode_enabled") == NULL ||
+                cfg(cfg_tensor_type, "tensor_type") == NULL)
+                goto done;
+            PyObject *flag = PyObject_CallNoArgs(cfg_tf_mode_enabled);
+            int mode_on = flag != NULL ? PyObject_IsTrue(flag) : -1;
+            Py_XDECREF(flag);
+            if (mode_on < 0)
+                goto done;
+            int plain = !mode_on;
+            for (Py_ssize_t i = 1; plain && i < local.len; i++) {
+                PyObject *a = local.items[i];
+                if ((PyObject *)Py_TYPE(a) != cfg_tensor_type) {
+                    int ist = is_instance(a, cfg_tensor_type, tensor_cfg_check_is_plain);
+                    if (ist < 0)
+                        goto done;
+                    plain = !ist;
+                }
+            }
+            if (plain) {
+                local_result = PyObject_Vectorcall(tmp, local.items + 1,
+                                                   (size_t)(local.len - 1) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+                Py_CLEAR(tmp);
+                if (local_result == NULL)
+                    goto done;
+            }
+        }
+        Py_CLEAR(tmp);
+    }
+    if (local_result == NULL) {
+        /* else: result = plan.op_call(*local) (or with **local_kwargs) */
+        if ((tmp = GET_SLOT(plan, op_call)) == NULL)
+            goto done;
+        local_result = call_op(tmp, local.items + 1, local.len - 1, local_kwargs);
+        Py_CLEAR(tmp);
+        if (local_result == NULL)
+            goto done;
+    }
 
     /* Block: return, by output kind (torch's _dispatch_fast_path_python_tail and wrap). kind = plan.kind */
     if ((kind = GET_SLOT(plan, kind)) == NULL)
@@ -1897,6 +1939,7 @@ PyMODINIT_FUNC PyInit__speedups(void)
     INTERN(s_kind, "kind");
     INTERN(s_out_names, "out_names");
     INTERN(s_alias_pairs, "alias_pairs");
+    INTERN(s_local_call, "local_call");
     INTERN(s_active, "_active");
     INTERN(s_narrow, "narrow");
     INTERN(s_clone, "clone");
@@ -1906,8 +1949,7 @@ PyMODINIT_FUNC PyInit__speedups(void)
     INTERN(s_no_key, "no key");
     INTERN(s_miss, "miss");
     INTERN(s_explicit_reason, "explicit redistribution context");
-    if ((requires_grad_kwnames = PyTuple_Pack(1, s_requires_grad)) == NULL ||
-        (small_one = PyLong_FromLong(1)) == NULL || (small_zero = PyLong_FromLong(0)) == NULL ||
+    if ((small_one = PyLong_FromLong(1)) == NULL || (small_zero = PyLong_FromLong(0)) == NULL ||
         (empty_tuple = PyTuple_New(0)) == NULL)
         return NULL;
     object_class_descr = _PyType_Lookup(&PyBaseObject_Type, s_class);

@@ -11,7 +11,7 @@ from torch._ops import OpOverload
 def configure(config: dict[str, Any]) -> None:
     """Hand over what the hot path needs (``_native.configure``): ``slow_path``, ``custom_ops``,
     ``dtensor_type``, ``tensor_type``, ``fast_type``, ``new``, ``thread_cache``, ``unsafe_set``,
-    ``explicit_local``. Later calls update the keys they name."""
+    ``explicit_local``, ``torch_function_mode_enabled``. Later calls update the keys they name."""
 
 def build_key(
     op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]
