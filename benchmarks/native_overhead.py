@@ -9,7 +9,8 @@ per op call of each variant and its ratio to stock. Each op runs twice: without 
 no cache, no counting): what entering Python, calling an ``OpOverload`` and building a DTensor cost
 by themselves. "floor-pub" is the same handler calling the public torch function of the overload
 (``torch._C._VariableFunctions.<name>``) instead of ``OpOverload._op``: the cheapest local op call
-a C-API-only path can make.
+a C-API-only path can make. "native-op" is the C path with every cached plan's ``local_call``
+cleared (``OpOverload._op``, as before that shortcut existed).
 
     .venv/bin/python benchmarks/native_overhead.py [--rounds 41] [--batch 1000] [--ops add mul]
 """
@@ -17,6 +18,7 @@ a C-API-only path can make.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import tempfile
@@ -30,7 +32,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import dtdispatch
-from dtdispatch import dispatcher, native
+from dtdispatch import cache, dispatcher, native
 
 _new = torch.Tensor._dtensor__new__
 _VF = torch._C._VariableFunctions
@@ -68,6 +70,20 @@ class _FloorPublic(DTensor):
         local = [a._local_tensor if isinstance(a, DTensor) else a for a in args]
         out = getattr(_VF, func._schema.name[6:])(*local)
         return _new(cls, out, args[0]._spec, requires_grad=out.requires_grad)
+
+
+_saved_local_calls: dict[Any, Any] = {}
+
+
+def _set_local_calls(*, enabled: bool) -> None:
+    """Clear every cached plan's ``local_call`` (remembering it), or put it back."""
+    entries = cache.thread_cache().entries
+    for key, plan in entries.items():
+        if enabled and key in _saved_local_calls:
+            entries[key] = dataclasses.replace(plan, local_call=_saved_local_calls[key])
+        elif not enabled and plan.local_call is not None:
+            _saved_local_calls[key] = plan.local_call
+            entries[key] = dataclasses.replace(plan, local_call=None)
 
 
 def _time(fn: Callable[[Any, Any], Any], args: tuple[Any, Any], batch: int) -> float:
@@ -124,17 +140,24 @@ def main() -> None:
                 ("stock", "stock", None),
             ]
             variants += [(f"fast[{impl}]", "fast", impl) for impl in impls]
+            if "native" in impls:
+                # the C path with every plan's local_call cleared: OpOverload._op, as before it
+                variants.append(("native-op", "fast", "native-op"))
             samples: dict[tuple[str, str], list[float]] = {}
+
+            def select(impl: str | None) -> None:
+                if impl is not None:
+                    dispatcher.install(impl.removesuffix("-op"))
+                    _set_local_calls(enabled=impl != "native-op")
+
             for _, fn, grad in cases:
                 for _label, kind, impl in variants:  # warm up: fill the plan caches
-                    if impl is not None:
-                        dispatcher.install(impl)
+                    select(impl)
                     _time(fn, by_grad[grad][kind], 200)
             for _ in range(opts.rounds):
                 for name, fn, grad in cases:
                     for label, kind, impl in variants:
-                        if impl is not None:
-                            dispatcher.install(impl)
+                        select(impl)
                         samples.setdefault((name, label), []).append(
                             _time(fn, by_grad[grad][kind], opts.batch)
                         )

@@ -382,14 +382,16 @@ def _key_pins_argument_types(
     native path checks this again per call, as the key does not hold the local's type).
     """
     value_free = op in _cache._VALUE_FREE_OPS
-    for value in local_args:
+    static_argnum = _cache.schema_info(op).static_argnum
+    for index, value in enumerate(local_args):
         if isinstance(value, torch.Tensor):
             if value.ndim == 0 or type(value) is not torch.Tensor:
                 return False
         elif not (
             rewritten is not None
             or value is None
-            or (value_free and type(value) in _cache._SCALAR_TYPES)
+            # keyed (index >= static_argnum), and by type
+            or (value_free and index >= static_argnum and type(value) in _cache._SCALAR_TYPES)
         ):
             return False
     return True

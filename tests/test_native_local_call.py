@@ -275,3 +275,14 @@ def test_autograd_forward_and_backward_bitwise_equal_to_stock(mesh: DeviceMesh, 
         results.append(outs)
     assert results[0] == results[1]
     assert any(p.local_call is not None for p in cache.thread_cache().entries.values())
+
+
+def test_unkeyed_scalar_is_not_pinned(mesh: DeviceMesh, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scalar below ``static_argnum`` is left out of the key (any type hits the plan), so even a
+    type-keyed op's scalar there does not pin the parser's reading."""
+    from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
+
+    x = torch.randn(4, 4)
+    assert verified_local_call(aten.mul.Tensor, aten.mul.Tensor, [x, 2.5], None) is VF.mul
+    monkeypatch.setattr(cache, "schema_info", lambda op: RuntimeSchemaInfo(static_argnum=2))
+    assert verified_local_call(aten.mul.Tensor, aten.mul.Tensor, [x, 2.5], None) is None
