@@ -24,8 +24,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -69,11 +68,10 @@ stock behaviour)."""
 _RANDOM_OPS = random_ops()
 
 
-@dataclass(frozen=True, slots=True)
-class ReplayPlan:
+class ReplayPlan(NamedTuple):
     """How to replay one key on the locals. ``out`` is an output entry (see ``native._function``);
     ``bumps`` holds (flat FastDTensor argument index, version delta) for arguments modified in
-    place."""
+    place. NOTE: a tuple, so the C path reads its fields by index (out, bumps, below)."""
 
     out: tuple[int, Any]
     bumps: tuple[tuple[int, int], ...]

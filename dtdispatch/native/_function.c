@@ -48,6 +48,14 @@ static void drop_error(SavedError e)
 #error "dtdispatch._function_c relies on the GIL (module state and AboveCache are unlocked)"
 #endif
 
+/* The known-hash dict helper is exported (non-limited API) up to 3.12; newer Pythons use the plain
+ * lookup (same result, one more hash of the key). */
+#if PY_VERSION_HEX < 0x030D0000
+#define DTD_KNOWN_HASH 1
+#else
+#define DTD_KNOWN_HASH 0
+#endif
+
 /* Module state: mirrors _function._config. */
 static PyObject *c_fast_type, *c_tensor_type, *c_new, *c_disabled, *c_passthrough, *c_thread_cache,
     *c_miss, *c_is_compiling, *c_tf_mode, *c_dispatch_modes, *c_grad_enabled, *c_inference,
@@ -55,7 +63,7 @@ static PyObject *c_fast_type, *c_tensor_type, *c_new, *c_disabled, *c_passthroug
     *c_structure_marker;
 
 static PyObject *s_requires_grad, *s_spec, *s_local_tensor, *s_entries, *s_per_func, *s_negative,
-    *s_stepped_aside, *s_move_to_end, *s_out, *s_bumps, *s_below, *s_enter, *s_exit, *s_memo_key,
+    *s_stepped_aside, *s_move_to_end, *s_enter, *s_exit, *s_memo_key,
     *s_mode_or_compiling, *s_unhashable, *s_kwnames_rg, *s_args, *s_kwargs, *small_one;
 
 /* Output entry kinds: mirrors _function.OUT_*. */
@@ -585,9 +593,14 @@ static PyObject *replay(PyObject *plan, PyObject *func, PyObject *args, PyObject
                 goto done;
         }
     }
-    if ((below_obj = PyObject_GetAttr(plan, s_below)) == NULL || (bumps = PyObject_GetAttr(plan, s_bumps)) == NULL ||
-        (out_entry = PyObject_GetAttr(plan, s_out)) == NULL)
+    /* ReplayPlan is a NamedTuple (out, bumps, below). */
+    if (!PyTuple_Check(plan) || PyTuple_GET_SIZE(plan) != 3) {
+        PyErr_SetString(PyExc_TypeError, "a replay plan must be an above.ReplayPlan");
         goto done;
+    }
+    out_entry = Py_NewRef(PyTuple_GET_ITEM(plan, 0));
+    bumps = Py_NewRef(PyTuple_GET_ITEM(plan, 1));
+    below_obj = Py_NewRef(PyTuple_GET_ITEM(plan, 2));
     int below = PyObject_IsTrue(below_obj);
     if (below < 0 || (result = call_local(func, local_args, local_kwargs, below)) == NULL)
         goto done;
@@ -627,6 +640,63 @@ done:
     Py_XDECREF(bumps);
     Py_XDECREF(out_entry);
     return out;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* The key's hash, computed once per call (a key holds specs, whose __hash__ is Python code).        */
+/* ------------------------------------------------------------------------------------------------ */
+
+/* entries.get(key) with the hash already computed. Borrowed reference, or NULL (error set or not). */
+static PyObject *lookup_known_hash(PyObject *entries, PyObject *key, Py_hash_t kh)
+{
+#if DTD_KNOWN_HASH
+    return _PyDict_GetItem_KnownHash(entries, key, kh);
+#else
+    (void)kh;
+    return PyDict_GetItemWithError(entries, key);
+#endif
+}
+
+/* A tuple equal to the key whose hash is the one already computed: the argument of move_to_end, which
+ * re-hashes its argument. Only the object registered in hashed_key_obj answers from hashed_key_value;
+ * any other instance (none is kept) hashes as a tuple. It compares equal to the stored key, as a tuple. */
+static PyObject *hashed_key_obj;
+static Py_hash_t hashed_key_value;
+
+static Py_hash_t hashed_key_hash(PyObject *self)
+{
+    if (self == hashed_key_obj)
+        return hashed_key_value;
+    return PyTuple_Type.tp_hash(self);
+}
+
+static PyTypeObject HashedKeyType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dtdispatch.native._function_c.HashedKey",
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A key (a tuple) carrying its precomputed hash for one move_to_end call.",
+    .tp_hash = hashed_key_hash,
+};
+
+/* entries.move_to_end(key), the key's hash being kh. */
+static int move_to_end(PyObject *entries, PyObject *key, Py_hash_t kh)
+{
+    Py_ssize_t n = PyTuple_GET_SIZE(key);
+    PyObject *probe = HashedKeyType.tp_alloc(&HashedKeyType, n);
+    if (probe == NULL)
+        return -1;
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyTuple_SET_ITEM(probe, i, Py_NewRef(PyTuple_GET_ITEM(key, i)));
+    hashed_key_obj = probe;
+    hashed_key_value = kh;
+    PyObject *argv[2] = {entries, probe};
+    PyObject *res = PyObject_VectorcallMethod(s_move_to_end, argv, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (hashed_key_obj == probe)
+        hashed_key_obj = NULL;
+    Py_DECREF(probe);
+    if (res == NULL)
+        return -1;
+    Py_DECREF(res);
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -734,9 +804,10 @@ static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const 
         Py_DECREF(scalars);
         goto out_memo;
     }
-    /* Block: lookup. */
+    /* Block: lookup (an unhashable key: the twin's TypeError from entries.get). */
     PyObject *entries = PyTuple_GET_ITEM(memo, M_ENTRIES);
-    PyObject *plan = PyDict_GetItemWithError(entries, key); /* borrowed */
+    Py_hash_t kh = PyObject_Hash(key);
+    PyObject *plan = kh == -1 ? NULL : lookup_known_hash(entries, key, kh); /* borrowed */
     if (plan == NULL && PyErr_Occurred()) {
         if (!PyErr_ExceptionMatches(PyExc_TypeError))
             goto out_key;
@@ -799,14 +870,9 @@ static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const 
         goto out_key;
     }
     Py_INCREF(plan);
-    {
-        PyObject *argv1[2] = {entries, key};
-        PyObject *moved = PyObject_VectorcallMethod(s_move_to_end, argv1, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-        if (moved == NULL) {
-            Py_DECREF(plan);
-            goto out_key;
-        }
-        Py_DECREF(moved);
+    if (move_to_end(entries, key, kh) < 0) {
+        Py_DECREF(plan);
+        goto out_key;
     }
     if (PyUnicode_CheckExact(plan)) {
         /* Block: negative entry. */
@@ -861,9 +927,6 @@ PyMODINIT_FUNC PyInit__function_c(void)
     INTERN(s_negative, "negative");
     INTERN(s_stepped_aside, "stepped_aside");
     INTERN(s_move_to_end, "move_to_end");
-    INTERN(s_out, "out");
-    INTERN(s_bumps, "bumps");
-    INTERN(s_below, "below");
     INTERN(s_enter, "__enter__");
     INTERN(s_exit, "__exit__");
     INTERN(s_memo_key, "dtdispatch.native._function_c.thread_cache");
@@ -872,6 +935,9 @@ PyMODINIT_FUNC PyInit__function_c(void)
     INTERN(s_args, "args");
     INTERN(s_kwargs, "kwargs");
     if ((s_kwnames_rg = Py_BuildValue("(s)", "requires_grad")) == NULL || (small_one = PyLong_FromLong(1)) == NULL)
+        return NULL;
+    HashedKeyType.tp_base = &PyTuple_Type;
+    if (PyType_Ready(&HashedKeyType) < 0)
         return NULL;
     return PyModule_Create(&function_module);
 }

@@ -419,3 +419,42 @@ def test_non_participating_rank_never_replays(rank: int, world_size: int, impl: 
         assert s["hits"] == 0 and s["negative"].get("non-participating rank", 0) == 4
     else:
         assert s["hits"] == 4 and s["negative"] == {}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.distributed(world_size=2)
+def test_inference_mode_replays_like_stock(rank: int, world_size: int, impl: str) -> None:
+    _fresh(impl)
+    (sa, a), (sr, r) = _pair(_values(0), [Shard(0)]), _pair(_values(1), [Replicate()])
+    with torch.inference_mode():
+        for _ in range(3):
+            expected, got = torch.mm(sa, sr) * 2, torch.mm(a, r) * 2
+            _same(got, expected)
+            assert got.is_inference() == expected.is_inference()
+            assert got._local_tensor.is_inference() == expected._local_tensor.is_inference()
+    # The key holds the inference flag: the same call under no_grad is a new key.
+    misses = _above()["misses"]
+    with torch.no_grad():
+        _same(torch.mm(a, r), torch.mm(sa, sr))
+    assert _above()["misses"] == misses + 1
+    assert _above()["hits"] == 4
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.distributed(world_size=1)
+def test_the_path_above_dispatch_can_be_switched_off(rank: int, world_size: int, impl: str) -> None:
+    dispatcher.install(impl, above=False)
+    try:
+        dtdispatch.clear_cache()
+        dtdispatch.reset_stats()
+        sx, x = _pair(_values(0), [Shard(0)])
+        with torch.no_grad():
+            for _ in range(3):
+                _same(x + 1, sx + 1)
+        s = dtdispatch.stats()
+        assert s["above"]["implementation"] == "off"
+        assert s["above"]["hits"] == s["above"]["misses"] == 0
+        assert s["hits"] == 2  # the dispatch path took every call
+        assert FastDTensor.__torch_function__ is torch._C._disabled_torch_function_impl
+    finally:
+        dispatcher.install(impl)
