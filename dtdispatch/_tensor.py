@@ -290,9 +290,12 @@ def _stock_from_local(
 
 
 def _plan_between(current: DTensorSpec, target: DTensorSpec) -> _Plan:
-    """The plan that moves a local shard laid out by ``current`` to ``target`` (same mesh): what
-    torch's ``redistribute_local_tensor`` would do, as a kind decided once."""
+    """The plan that moves a local shard laid out by ``current`` to ``target``: what torch's
+    ``redistribute_local_tensor`` would do, as a kind decided once (anything unusual: torch's
+    function itself, with its errors)."""
     mesh = current.mesh
+    if target.mesh != mesh or len(target.placements) != len(current.placements):
+        return _Plan(_TORCH, target)
     if not mesh._is_current_rank_part_of_mesh():
         return _Plan(_SAME, target)  # torch returns the (empty) local tensor unchanged
     if current.placements == target.placements and current.shard_order == target.shard_order:
