@@ -77,10 +77,14 @@ class FastDTensor(DTensor):
                 backward_dtype=backward_dtype,
             )
         key = (spec, placements if type(placements) is tuple else tuple(placements))
-        plan = _forward_plans.get(key)
-        if plan is None:
+        plan = _forward_plans.get(key, _MISSING)
+        if plan is _MISSING:
             plan = _redistribute_plan(spec, key[1], ndim=self.ndim)
             _remember(_forward_plans, key, plan)
+        if plan is None:
+            return _stock_call(
+                DTensor.redistribute, self, device_mesh, placements, async_op=async_op
+            )
         if torch.is_grad_enabled() and self.requires_grad:
             return _apply_redistribute(self, plan, async_op)  # type: ignore[no-any-return]
         local = _run(plan, self._local_tensor, spec, async_op=async_op, explicit=True)
@@ -206,9 +210,12 @@ class _Plan:
         self.index = index
 
 
-_forward_plans: dict[tuple[DTensorSpec, tuple[Placement, ...]], _Plan] = {}
-"""(input spec, requested placements) -> plan, for ``FastDTensor.redistribute`` and the backward
-of ``from_local``."""
+_forward_plans: dict[tuple[DTensorSpec, tuple[Placement, ...]], _Plan | None] = {}
+"""(input spec, requested placements) -> plan of ``FastDTensor.redistribute`` (None: torch's own
+method)."""
+_from_local_grad_plans: dict[tuple[DTensorSpec, tuple[Placement, ...]], _Plan] = {}
+"""(gradient spec, gradient placements) -> plan, for the backward of ``from_local`` (placements
+taken as given, not normalized as ``redistribute`` normalizes them: stock's backward does not)."""
 _backward_plans: dict[tuple[DTensorSpec, DTensorSpec], tuple[_Plan, DTensorSpec]] = {}
 """(gradient spec, the forward input's spec) -> (plan, the gradient's spec), for the backward of
 ``redistribute``."""
@@ -232,7 +239,13 @@ def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
 
 def clear_call_caches() -> None:
     """Empty the caches of the DTensor API calls (for tests and memory measurements)."""
-    for cache in (_forward_plans, _backward_plans, _from_local_specs, _to_local_grad_specs):
+    for cache in (
+        _forward_plans,
+        _from_local_grad_plans,
+        _backward_plans,
+        _from_local_specs,
+        _to_local_grad_specs,
+    ):
         cache.clear()
 
 
@@ -277,9 +290,12 @@ def _stock_from_local(
 
 
 def _plan_between(current: DTensorSpec, target: DTensorSpec) -> _Plan:
-    """The plan that moves a local shard laid out by ``current`` to ``target`` (same mesh): what
-    torch's ``redistribute_local_tensor`` would do, as a kind decided once."""
+    """The plan that moves a local shard laid out by ``current`` to ``target``: what torch's
+    ``redistribute_local_tensor`` would do, as a kind decided once (anything unusual: torch's
+    function itself, with its errors)."""
     mesh = current.mesh
+    if target.mesh != mesh or len(target.placements) != len(current.placements):
+        return _Plan(_TORCH, target)
     if not mesh._is_current_rank_part_of_mesh():
         return _Plan(_SAME, target)  # torch returns the (empty) local tensor unchanged
     if current.placements == target.placements and current.shard_order == target.shard_order:
@@ -296,9 +312,14 @@ def _plan_between(current: DTensorSpec, target: DTensorSpec) -> _Plan:
     return _Plan(_TORCH, target)
 
 
-def _redistribute_plan(spec: DTensorSpec, placements: tuple[Placement, ...], *, ndim: int) -> _Plan:
+def _redistribute_plan(
+    spec: DTensorSpec, placements: tuple[Placement, ...], *, ndim: int
+) -> _Plan | None:
     """The plan of ``redistribute(placements=placements)``, checked and normalized as stock does
-    (``DTensor.redistribute``, ``Redistribute.forward``)."""
+    (``DTensor.redistribute``, ``Redistribute.forward``); None (torch's own method, its errors)
+    for placements that do not match the mesh."""
+    if len(placements) != spec.mesh.ndim:
+        return None
     normalized = list(placements)
     for i, placement in enumerate(normalized):
         if placement.is_partial() and spec.placements[i] != placement:
@@ -493,11 +514,11 @@ class _FromTorchTensor(torch.autograd.Function):
             placements = _normalize_placements_for_grad(ctx.spec.placements)
         if grad.placements != placements:
             key = (grad._spec, placements)
-            plan = _forward_plans.get(key)
+            plan = _from_local_grad_plans.get(key)
             if plan is None:
                 target = DTensorSpec(ctx.spec.mesh, placements, tensor_meta=grad._spec.tensor_meta)
                 plan = _plan_between(grad._spec, target)
-                _remember(_forward_plans, key, plan)
+                _remember(_from_local_grad_plans, key, plan)
             local = _run(plan, grad._local_tensor, grad._spec, async_op=False, explicit=False)
             return local, None, None
         return grad.to_local(), None, None

@@ -231,6 +231,9 @@ def test_same_placements_and_errors(rank: int, world_size: int) -> None:
             t.redistribute(placements=[Partial()])
         with pytest.raises(RuntimeError, match="placements is needed"):
             t.redistribute(mesh)
+    # placements that do not fit the mesh: whatever torch does (it does not check), on both
+    odd = [t.redistribute(placements=[Shard(0), Replicate()]) for t in (stock, fast)]
+    _same_tensor(*odd, "two placements on a 1-D mesh")
     # a Parameter's local tensor is a Parameter too (torch gh-166156), on both
     for t in (stock, fast):
         param = torch.nn.Parameter(t.clone())
@@ -430,3 +433,26 @@ def test_call_caches_are_bounded(rank: int, world_size: int) -> None:
             assert len(_tensor._from_local_specs) <= 3 and len(_tensor._forward_plans) <= 3
     finally:
         _tensor._CACHE_LIMIT = limit
+
+
+@pytest.mark.distributed(world_size=2, timeout=60)
+def test_from_local_backward_plans_do_not_leak_into_redistribute(
+    rank: int, world_size: int
+) -> None:
+    """from_local's backward redistributes to grad_placements as given (Replicate -> Partial here,
+    as in stock); a later redistribute to Partial from the same spec is still refused."""
+    from dtdispatch import _tensor
+
+    _tensor.clear_call_caches()
+    mesh = mesh_1d()
+    grads = []
+    for from_local in (DTensor.from_local, FastDTensor.from_local):
+        leaf = _value((4, 3)).requires_grad_()
+        t = from_local(leaf, mesh, [Replicate()], grad_placements=[Partial()])
+        (t.to_local() * (rank + 1)).sum().backward()
+        grads.append(leaf.grad)
+    _same_tensor(*grads, "from_local gradient with grad_placements=[Partial()]")
+    for from_local in (DTensor.from_local, FastDTensor.from_local):
+        source = from_local(_value((4, 3)), mesh, [Replicate()])
+        with pytest.raises(RuntimeError, match="redistributing to Partial is for internal use"):
+            source.redistribute(placements=[Partial()])
