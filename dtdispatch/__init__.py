@@ -6,8 +6,10 @@ dtdispatch; ``to_torch(x)`` takes it back. ``stats()`` says where dispatch time 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, TypeVar
 
+import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -49,6 +51,9 @@ def _convert_module(module: nn.Module, convert: Any, target: type) -> None:
                 sub._buffers[name] = convert(buf)
 
 
+_warned_unsupported = False
+
+
 def accelerate(x: T) -> T:
     """Opt ``x`` into dtdispatch.
 
@@ -61,10 +66,17 @@ def accelerate(x: T) -> T:
     torch's parallel styles (``parallelize_module``, ``distribute_module``) hand out FastDTensor
     activations instead of plain DTensors (``dtdispatch._training``) and gradients come out as
     FastDTensors. Results are unchanged; ``coverage(step)`` says how much of a step was on it.
-    Raises RuntimeError on torch < 2.13, which never calls a DTensor subclass's
-    ``__torch_dispatch__``.
+    On torch < 2.13, which never calls a DTensor subclass's ``__torch_dispatch__``, only the path
+    above dispatch runs (calls that need no autograd); with that path off (``DTDISPATCH_ABOVE=0``)
+    ``accelerate`` warns once and returns ``x`` unchanged (``native_status()`` says why).
     """
-    _compat.require_subclass_dispatch()
+    unsupported = _compat.unsupported_reason(_dispatcher.active_function() != "off")
+    if unsupported is not None:
+        global _warned_unsupported
+        if not _warned_unsupported:
+            _warned_unsupported = True
+            warnings.warn(f"dtdispatch.accelerate does nothing: {unsupported}", stacklevel=2)
+        return x
     if isinstance(x, nn.Module):
         _convert_module(x, as_fast, FastDTensor)
         wrap_hooks(x)
@@ -197,11 +209,21 @@ def native_status() -> tuple[bool, str]:
         if active or _dispatcher.active() == _native.DEFAULT
         else "Python twin selected"
     )
-    above = (
-        _native.FUNCTION_REASON
-        if _dispatcher.active_function() == "native"
-        else "Python twin"
-        if _dispatcher.active() == "python"
-        else _native.FUNCTION_REASON
-    )
-    return active, f"{reason}; above dispatch: {above}"
+    function = _dispatcher.active_function()
+    if function == "off":
+        above = "off"
+    elif function == "native":
+        above = _native.FUNCTION_REASON
+    else:
+        above = "Python twin" if _dispatcher.active() == "python" else _native.FUNCTION_REASON
+    status = f"{reason}; above dispatch: {above}"
+    unsupported = _compat.unsupported_reason(function != "off")
+    if unsupported is not None:
+        status += f"; accelerate does nothing: {unsupported}"
+    elif not _compat.SUBCLASS_DISPATCH:
+        status += (
+            f"; torch {torch.__version__} never calls __torch_dispatch__ on a DTensor subclass: "
+            "only calls that need no autograd run on dtdispatch (above dispatch), the rest take "
+            "torch's path"
+        )
+    return active, status

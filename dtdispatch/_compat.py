@@ -20,11 +20,13 @@ __all__ = [
     "ExplicitRedistributionContext",
     "explicit_redistribution_local",
     "format_implicit_redistribution_msg",
+    "is_shard_like",
     "local_shard_size_and_offset",
-    "require_subclass_dispatch",
+    "nested_redistribute",
     "run_dtensor_rng_op",
     "single_dim_schema_infos",
     "single_dim_strategy_funcs",
+    "unsupported_reason",
 ]
 
 _propagator = DTensor._op_dispatcher.sharding_propagator
@@ -53,6 +55,20 @@ try:
 except ImportError:  # older torch runs every random op under _distribute_region
     run_dtensor_rng_op = None
 
+try:
+    from torch.distributed.tensor.placement_types import _is_shard_like as is_shard_like
+except ImportError:  # torch < 2.13: _StridedShard is the only other shard-like placement
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    def is_shard_like(p: Any) -> bool:
+        return isinstance(p, (Shard, _StridedShard))
+
+
+try:
+    from torch.distributed.tensor._redistribute import NestedRedistribute as nested_redistribute
+except ImportError:  # torch < 2.13: no twice-differentiable redistribution Function
+    nested_redistribute = None
+
 # The fallback is the pre-2.13 staticmethod; torch 2.13's stubs describe it as an instance method.
 local_shard_size_and_offset: Callable[..., Any] = (
     getattr(Shard, "local_shard_size_and_offset", None) or Shard._local_shard_size_and_offset
@@ -60,19 +76,21 @@ local_shard_size_and_offset: Callable[..., Any] = (
 
 _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
 
-# NOTE: dtdispatch needs torch >= 2.13. From 2.13 torch's C++ sends an op on a DTensor subclass that
-# overrides __torch_dispatch__ to that override (``is_dtensor`` in python_arg_parser.cpp). torch
-# 2.11 (checked on the GPU machine) sends every DTensor subclass to its own C++ path, so
-# FastDTensor's __torch_dispatch__ never runs: outputs come back as stock DTensors and nn.Parameter
-# refuses the conversion. There is no hook to intercept.
+# NOTE: from torch 2.13, torch's C++ sends an op on a DTensor subclass that overrides
+# __torch_dispatch__ to that override (``is_dtensor`` in python_arg_parser.cpp). torch 2.11 (checked
+# on the GPU machine and with its wheel on CPU) sends every DTensor subclass to its own C++ path:
+# FastDTensor's __torch_dispatch__ is never called and outputs come back as stock DTensors. Its
+# __torch_function__ still runs, so there dtdispatch works above dispatch only (DESIGN §12):
+# replayed calls stay on dtdispatch, everything else takes torch's path and its fresh outputs are
+# retyped as FastDTensors (``above.stock_call``).
 SUBCLASS_DISPATCH = _TORCH_VERSION >= (2, 13)
 
 
-def require_subclass_dispatch() -> None:
-    """Raise when this torch cannot route ops to FastDTensor (see SUBCLASS_DISPATCH)."""
-    if not SUBCLASS_DISPATCH:
-        raise RuntimeError(
-            f"dtdispatch needs torch >= 2.13; torch {torch.__version__} dispatches every DTensor "
-            "subclass through its own C++ path, so dtdispatch tensors would silently run as stock "
-            "DTensors"
-        )
+def unsupported_reason(above_active: bool) -> str | None:
+    """Why ``accelerate`` cannot opt tensors in on this torch, or None when it can."""
+    if SUBCLASS_DISPATCH or above_active:
+        return None
+    return (
+        f"torch {torch.__version__} never calls a DTensor subclass's __torch_dispatch__, and the "
+        "path above dispatch is off (DTDISPATCH_ABOVE=0): tensors stay stock DTensors"
+    )

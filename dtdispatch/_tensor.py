@@ -11,12 +11,11 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor._api import _normalize_placements_for_grad
 from torch.distributed.tensor._api import _ToTorchTensor as _TorchToTorchTensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
-from torch.distributed.tensor._redistribute import (
-    NestedRedistribute,
-    redistribute_local_tensor,
-)
+from torch.distributed.tensor._redistribute import redistribute_local_tensor
 from torch.distributed.tensor._utils import assert_no_mixed_partial_types
-from torch.distributed.tensor.placement_types import Placement, _is_shard_like, _StridedShard
+from torch.distributed.tensor.placement_types import Placement, _StridedShard
+
+from dtdispatch import _compat
 
 __all__ = ["FastDTensor", "as_fast", "as_stock"]
 
@@ -389,7 +388,9 @@ def _redistribute_grad(
 ) -> DTensor:
     if torch.is_grad_enabled() or grad._local_tensor.dtype != dtype:
         # create_graph, or a gradient of another dtype (stock casts it): torch's own backward.
-        out = NestedRedistribute.apply(grad, previous, async_op, dtype, dtype)  # type: ignore[no-untyped-call]
+        if _compat.nested_redistribute is None:  # torch < 2.13: its own backward via the method
+            return as_fast(DTensor.redistribute(grad, previous.mesh, previous.placements))
+        out = _compat.nested_redistribute.apply(grad, previous, async_op, dtype, dtype)
         return as_fast(out)
     spec = grad._spec
     key = (spec, previous)
@@ -400,7 +401,7 @@ def _redistribute_grad(
         # result carries the gradient's global shape and stride.
         normalized = tuple(
             Replicate()
-            if (_is_shard_like(current) or current.is_replicate()) and target.is_partial()
+            if (_compat.is_shard_like(current) or current.is_replicate()) and target.is_partial()
             else target
             for current, target in zip(spec.placements, previous.placements, strict=True)
         )

@@ -27,8 +27,10 @@ from collections import OrderedDict
 from typing import Any, NamedTuple
 
 import torch
+from torch.distributed.tensor import DTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dtdispatch import _compat
 from dtdispatch import cache as _dispatch_cache
 from dtdispatch._tensor import FastDTensor
 from dtdispatch.local_results import random_ops
@@ -519,10 +521,10 @@ def _miss(
     except (RuntimeError, NotImplementedError):
         # Locals that cannot be copied exactly (meta, wrapper subclasses ...): never replayed.
         cache.insert(key, "unreadable storage")
-        return torch._C._disabled_torch_function_impl(func, types, args, kwargs)
+        return _stock(func, types, args, kwargs)
     observer = _Observer()
     with observer:
-        result = torch._C._disabled_torch_function_impl(func, types, args, kwargs)
+        result = _stock(func, types, args, kwargs)
     if observer.ops == 0 and not any(r is t for t in flat for r in _leaves(result)):
         passthrough[func] = True
         cache.entries.pop(key, None)
@@ -546,13 +548,45 @@ def _leaves(result: Any) -> list[Any]:
     return [result]
 
 
+def _retype(result: Any, inputs: set[int]) -> Any:
+    """``result`` with each fresh stock DTensor turned into a FastDTensor in place."""
+    if type(result) is DTensor:
+        if id(result) not in inputs:
+            # NOTE: the same object, retyped (same layout, no new autograd node, same grad_fn as
+            # stock's). Only fresh outputs: a stock DTensor the caller passed in stays stock.
+            result.__class__ = FastDTensor
+        return result
+    if isinstance(result, (tuple, list)):
+        for r in result:
+            _retype(r, inputs)
+    return result
+
+
+def stock_call(func: Any, types: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """torch < 2.13 (``_compat.SUBCLASS_DISPATCH`` False): torch's own path, outputs as
+    FastDTensors, so a program stays on dtdispatch. torch's C++ DTensor path takes the call there
+    (FastDTensor's ``__torch_dispatch__`` is never called) and returns stock DTensors."""
+    result = torch._C._disabled_torch_function_impl(func, types, args, kwargs)
+    inputs = {id(a) for a in args}
+    inputs.update(id(e) for a in args if isinstance(a, (list, tuple)) for e in a)
+    inputs.update(id(v) for v in kwargs.values())
+    return _retype(result, inputs)
+
+
+_stock = (
+    torch._C._disabled_torch_function_impl if _compat.SUBCLASS_DISPATCH else stock_call
+)
+"""How a call takes torch's path: the disabled implementation (the dispatch path then runs below
+autograd), or on torch < 2.13 ``stock_call``."""
+
+
 def config() -> dict[str, Any]:
     """What ``native._function.configure`` (and its C mirror) receives."""
     return {
         "fast_type": FastDTensor,
         "tensor_type": torch.Tensor,
         "new": torch.Tensor._dtensor__new__,
-        "disabled": torch._C._disabled_torch_function_impl,
+        "disabled": _stock,
         "passthrough": passthrough,
         "thread_cache": thread_cache,
         "miss": miss,
