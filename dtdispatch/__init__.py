@@ -1,7 +1,8 @@
 """dtdispatch: fast dispatch for PyTorch DTensor.
 
 ``accelerate(x)`` opts a DTensor (or every DTensor parameter and buffer of an ``nn.Module``) into
-dtdispatch; ``to_torch(x)`` takes it back. ``stats()`` says where dispatch time goes.
+dtdispatch; ``to_torch(x)`` takes it back. ``stats()`` says where dispatch time goes;
+``DTDISPATCH_TELEMETRY=DIR`` writes it per process at exit (``python -m dtdispatch.telemetry``).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any, TypeVar
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dtdispatch import _compat
+from dtdispatch import _compat, _telemetry
 from dtdispatch import cache as _cache
 from dtdispatch import dispatcher as _dispatcher
 from dtdispatch import native as _native
@@ -64,6 +65,7 @@ def accelerate(x: T) -> T:
     ``__torch_dispatch__``.
     """
     _compat.require_subclass_dispatch()
+    _telemetry.note_process_group()
     if isinstance(x, nn.Module):
         _convert_module(x, as_fast, FastDTensor)
         wrap_hooks(x)
@@ -98,6 +100,10 @@ def _merge(total: dict[str, Any], part: dict[str, Any]) -> None:
         mine = total["per_op"].setdefault(op, {"hits": 0, "misses": 0, "bailouts": 0})
         for field in ("hits", "misses", "bailouts"):
             mine[field] += c[field]
+    for op, reasons in part["bailouts_per_op"].items():
+        by_reason = total["bailouts_per_op"].setdefault(op, {})
+        for reason, n in reasons.items():
+            by_reason[reason] = by_reason.get(reason, 0) + n
 
 
 def stats() -> dict[str, Any]:
@@ -105,8 +111,8 @@ def stats() -> dict[str, Any]:
 
     Keys: ``hits``, ``misses``, ``entries`` (live plans), ``evictions``, ``bailouts`` {reason:
     count} (calls the native path handed to Python, by reason), ``per_op`` {op: {hits, misses,
-    bailouts}}, ``threads`` (the same per live thread, by thread name), ``implementation`` ("native"
-    or "python").
+    bailouts}}, ``bailouts_per_op`` {op: {reason: count}}, ``threads`` (the same per live thread,
+    by thread name), ``implementation`` ("native" or "python").
     """
     total: dict[str, Any] = {
         "hits": 0,
@@ -115,6 +121,7 @@ def stats() -> dict[str, Any]:
         "evictions": 0,
         "bailouts": {},
         "per_op": {},
+        "bailouts_per_op": {},
     }
     retired = _cache.retired_totals()
     retired["entries"] = 0
@@ -158,3 +165,8 @@ def native_status() -> tuple[bool, str]:
         if active or _dispatcher.active() == _native.DEFAULT
         else "Python twin selected",
     )
+
+
+# DTDISPATCH_TELEMETRY=DIR: write stats() into DIR at exit (python -m dtdispatch.telemetry DIR
+# merges them).
+_telemetry.install_from_env()
