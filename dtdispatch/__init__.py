@@ -16,6 +16,7 @@ from dtdispatch import _compat, _telemetry
 from dtdispatch import cache as _cache
 from dtdispatch import dispatcher as _dispatcher
 from dtdispatch import native as _native
+from dtdispatch import _tensor
 from dtdispatch._tensor import FastDTensor, as_fast, as_stock
 from dtdispatch._training import coverage, unwrap_hooks, wrap_hooks
 
@@ -66,6 +67,7 @@ def accelerate(x: T) -> T:
     """
     _compat.require_subclass_dispatch()
     _telemetry.note_process_group()
+    _tensor.prepare_compile()
     if isinstance(x, nn.Module):
         _convert_module(x, as_fast, FastDTensor)
         wrap_hooks(x)

@@ -12,6 +12,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec
 __all__ = ["FastDTensor", "as_fast", "as_stock"]
 
 _new = torch.Tensor._dtensor__new__
+_compiling = torch.compiler.is_compiling
 
 
 class FastDTensor(DTensor):
@@ -34,6 +35,8 @@ class FastDTensor(DTensor):
         )
 
     def redistribute(self, *args: Any, **kwargs: Any) -> FastDTensor:
+        if _compiling():
+            return compiled_fast(DTensor.redistribute(compiled_fast(self), *args, **kwargs))
         return _ToFast.apply(_fast_grads(DTensor.redistribute(self, *args, **kwargs)))  # type: ignore[no-untyped-call,no-any-return]  # torch: Function.apply is untyped
 
     # NOTE: torch's backward of to_local / full_tensor / redistribute builds the input's gradient
@@ -41,13 +44,18 @@ class FastDTensor(DTensor):
     # ``Redistribute.backward`` builds a ``DTensor``), so every backward op on that gradient alone
     # would leave dtdispatch (a training step fell to 77% on dtdispatch). These overrides run
     # torch's own method and hook its fresh, per-call graph node so that it hands the gradient on
-    # as a FastDTensor: same values, same grad_fn names, no extra node.
+    # as a FastDTensor: same values, same grad_fn names, no extra node. Under torch.compile (Dynamo
+    # cannot trace a grad_fn hook) ``compiled_fast`` does the same inside the traced graph.
     def to_local(self, *, grad_placements: Sequence[Any] | None = None) -> torch.Tensor:
+        if _compiling():
+            return DTensor.to_local(compiled_fast(self), grad_placements=grad_placements)
         result = DTensor.to_local(self, grad_placements=grad_placements)
         # Without grad mode torch returns the local shard itself: no graph node to hook.
         return _fast_grads(result) if torch.is_grad_enabled() else result
 
     def full_tensor(self, *, grad_placements: Sequence[Any] | None = None) -> torch.Tensor:
+        if _compiling():
+            return DTensor.full_tensor(compiled_fast(self), grad_placements=grad_placements)
         return _fast_grads(DTensor.full_tensor(self, grad_placements=grad_placements))
 
     @staticmethod
@@ -58,7 +66,38 @@ class FastDTensor(DTensor):
         **kwargs: Any,
     ) -> FastDTensor:
         """``DTensor.from_local`` that returns a FastDTensor (autograd-correct)."""
+        if _compiling():
+            return compiled_fast(DTensor.from_local(local_tensor, device_mesh, placements, **kwargs))
         return _ToFast.apply(DTensor.from_local(local_tensor, device_mesh, placements, **kwargs))  # type: ignore[no-untyped-call,no-any-return]  # torch: Function.apply is untyped
+
+    # torch.compile (DESIGN §12, "under tracing"). Dynamo fakes a FastDTensor input, and AOTAutograd
+    # rebuilds every subclass output at run time, through __tensor_unflatten__: DTensor's builds a
+    # plain DTensor, so the traced program expected a DTensor where a FastDTensor came (the
+    # AssertionError of issue 10) and compiled outputs would leave dtdispatch. Inside the trace the
+    # ops on FastDTensors go through dtdispatch's __torch_dispatch__ on fake/functional local
+    # tensors, which records the same local ops stock DTensor would.
+    @staticmethod
+    def __tensor_unflatten__(
+        inner_tensors: dict[str, Any], flatten_spec: Any, outer_size: Any, outer_stride: Any
+    ) -> FastDTensor:
+        stock = DTensor.__tensor_unflatten__(inner_tensors, flatten_spec, outer_size, outer_stride)
+        return _new(FastDTensor, stock._local_tensor, stock._spec, requires_grad=stock.requires_grad)
+
+    def __coerce_same_metadata_as_tangent__(
+        self, flatten_spec: Any, expected_type: type | None = None
+    ) -> DTensor | None:
+        """The gradient AOTAutograd's compiled backward expects, from the one that came: mixed
+        programs make a FastDTensor gradient where the trace saw a DTensor one, or the reverse
+        (torch's DTensor version gives up on any type change). Zero-copy unless the placements
+        differ; then redistributed as torch's does."""
+        target = FastDTensor if expected_type is None else expected_type
+        if target is not FastDTensor and target is not DTensor:
+            return None
+        placements = tuple(flatten_spec[0])
+        same = self
+        if tuple(self.placements) != placements:
+            same = DTensor.redistribute(self, device_mesh=self.device_mesh, placements=placements)
+        return _new(target, same._local_tensor, same._spec, requires_grad=same.requires_grad)
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
         # NOTE: pickles as a stock DTensor plus a rebuild hook, so torch.load never needs to trust a
@@ -104,6 +143,47 @@ class _ToFast(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Any) -> Any:
         return grad
+
+
+class _ToFastGradsFast(torch.autograd.Function):
+    """``_ToFast`` that also hands its input's gradient on as a FastDTensor: inside a compiled
+    graph, the counterpart of ``_fast_grads`` (whose grad_fn hook Dynamo cannot trace)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: DTensor) -> FastDTensor:
+        local = t._local_tensor
+        # In AOTAutograd's joint trace the local tensor itself requires grad (torch warns when a
+        # DTensor wraps such a tensor); the Function, not the local, carries the graph here.
+        if local.requires_grad:
+            local = local.detach()
+        return _new(FastDTensor, local, t._spec, requires_grad=False)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Any) -> Any:
+        return _fast_from(grad) if isinstance(grad, DTensor) else grad
+
+
+def compiled_fast(t: DTensor) -> FastDTensor:
+    """Under torch.compile: the FastDTensor view of ``t``, gradients handed on as FastDTensors.
+
+    NOTE: registered with ``torch._dynamo.allow_in_graph`` by ``prepare_compile`` so Dynamo writes
+    the call into the graph instead of tracing ``_dtensor__new__`` (which it cannot: a graph
+    break, and an error under fullgraph=True); AOTAutograd then traces it like any subclass code.
+    """
+    return _ToFastGradsFast.apply(t)  # type: ignore[no-untyped-call,no-any-return]  # torch: Function.apply is untyped
+
+
+_compile_prepared: list[bool] = []
+
+
+def prepare_compile() -> None:
+    """Register ``compiled_fast`` with Dynamo, once. Called by ``accelerate``, so that importing
+    dtdispatch does not import torch._dynamo (about 0.5 s)."""
+    if not _compile_prepared:
+        import torch._dynamo
+
+        torch._dynamo.allow_in_graph(compiled_fast)
+        _compile_prepared.append(True)
 
 
 class _ToStock(torch.autograd.Function):
