@@ -12,11 +12,10 @@ from typing import Any, TypeVar
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dtdispatch import _compat, _telemetry
+from dtdispatch import _compat, _telemetry, _tensor
 from dtdispatch import cache as _cache
 from dtdispatch import dispatcher as _dispatcher
 from dtdispatch import native as _native
-from dtdispatch import _tensor
 from dtdispatch._tensor import FastDTensor, as_fast, as_stock
 from dtdispatch._training import coverage, unwrap_hooks, wrap_hooks
 

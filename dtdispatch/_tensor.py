@@ -66,9 +66,10 @@ class FastDTensor(DTensor):
         **kwargs: Any,
     ) -> FastDTensor:
         """``DTensor.from_local`` that returns a FastDTensor (autograd-correct)."""
+        stock = DTensor.from_local(local_tensor, device_mesh, placements, **kwargs)
         if _compiling():
-            return compiled_fast(DTensor.from_local(local_tensor, device_mesh, placements, **kwargs))
-        return _ToFast.apply(DTensor.from_local(local_tensor, device_mesh, placements, **kwargs))  # type: ignore[no-untyped-call,no-any-return]  # torch: Function.apply is untyped
+            return compiled_fast(stock)
+        return _ToFast.apply(stock)  # type: ignore[no-untyped-call,no-any-return]  # torch: Function.apply is untyped
 
     # torch.compile (DESIGN §12, "under tracing"). Dynamo fakes a FastDTensor input, and AOTAutograd
     # rebuilds every subclass output at run time, through __tensor_unflatten__: DTensor's builds a
@@ -80,8 +81,10 @@ class FastDTensor(DTensor):
     def __tensor_unflatten__(
         inner_tensors: dict[str, Any], flatten_spec: Any, outer_size: Any, outer_stride: Any
     ) -> FastDTensor:
-        stock = DTensor.__tensor_unflatten__(inner_tensors, flatten_spec, outer_size, outer_stride)
-        return _new(FastDTensor, stock._local_tensor, stock._spec, requires_grad=stock.requires_grad)
+        stock = DTensor.__tensor_unflatten__(  # type: ignore[no-untyped-call]  # torch: untyped
+            inner_tensors, flatten_spec, outer_size, outer_stride
+        )
+        return _fast_from(stock)
 
     def __coerce_same_metadata_as_tangent__(
         self, flatten_spec: Any, expected_type: type | None = None
@@ -94,7 +97,7 @@ class FastDTensor(DTensor):
         if target is not FastDTensor and target is not DTensor:
             return None
         placements = tuple(flatten_spec[0])
-        same = self
+        same: DTensor = self
         if tuple(self.placements) != placements:
             same = DTensor.redistribute(self, device_mesh=self.device_mesh, placements=placements)
         return _new(target, same._local_tensor, same._spec, requires_grad=same.requires_grad)
@@ -182,7 +185,7 @@ def prepare_compile() -> None:
     if not _compile_prepared:
         import torch._dynamo
 
-        torch._dynamo.allow_in_graph(compiled_fast)
+        torch._dynamo.allow_in_graph(compiled_fast)  # type: ignore[no-untyped-call]  # torch: untyped
         _compile_prepared.append(True)
 
 
