@@ -99,7 +99,7 @@ def test_compiled_tp_module_inductor(rank: int, world_size: int) -> None:
     dispatcher.install(native.DEFAULT)
     # No compile-worker pool: it would outlive the test in the rank process.
     with inductor_config.patch(compile_threads=1):
-        _check_against_stock("inductor", fullgraph=False)
+        _check_against_stock("inductor", fullgraph=True)
 
 
 def _program(
