@@ -61,7 +61,8 @@ def accelerate(x: T) -> T:
     torch's parallel styles (``parallelize_module``, ``distribute_module``) hand out FastDTensor
     activations instead of plain DTensors (``dtdispatch._training``) and gradients come out as
     FastDTensors. Results are unchanged; ``coverage(step)`` says how much of a step was on it.
-    Raises RuntimeError on torch < 2.13, which never calls a DTensor subclass's
+    ``torch.compile`` works on the result (README, "torch.compile"); this call registers what Dynamo
+    needs for it. Raises RuntimeError on torch < 2.13, which never calls a DTensor subclass's
     ``__torch_dispatch__``.
     """
     _compat.require_subclass_dispatch()
