@@ -93,7 +93,8 @@ def write(directory: str | os.PathLike[str]) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"dtdispatch-rank{data['rank']}-of-{data['world_size']}-pid{data['pid']}.json"
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    # default=str: a stats() section with a value JSON cannot hold is still written, as text.
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
     os.replace(tmp, path)  # a reader never sees half a file
     return path
 

@@ -138,11 +138,10 @@ def report(records: Sequence[dict[str, Any]], *, top: int = 20) -> str:
         f"dtdispatch telemetry: {len(records)} file(s), ranks {ranks} of world size "
         f"{'/'.join(map(str, worlds))}, torch {torches}, implementation {impls}"
     ]
-    expected = set(range(max(worlds)))
-    if len(worlds) > 1 or set(ranks) != expected:
+    if len(worlds) > 1 or ranks != list(range(worlds[0])) or len(records) != len(ranks):
         lines.append(
-            f"WARNING: ranks {ranks} with world sizes {worlds}: files missing or from several runs "
-            "(use one DIR per run)"
+            f"WARNING: {len(records)} file(s) for ranks {ranks} with world sizes {worlds}: files "
+            "missing or from several runs (use one DIR per run)"
         )
     bailouts = sum(total.get("bailouts", {}).values())
     lines.append(

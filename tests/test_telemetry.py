@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import torch.distributed as dist
 
 from dtdispatch import _telemetry, telemetry
@@ -87,11 +88,19 @@ def test_unknown_sections_are_summed(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "WARNING" not in out
 
 
-def test_missing_rank_is_flagged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_or_repeated_rank_is_flagged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _write(tmp_path, _record(1, 2, 12, _stats(1, 1)))
     code, out, _ = _main(capsys, str(tmp_path))
     assert code == 0
-    assert "WARNING: ranks [1] with world sizes [2]: files missing or from several runs" in out
+    assert "WARNING: 1 file(s) for ranks [1] with world sizes [2]: files missing" in out
+    _write(tmp_path, _record(0, 2, 13, _stats(1, 1)))
+    _write(tmp_path, _record(0, 2, 14, _stats(1, 1)))  # rank 0 again: a second run
+    code, out, _ = _main(capsys, str(tmp_path))
+    assert code == 0
+    assert "WARNING: 3 file(s) for ranks [0, 1] with world sizes [2]" in out
+    assert "totals: hits=3 misses=3" in out  # all files are summed; the warning says why
 
 
 def test_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -137,3 +146,14 @@ def test_writer_rank_without_process_group(
     data = json.loads(path.read_text())
     assert data["rank_source"] == source and data["format"] == "dtdispatch-telemetry/1"
     assert [p.name for p in (tmp_path / "new").iterdir()] == [path.name]  # no .tmp left
+
+
+def test_writer_keeps_a_section_json_cannot_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dtdispatch
+
+    real = dtdispatch.stats
+    monkeypatch.setattr(dtdispatch, "stats", lambda: {**real(), "above": {"dtype": torch.float32}})
+    data = json.loads(_telemetry.write(tmp_path).read_text())
+    assert data["stats"]["above"] == {"dtype": "torch.float32"}
