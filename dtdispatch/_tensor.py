@@ -69,6 +69,7 @@ class FastDTensor(DTensor):
         stock = DTensor.from_local(local_tensor, device_mesh, placements, **kwargs)
         if _compiling():
             return compiled_fast(stock)
+        prepare_compile()  # a way in besides accelerate: later compiled calls need the registration
         return _ToFast.apply(stock)  # type: ignore[no-untyped-call,no-any-return]  # torch: Function.apply is untyped
 
     # torch.compile (DESIGN §12, "under tracing"). Dynamo fakes a FastDTensor input, and AOTAutograd
@@ -121,6 +122,7 @@ def _fast_grads(result: torch.Tensor) -> torch.Tensor:
 
 
 def _rebuild(stock: DTensor, requires_grad: bool) -> FastDTensor:
+    prepare_compile()  # unpickling is a way in besides accelerate
     out = _new(FastDTensor, stock._local_tensor, stock._spec, requires_grad=requires_grad)
     return out
 
@@ -180,8 +182,12 @@ _compile_prepared: list[bool] = []
 
 
 def prepare_compile() -> None:
-    """Register ``compiled_fast`` with Dynamo, once. Called by ``accelerate``, so that importing
-    dtdispatch does not import torch._dynamo (about 0.5 s)."""
+    """Register ``compiled_fast`` with Dynamo, once. Called where FastDTensors first appear
+    (``accelerate``, ``FastDTensor.from_local``, unpickling) rather than at import, which would
+    import torch._dynamo (1.5 s on the loaded development VM) into every process.
+
+    NOTE: without it, a compiled region that converts to FastDTensor graph-breaks (an error under
+    fullgraph=True): Dynamo cannot trace ``_dtensor__new__``."""
     if not _compile_prepared:
         import torch._dynamo
 

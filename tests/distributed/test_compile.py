@@ -176,3 +176,35 @@ def test_eager_around_compiled_region(rank: int, world_size: int, impl: str) -> 
     (y * dtdispatch.accelerate(w2)).sum().backward()
     assert x.grad is not None
     assert torch.equal(x.grad.full_tensor(), results[False, 0][1])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.distributed(world_size=2, timeout=180)
+def test_compiled_fast_dtensor_methods(rank: int, world_size: int, impl: str) -> None:
+    """FastDTensor's own redistribute / to_local / full_tensor / from_local inside a fullgraph
+    region: Dynamo cannot trace their eager form (grad_fn hooks), so they take their compiled
+    form, with the same values and FastDTensor gradients."""
+    dispatcher.install(impl)
+    mesh = mesh_1d()
+
+    def region(a: DTensor) -> torch.Tensor:
+        r = a.redistribute(mesh, [Replicate()])  # an all-gather at world size 2
+        local = (r * 2.0).to_local().sum()
+        again = type(a).from_local(r.to_local() * 3.0, mesh, [Replicate()])
+        return local + again.full_tensor().sum() + (a * a).full_tensor().sum()
+
+    results = {}
+    for fast in (False, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(region, backend="aot_eager", fullgraph=True)
+        a = distribute_tensor(torch.arange(16.0).reshape(4, 4), mesh, [Shard(0)])
+        a = (dtdispatch.accelerate(a) if fast else a).requires_grad_()
+        for step in range(2):
+            with torch._dynamo.config.patch(error_on_recompile=step > 0):
+                out = compiled(a)
+            out.backward()
+        assert a.grad is not None
+        results[fast] = (out.detach(), a.grad.full_tensor(), type(a.grad))
+    assert torch.equal(results[True][0], results[False][0])
+    assert torch.equal(results[True][1], results[False][1])
+    assert results[True][2] is FastDTensor
