@@ -13,7 +13,13 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.dtdispatch-installed
 BUILD_INPUTS := pyproject.toml setup.py $(wildcard dtdispatch/native/*.c dtdispatch/native/*.h)
 
-.PHONY: install demo fuzz test lint clean
+# make compat: the suite on other torch releases, each in a venv of its own, $(COMPAT_DIR)/torch-V,
+# reused when present (also one made by hand with that torch in it). Their Linux wheels are CUDA
+# builds (about 5 GB each with the nvidia-* dependencies); they run on CPU.
+TORCH_COMPAT ?= 2.14.1 2.15.0
+COMPAT_DIR ?= .compat
+
+.PHONY: install demo fuzz test lint clean compat compat-one
 
 install: $(STAMP)
 
@@ -41,6 +47,44 @@ fuzz: $(STAMP)
 # The whole suite. No -n: the multi-rank tests already keep both cores busy (see README).
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# Each version: venv, torch==V (skipped when it is already there), dtdispatch in editable mode from
+# this checkout (redone when the checkout or its build inputs change: the stamp holds both), the
+# suite into $(COMPAT_DIR)/torch-V.log; then one result line per version. Fails if any failed.
+compat:
+	@failed=""; for v in $(TORCH_COMPAT); do \
+	  $(MAKE) --no-print-directory compat-one COMPAT_TORCH=$$v || failed="$$failed $$v"; \
+	done; \
+	echo "== make compat: torch $(TORCH_COMPAT) (logs in $(COMPAT_DIR)/torch-V.log)"; \
+	for v in $(TORCH_COMPAT); do \
+	  cat $(COMPAT_DIR)/torch-$$v.result 2>/dev/null || echo "torch $$v: FAILED before the suite ran"; \
+	done; \
+	test -z "$$failed"
+
+CVENV = $(COMPAT_DIR)/torch-$(COMPAT_TORCH)
+SQ := '
+# PYTEST_ARGS as one single-quoted shell word, for the result line.
+PYTEST_ARGS_Q = '$(subst $(SQ),$(SQ)\$(SQ)$(SQ),$(PYTEST_ARGS))'
+CHECK_TORCH = $(CVENV)/bin/python -c 'import sys, torch; \
+	sys.exit(torch.__version__.split("+")[0] != "$(COMPAT_TORCH)")'
+
+compat-one:
+	@test -n "$(COMPAT_TORCH)" || { echo "compat-one needs COMPAT_TORCH=V"; exit 2; }
+	@rm -f $(CVENV).result
+	@test -x $(CVENV)/bin/python || $(PYTHON) -m venv $(CVENV)
+	@$(CHECK_TORCH) 2>/dev/null || $(CVENV)/bin/python -m pip install --quiet torch==$(COMPAT_TORCH)
+	@key="$(CURDIR) $$(cat $(BUILD_INPUTS) | sha256sum | cut -c1-16)"; \
+	if [ "$$(cat $(CVENV)/.dtdispatch-installed 2>/dev/null)" != "$$key" ]; then \
+	  $(CVENV)/bin/python -m pip install --quiet -e '.[$(EXTRAS)]' && echo "$$key" > $(CVENV)/.dtdispatch-installed; \
+	fi
+	@$(CHECK_TORCH) || { echo "torch $(COMPAT_TORCH) was replaced: pyproject.toml's torch range excludes it"; exit 1; }
+	@{ $(CVENV)/bin/python -m pytest -q $(PYTEST_ARGS) tests; echo $$? > $(CVENV).rc; } 2>&1 | tee $(CVENV).log
+	@rc=$$(cat $(CVENV).rc); args=$(PYTEST_ARGS_Q); \
+	verdict=$$([ "$$rc" = 0 ] && echo PASSED || echo "FAILED (pytest exit $$rc)"); \
+	summary=$$(grep -E ' in [0-9.]+s' $(CVENV).log | tail -n 1); \
+	printf 'torch %s (%s, %s): %s; pytest %s tests: %s\n' "$(COMPAT_TORCH)" "$(CVENV)" \
+	  "$$(date -u +%F)" "$$verdict" "$$args" "$$summary" > $(CVENV).result; \
+	test "$$rc" = 0
 
 lint: $(VENV)/.dtdispatch-dev
 	$(VENV)/bin/ruff check dtdispatch launch tests setup.py

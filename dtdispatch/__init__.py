@@ -1,7 +1,8 @@
 """dtdispatch: fast dispatch for PyTorch DTensor.
 
 ``accelerate(x)`` opts a DTensor (or every DTensor parameter and buffer of an ``nn.Module``) into
-dtdispatch; ``to_torch(x)`` takes it back. ``stats()`` says where dispatch time goes.
+dtdispatch; ``to_torch(x)`` takes it back. ``stats()`` says where dispatch time goes;
+``DTDISPATCH_TELEMETRY=DIR`` writes it per process at exit (``python -m dtdispatch.telemetry``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dtdispatch import _compat
+from dtdispatch import _compat, _telemetry, _tensor
 from dtdispatch import above as _above
 from dtdispatch import cache as _cache
 from dtdispatch import dispatcher as _dispatcher
@@ -66,9 +67,11 @@ def accelerate(x: T) -> T:
     torch's parallel styles (``parallelize_module``, ``distribute_module``) hand out FastDTensor
     activations instead of plain DTensors (``dtdispatch._training``) and gradients come out as
     FastDTensors. Results are unchanged; ``coverage(step)`` says how much of a step was on it.
-    On torch < 2.13, which never calls a DTensor subclass's ``__torch_dispatch__``, only the path
-    above dispatch runs (calls that need no autograd); with that path off (``DTDISPATCH_ABOVE=0``)
-    ``accelerate`` warns once and returns ``x`` unchanged (``native_status()`` says why).
+    ``torch.compile`` works on the result (README, "torch.compile"); this call registers what Dynamo
+    needs for it. On torch < 2.13, which never calls a DTensor subclass's ``__torch_dispatch__``,
+    only the path above dispatch runs (calls that need no autograd); with that path off
+    (``DTDISPATCH_ABOVE=0``) ``accelerate`` warns once and returns ``x`` unchanged
+    (``native_status()`` says why).
     """
     unsupported = _compat.unsupported_reason(_dispatcher.active_function() != "off")
     if unsupported is not None:
@@ -77,6 +80,8 @@ def accelerate(x: T) -> T:
             _warned_unsupported = True
             warnings.warn(f"dtdispatch.accelerate does nothing: {unsupported}", stacklevel=2)
         return x
+    _telemetry.note_process_group()
+    _tensor.prepare_compile()
     if isinstance(x, nn.Module):
         _convert_module(x, as_fast, FastDTensor)
         wrap_hooks(x)
@@ -111,6 +116,10 @@ def _merge(total: dict[str, Any], part: dict[str, Any]) -> None:
         mine = total["per_op"].setdefault(op, {"hits": 0, "misses": 0, "bailouts": 0})
         for field in ("hits", "misses", "bailouts"):
             mine[field] += c[field]
+    for op, reasons in part["bailouts_per_op"].items():
+        by_reason = total["bailouts_per_op"].setdefault(op, {})
+        for reason, n in reasons.items():
+            by_reason[reason] = by_reason.get(reason, 0) + n
 
 
 def stats() -> dict[str, Any]:
@@ -118,8 +127,8 @@ def stats() -> dict[str, Any]:
 
     Keys: ``hits``, ``misses``, ``entries`` (live plans), ``evictions``, ``bailouts`` {reason:
     count} (calls the native path handed to Python, by reason), ``per_op`` {op: {hits, misses,
-    bailouts}}, ``threads`` (the same per live thread, by thread name), ``implementation`` ("native"
-    or "python").
+    bailouts}}, ``bailouts_per_op`` {op: {reason: count}}, ``threads`` (the same per live thread,
+    by thread name), ``implementation`` ("native" or "python").
     """
     total: dict[str, Any] = {
         "hits": 0,
@@ -128,6 +137,7 @@ def stats() -> dict[str, Any]:
         "evictions": 0,
         "bailouts": {},
         "per_op": {},
+        "bailouts_per_op": {},
     }
     retired = _cache.retired_totals()
     retired["entries"] = 0
@@ -227,3 +237,8 @@ def native_status() -> tuple[bool, str]:
             "torch's path"
         )
     return active, status
+
+
+# DTDISPATCH_TELEMETRY=DIR: write stats() into DIR at exit (python -m dtdispatch.telemetry DIR
+# merges them).
+_telemetry.install_from_env()

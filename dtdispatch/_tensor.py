@@ -20,6 +20,7 @@ from dtdispatch import _compat
 __all__ = ["FastDTensor", "as_fast", "as_stock"]
 
 _new = torch.Tensor._dtensor__new__
+_compiling = torch.compiler.is_compiling
 
 
 class FastDTensor(DTensor):
@@ -92,6 +93,8 @@ class FastDTensor(DTensor):
     def to_local(self, *, grad_placements: Sequence[Placement] | None = None) -> torch.Tensor:
         """``DTensor.to_local``; its backward hands on a FastDTensor gradient (stock's builds a
         plain DTensor, so every backward op on it alone would leave dtdispatch)."""
+        if _compiling():
+            return DTensor.to_local(compiled_fast(self), grad_placements=grad_placements)
         if not torch.is_grad_enabled():
             result = self._local_tensor
         elif self.requires_grad:
@@ -113,6 +116,8 @@ class FastDTensor(DTensor):
     def full_tensor(self, *, grad_placements: Sequence[Placement] | None = None) -> torch.Tensor:
         """``DTensor.full_tensor``: redistribute to Replicate everywhere, then the local tensor (a
         fresh view, as stock's autograd Function returns even without grad)."""
+        if _compiling():
+            return DTensor.full_tensor(compiled_fast(self), grad_placements=grad_placements)
         full = self.redistribute(placements=_replicated(self._spec.mesh.ndim), async_op=False)
         if torch.is_grad_enabled() and full.requires_grad:
             if grad_placements is not None and type(grad_placements) is not tuple:
@@ -156,6 +161,7 @@ class FastDTensor(DTensor):
         except TypeError:  # an unhashable shape or stride (a list): torch's own function
             spec = None
         if spec is _MISSING:
+            prepare_compile()
             spec = _from_local_spec(local_tensor, device_mesh, key[1], shape, stride)
             _remember(_from_local_specs, key, spec)
         if spec is None:
@@ -169,6 +175,37 @@ class FastDTensor(DTensor):
                 grad_placements = tuple(grad_placements)
             return _apply_from_torch(local_tensor, spec, grad_placements)  # type: ignore[no-any-return]
         return _new(FastDTensor, local_tensor.view_as(local_tensor), spec, requires_grad=False)
+
+    # torch.compile (DESIGN §12, "under tracing"). Dynamo fakes a FastDTensor input, and AOTAutograd
+    # rebuilds every subclass output at run time, through __tensor_unflatten__: DTensor's builds a
+    # plain DTensor, so the traced program expected a DTensor where a FastDTensor came (the
+    # AssertionError of issue 10) and compiled outputs would leave dtdispatch. Inside the trace the
+    # ops on FastDTensors go through dtdispatch's __torch_dispatch__ on fake/functional local
+    # tensors, which records the same local ops stock DTensor would.
+    @staticmethod
+    def __tensor_unflatten__(
+        inner_tensors: dict[str, Any], flatten_spec: Any, outer_size: Any, outer_stride: Any
+    ) -> FastDTensor:
+        stock = DTensor.__tensor_unflatten__(  # type: ignore[no-untyped-call]  # torch: untyped
+            inner_tensors, flatten_spec, outer_size, outer_stride
+        )
+        return _fast_from(stock)
+
+    def __coerce_same_metadata_as_tangent__(
+        self, flatten_spec: Any, expected_type: type | None = None
+    ) -> DTensor | None:
+        """The gradient AOTAutograd's compiled backward expects, from the one that came: mixed
+        programs make a FastDTensor gradient where the trace saw a DTensor one, or the reverse
+        (torch's DTensor version gives up on any type change). Zero-copy unless the placements
+        differ; then redistributed as torch's does."""
+        target = FastDTensor if expected_type is None else expected_type
+        if target is not FastDTensor and target is not DTensor:
+            return None
+        placements = tuple(flatten_spec[0])
+        same: DTensor = self
+        if tuple(self.placements) != placements:
+            same = DTensor.redistribute(self, device_mesh=self.device_mesh, placements=placements)
+        return _new(target, same._local_tensor, same._spec, requires_grad=same.requires_grad)
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
         # NOTE: pickles as a stock DTensor plus a rebuild hook, so torch.load never needs to trust a
@@ -262,9 +299,13 @@ def _replicated(ndim: int) -> tuple[Placement, ...]:
     return placements
 
 
-def _stock_call(method: Any, *args: Any, **kwargs: Any) -> FastDTensor:
+def _stock_call(method: Any, self: DTensor, *args: Any, **kwargs: Any) -> FastDTensor:
     """Torch's own method, its result and the gradients it hands on made FastDTensors."""
-    return as_fast(_fast_grads(method(*args, **kwargs)))  # type: ignore[arg-type]
+    if _compiling():
+        # NOTE: Dynamo traces neither a grad_fn hook nor _dtensor__new__: compiled_fast is their
+        # in-graph equivalent (allow_in_graph, see prepare_compile).
+        return compiled_fast(method(compiled_fast(self), *args, **kwargs))
+    return as_fast(_fast_grads(method(self, *args, **kwargs)))  # type: ignore[arg-type]
 
 
 def _stock_from_local(
@@ -285,6 +326,9 @@ def _stock_from_local(
         stride=stride,
         grad_placements=grad_placements,
     )
+    if _compiling():
+        return compiled_fast(stock)
+    prepare_compile()
     return as_fast(stock)
 
 
@@ -574,6 +618,7 @@ def _fast_grads(result: torch.Tensor) -> torch.Tensor:
 
 
 def _rebuild(stock: DTensor, requires_grad: bool) -> FastDTensor:
+    prepare_compile()  # unpickling is a way in besides accelerate
     out = _new(FastDTensor, stock._local_tensor, stock._spec, requires_grad=requires_grad)
     return out
 
@@ -604,6 +649,51 @@ class _ToFast(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Any) -> Any:
         return grad
+
+
+class _ToFastGradsFast(torch.autograd.Function):
+    """``_ToFast`` that also hands its input's gradient on as a FastDTensor: inside a compiled
+    graph, the counterpart of ``_fast_grads`` (whose grad_fn hook Dynamo cannot trace)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: DTensor) -> FastDTensor:
+        local = t._local_tensor
+        # In AOTAutograd's joint trace the local tensor itself requires grad (torch warns when a
+        # DTensor wraps such a tensor); the Function, not the local, carries the graph here.
+        if local.requires_grad:
+            local = local.detach()
+        return _new(FastDTensor, local, t._spec, requires_grad=False)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Any) -> Any:
+        return _fast_from(grad) if isinstance(grad, DTensor) else grad
+
+
+def compiled_fast(t: DTensor) -> FastDTensor:
+    """Under torch.compile: the FastDTensor view of ``t``, gradients handed on as FastDTensors.
+
+    NOTE: registered with ``torch._dynamo.allow_in_graph`` by ``prepare_compile`` so Dynamo writes
+    the call into the graph instead of tracing ``_dtensor__new__`` (which it cannot: a graph
+    break, and an error under fullgraph=True); AOTAutograd then traces it like any subclass code.
+    """
+    return _ToFastGradsFast.apply(t)  # type: ignore[no-untyped-call,no-any-return]  # torch: Function.apply is untyped
+
+
+_compile_prepared: list[bool] = []
+
+
+def prepare_compile() -> None:
+    """Register ``compiled_fast`` with Dynamo, once. Called where FastDTensors first appear
+    (``accelerate``, ``FastDTensor.from_local``, unpickling) rather than at import, which would
+    import torch._dynamo (1.5 s on the loaded development VM) into every process.
+
+    NOTE: without it, a compiled region that converts to FastDTensor graph-breaks (an error under
+    fullgraph=True): Dynamo cannot trace ``_dtensor__new__``."""
+    if not _compile_prepared:
+        import torch._dynamo
+
+        torch._dynamo.allow_in_graph(compiled_fast)  # type: ignore[no-untyped-call]  # torch: untyped
+        _compile_prepared.append(True)
 
 
 class _ToStock(torch.autograd.Function):

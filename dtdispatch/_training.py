@@ -39,7 +39,7 @@ from torch.distributed.tensor.placement_types import Placement
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dtdispatch._tensor import FastDTensor, _fast_from, _ToFast
+from dtdispatch._tensor import FastDTensor, _fast_from, _ToFast, compiled_fast
 
 __all__ = ["coverage", "unwrap_hooks", "wrap_hooks"]
 
@@ -59,6 +59,8 @@ def _defining_module(hook: Any) -> str:
 def _fast_activation(t: DTensor) -> FastDTensor:
     """The FastDTensor view of one hook output (zero-copy). When it needs grad, leaf or not, through
     ``_ToFast`` (gradients pass unchanged), so the graph stays connected to what the hook made."""
+    if torch.compiler.is_compiling():
+        return compiled_fast(t)
     if t.requires_grad:
         return _ToFast.apply(t)  # type: ignore[no-any-return,no-untyped-call]
     return _fast_from(t)

@@ -231,7 +231,14 @@ class Plan:
 
 _registry_lock = threading.Lock()
 _all_caches: weakref.WeakSet[ThreadCache] = weakref.WeakSet()
-_retired: dict[str, Any] = {"hits": 0, "misses": 0, "evictions": 0, "bailouts": {}, "per_op": {}}
+_retired: dict[str, Any] = {
+    "hits": 0,
+    "misses": 0,
+    "evictions": 0,
+    "bailouts": {},
+    "per_op": {},
+    "bailouts_per_op": {},
+}
 """Counters of finished threads (their caches are freed, their counts stay in the totals)."""
 _default_capacity = 4096
 
@@ -250,6 +257,7 @@ class ThreadCache:
         "capacity",
         "entries",
         "evicted",
+        "op_bailouts",
         "per_op",
         "thread_name",
     )
@@ -261,10 +269,14 @@ class ThreadCache:
         # per_op[op] = [hits, misses, bailouts]: lists so the hot path increments in place.
         self.per_op: dict[OpOverload, list[int]] = {}
         self.bailouts: dict[str, int] = {}
+        # op_bailouts[op][reason]: the slow path's per-op breakdown (telemetry's per-op table).
+        self.op_bailouts: dict[OpOverload, dict[str, int]] = {}
         self.thread_name = threading.current_thread().name
         with _registry_lock:
             _all_caches.add(self)
-        weakref.finalize(self, _retire, self.per_op, self.bailouts, self.evicted)
+        weakref.finalize(
+            self, _retire, self.per_op, self.bailouts, self.op_bailouts, self.evicted
+        )
 
     def insert(self, key: tuple[object, ...], plan: Plan) -> None:
         self.entries[key] = plan
@@ -279,6 +291,10 @@ class ThreadCache:
 
     def count_bailout(self, op: OpOverload, reason: str) -> None:
         self.bailouts[reason] = self.bailouts.get(reason, 0) + 1
+        reasons = self.op_bailouts.get(op)
+        if reasons is None:
+            reasons = self.op_bailouts[op] = {}
+        reasons[reason] = reasons.get(reason, 0) + 1
         self.op_counters(op)[2] += 1
 
     def op_counters(self, op: OpOverload) -> list[int]:
@@ -299,16 +315,21 @@ class ThreadCache:
             "evictions": self.evicted[0],
             "bailouts": dict(self.bailouts),
             "per_op": per_op,
+            "bailouts_per_op": {str(op): dict(r) for op, r in list(self.op_bailouts.items())},
         }
 
     def reset_stats(self) -> None:
         self.per_op.clear()
         self.bailouts.clear()
+        self.op_bailouts.clear()
         self.evicted[0] = 0
 
 
 def _retire(
-    per_op: dict[OpOverload, list[int]], bailouts: dict[str, int], evicted: list[int]
+    per_op: dict[OpOverload, list[int]],
+    bailouts: dict[str, int],
+    op_bailouts: dict[OpOverload, dict[str, int]],
+    evicted: list[int],
 ) -> None:
     """Fold a finished thread's counters into the process totals (its plans are already freed)."""
     with _registry_lock:
@@ -322,6 +343,10 @@ def _retire(
             _retired["misses"] += m
         for reason, n in bailouts.items():
             _retired["bailouts"][reason] = _retired["bailouts"].get(reason, 0) + n
+        for op, reasons in op_bailouts.items():
+            mine = _retired["bailouts_per_op"].setdefault(str(op), {})
+            for reason, n in reasons.items():
+                mine[reason] = mine.get(reason, 0) + n
 
 
 _local = threading.local()
@@ -356,9 +381,10 @@ def retired_totals() -> dict[str, Any]:
             "evictions": _retired["evictions"],
             "bailouts": dict(_retired["bailouts"]),
             "per_op": {k: dict(v) for k, v in _retired["per_op"].items()},
+            "bailouts_per_op": {k: dict(v) for k, v in _retired["bailouts_per_op"].items()},
         }
 
 
 def reset_retired() -> None:
     with _registry_lock:
-        _retired.update(hits=0, misses=0, evictions=0, bailouts={}, per_op={})
+        _retired.update(hits=0, misses=0, evictions=0, bailouts={}, per_op={}, bailouts_per_op={})

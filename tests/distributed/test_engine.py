@@ -139,6 +139,10 @@ def test_telemetry_counts_what_happened(rank: int, world_size: int, impl: str) -
     s = dtdispatch.stats()
     assert s["bailouts"] == {"miss": 2, "random": 2}
     assert s["per_op"]["aten.native_dropout.default"] == {"hits": 2, "misses": 1, "bailouts": 3}
+    assert s["bailouts_per_op"] == {
+        "aten.add.Tensor": {"miss": 1},
+        "aten.native_dropout.default": {"miss": 1, "random": 2},
+    }
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -193,6 +197,7 @@ def test_threads_have_separate_caches_freed_at_exit(rank: int, world_size: int, 
     s = dtdispatch.stats()
     mul = s["per_op"]["aten.mul.Tensor"]
     assert mul["misses"] == 2 and mul["hits"] == 1  # counts of the finished thread are kept
+    assert s["bailouts_per_op"]["aten.mul.Tensor"] == {"miss": 2}  # its bailouts by reason too
     assert "worker-thread" not in s["threads"] and s["entries"] == 1
 
 
