@@ -251,15 +251,31 @@ def test_native_status_reports_why(rank: int, world_size: int) -> None:
 
 
 @pytest.mark.distributed(world_size=1)
-def test_accelerate_refuses_torch_without_subclass_dispatch(rank: int, world_size: int) -> None:
-    from dtdispatch import _compat
+def test_accelerate_without_subclass_dispatch(rank: int, world_size: int) -> None:
+    """torch < 2.13 (``SUBCLASS_DISPATCH`` False): accelerate works while the path above dispatch
+    is on; with it off there is nothing to run, so it warns once and leaves tensors stock. (The
+    behaviour on a real torch 2.11 is tests/distributed/test_torch_versions.py under make compat.)"""
+    import warnings
+
+    from dtdispatch import _compat, dispatcher
+    from dtdispatch import native as native_pkg
 
     x = distribute_tensor(torch.ones(4), mesh_1d(), [Shard(0)])
     saved = _compat.SUBCLASS_DISPATCH
     _compat.SUBCLASS_DISPATCH = False  # what torch 2.11 gives
     try:
-        with pytest.raises(RuntimeError, match=r"needs torch >= 2.13"):
-            dtdispatch.accelerate(x)
+        assert type(dtdispatch.accelerate(x)) is FastDTensor
+        dispatcher.install(native_pkg.DEFAULT, above=False)
+        dtdispatch._warned_unsupported = False
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert dtdispatch.accelerate(x) is x
+            assert dtdispatch.accelerate(x) is x
+        assert len(caught) == 1
+        assert "path above dispatch is off" in str(caught[0].message)
+        assert "accelerate does nothing" in dtdispatch.native_status()[1]
     finally:
         _compat.SUBCLASS_DISPATCH = saved
+        dispatcher.install(native_pkg.DEFAULT)
+    assert "accelerate does nothing" not in dtdispatch.native_status()[1]
     assert type(dtdispatch.accelerate(x)) is FastDTensor
