@@ -433,7 +433,7 @@ def summarize(value: Any, values: bool, seen: dict[int, str]) -> Any:
 def run_calls(
     impl: str, call: Any, mesh: DeviceMesh, values: bool
 ) -> tuple[list[Any], dict[str, Any]]:
-    dispatcher.install(impl)
+    dispatcher.install(impl, above=False)  # the dispatch path under test
     dtdispatch.clear_cache()
     dtdispatch.reset_stats()
     outcomes = []
@@ -505,11 +505,11 @@ def test_plans_are_shared_between_implementations(mesh: DeviceMesh) -> None:
     try:
         for first, second in (("python", "native"), ("native", "python")):
             dtdispatch.clear_cache()
-            dispatcher.install(first)
+            dispatcher.install(first, above=False)
             for fn in calls:
                 fn()
             dtdispatch.reset_stats()
-            dispatcher.install(second)
+            dispatcher.install(second, above=False)
             for fn in calls:
                 fn()
             stats = dtdispatch.stats()

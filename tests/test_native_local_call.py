@@ -29,7 +29,8 @@ IMPLS = sorted(native.implementations())
 
 @pytest.fixture(params=IMPLS)
 def impl(request: pytest.FixtureRequest, mesh: DeviceMesh) -> Any:
-    dispatcher.install(request.param)
+    # The dispatch path under test; the path above it would take the no-autograd calls.
+    dispatcher.install(request.param, above=False)
     dtdispatch.clear_cache()
     dtdispatch.reset_stats()
     yield request.param

@@ -22,7 +22,7 @@ dist.init_process_group("gloo")
 rank, world_size = dist.get_rank(), dist.get_world_size()
 mesh = init_device_mesh("cpu", (world_size,))
 x = dtdispatch.accelerate(distribute_tensor(torch.ones(8, 8), mesh, [Shard(0)]))
-for _ in range(3 + rank):  # one miss, then 2 + rank hits
+for _ in range(3 + rank):  # one miss, then 2 + rank hits (above dispatch: no autograd needed)
     x = x + 1.0
 for rows in range(1, 4 + 2 * rank):  # a new shape every time: all misses (no collective here)
     y = DTensor.from_local(torch.ones(rows, 4), mesh, [Shard(0)], run_check=False)

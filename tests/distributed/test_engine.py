@@ -260,6 +260,7 @@ def test_accelerate_without_subclass_dispatch(rank: int, world_size: int) -> Non
     from dtdispatch import _compat, dispatcher
     from dtdispatch import native as native_pkg
 
+    dispatcher.install(native_pkg.DEFAULT)  # ranks outlive tests: the path above dispatch on
     x = distribute_tensor(torch.ones(4), mesh_1d(), [Shard(0)])
     saved = _compat.SUBCLASS_DISPATCH
     _compat.SUBCLASS_DISPATCH = False  # what torch 2.11 gives
