@@ -41,7 +41,7 @@ _LIST = object()
 _SCALAR_TENSOR = object()
 """A plain one-element tensor taken as Replicate: (_SCALAR_TENSOR, shape, stride, dtype)."""
 _UNKEYED = object()
-"""A non-tensor argument whose value torch leaves out of the key (index < static_argnum)."""
+"""A float argument whose value torch leaves out of the key (index < static_argnum)."""
 
 _DEFAULT_SCHEMA_INFO = RuntimeSchemaInfo()
 
@@ -79,6 +79,15 @@ def scalar_value_free_ops() -> frozenset[OpOverload]:
 
 _VALUE_FREE_OPS = scalar_value_free_ops()
 _SCALAR_TYPES = (bool, int, float, complex)
+_UNKEYED_TYPES = (float, complex)
+"""The only argument values left out of the key where torch leaves them out (index <
+static_argnum). NOTE: torch's keys omit arguments that decide the output's metadata: topk's ``k``
+and histc's ``bins`` (output shape), ``view.dtype``'s dtype (output dtype and shape), multinomial's
+``num_samples``; torch then replays the first call's output spec for the second (stock returns a
+DTensor whose shape disagrees with its local tensor). So every other value (ints, bools, int and
+bool lists, dtypes, strings) is keyed by value. Floats stay out: they are the step-varying values
+(dropout ``p``, ``normal_``'s mean and std, ``fill_``'s value) and no op's output metadata was
+found to depend on one."""
 
 
 def _tensor_entry(arg: torch.Tensor) -> object | None:
@@ -102,7 +111,7 @@ def _tensor_entry(arg: torch.Tensor) -> object | None:
 def _value_entry(value: object, keyed: bool, by_type: bool) -> object:
     if value is None:
         return None
-    if not keyed:
+    if not keyed and type(value) in _UNKEYED_TYPES:
         return _UNKEYED
     if by_type and type(value) in _SCALAR_TYPES:
         return type(value)

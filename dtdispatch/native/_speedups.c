@@ -740,11 +740,11 @@ static PyObject *value_entry(PyObject *value, int keyed, int by_type)
     /* if value is None: return None */
     if (value == Py_None)
         Py_RETURN_NONE;
-    /* if not keyed: return _UNKEYED */
-    if (!keyed)
+    PyTypeObject *tp = Py_TYPE(value);
+    /* if not keyed and type(value) in _UNKEYED_TYPES: return _UNKEYED */
+    if (!keyed && (tp == &PyFloat_Type || tp == &PyComplex_Type))
         return Py_NewRef(unkeyed_marker);
     /* if by_type and type(value) in _SCALAR_TYPES: return type(value) */
-    PyTypeObject *tp = Py_TYPE(value);
     if (by_type && (tp == &PyBool_Type || tp == &PyLong_Type || tp == &PyFloat_Type || tp == &PyComplex_Type))
         return Py_NewRef((PyObject *)tp);
     /* if isinstance(value, list): return tuple(value) */
