@@ -1,7 +1,8 @@
 """The sharding cache key, the plan and the per-thread plan cache.
 
-The key rules are DESIGN §5 (torch 2.13's ``OpSchema`` comparison key), with one declared deviation,
-see ``scalar_value_free_ops``. ``build_key`` is the specification that ``native/_speedups.c``
+The key rules are DESIGN §5 (torch 2.13's ``OpSchema`` comparison key), with two declared
+deviations: scalars of ``scalar_value_free_ops`` are keyed by type (coarser), and non-float values
+torch leaves out are keyed by value (finer, see ``_is_float_value``). ``build_key`` is the specification that ``native/_speedups.c``
 mirrors block by block; change both together.
 """
 
@@ -41,7 +42,7 @@ _LIST = object()
 _SCALAR_TENSOR = object()
 """A plain one-element tensor taken as Replicate: (_SCALAR_TENSOR, shape, stride, dtype)."""
 _UNKEYED = object()
-"""A non-tensor argument whose value torch leaves out of the key (index < static_argnum)."""
+"""A float argument whose value torch leaves out of the key (index < static_argnum)."""
 
 _DEFAULT_SCHEMA_INFO = RuntimeSchemaInfo()
 
@@ -79,6 +80,28 @@ def scalar_value_free_ops() -> frozenset[OpOverload]:
 
 _VALUE_FREE_OPS = scalar_value_free_ops()
 _SCALAR_TYPES = (bool, int, float, complex)
+_UNKEYED_TYPES = (float, complex)
+
+
+def _is_float_value(value: object) -> bool:
+    """A float/complex scalar, or a non-empty list/tuple of them.
+
+    NOTE: these are the only values left out of the key where torch leaves them out (index <
+    static_argnum), outside the value-free ops (which keep torch's rule). torch's keys omit
+    arguments that decide the output's metadata: topk's ``k`` and histc's ``bins`` (output shape),
+    ``view.dtype``'s dtype (output dtype and shape), multinomial's ``num_samples``; torch then
+    replays the first call's output spec for the second (stock returns a DTensor whose shape
+    disagrees with its local tensor). So every other value (ints, bools, int lists, dtypes,
+    strings) is keyed by value. Floats stay out: they are the step-varying values (dropout ``p``,
+    ``normal_``'s mean and std, ``fill_``'s value, foreach scalar lists) and no op's output
+    metadata was found to depend on one.
+    """
+    if type(value) in _UNKEYED_TYPES:
+        return True
+    if type(value) is not list and type(value) is not tuple:
+        return False
+    items: list[object] | tuple[object, ...] = value
+    return len(items) > 0 and all(type(e) in _UNKEYED_TYPES for e in items)
 
 
 def _tensor_entry(arg: torch.Tensor) -> object | None:
@@ -102,7 +125,7 @@ def _tensor_entry(arg: torch.Tensor) -> object | None:
 def _value_entry(value: object, keyed: bool, by_type: bool) -> object:
     if value is None:
         return None
-    if not keyed:
+    if not keyed and (by_type or _is_float_value(value)):
         return _UNKEYED
     if by_type and type(value) in _SCALAR_TYPES:
         return type(value)

@@ -741,11 +741,22 @@ static PyObject *value_entry(PyObject *value, int keyed, int by_type)
     /* if value is None: return None */
     if (value == Py_None)
         Py_RETURN_NONE;
-    /* if not keyed: return _UNKEYED */
-    if (!keyed)
-        return Py_NewRef(unkeyed_marker);
-    /* if by_type and type(value) in _SCALAR_TYPES: return type(value) */
     PyTypeObject *tp = Py_TYPE(value);
+    /* if not keyed and (by_type or _is_float_value(value)): return _UNKEYED */
+    if (!keyed) {
+        int floats = by_type || tp == &PyFloat_Type || tp == &PyComplex_Type;
+        if (!floats && (tp == &PyList_Type || tp == &PyTuple_Type)) {
+            /* mirrors cache._is_float_value for a list/tuple: non-empty, every element float/complex */
+            Py_ssize_t n = PySequence_Fast_GET_SIZE(value);
+            PyObject **items = PySequence_Fast_ITEMS(value);
+            floats = n > 0;
+            for (Py_ssize_t i = 0; i < n && floats; i++)
+                floats = Py_IS_TYPE(items[i], &PyFloat_Type) || Py_IS_TYPE(items[i], &PyComplex_Type);
+        }
+        if (floats)
+            return Py_NewRef(unkeyed_marker);
+    }
+    /* if by_type and type(value) in _SCALAR_TYPES: return type(value) */
     if (by_type && (tp == &PyBool_Type || tp == &PyLong_Type || tp == &PyFloat_Type || tp == &PyComplex_Type))
         return Py_NewRef((PyObject *)tp);
     /* if isinstance(value, list): return tuple(value) */

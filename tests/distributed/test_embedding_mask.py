@@ -65,9 +65,7 @@ def _check_overlapping_lookups(impl: str) -> None:
     dtdispatch.reset_stats()
     mesh = mesh_1d()
     expected, expected_grad = _reference()
-    weight = dtdispatch.accelerate(
-        distribute_tensor(_weight(), mesh, [Shard(0)]).requires_grad_()
-    )
+    weight = dtdispatch.accelerate(distribute_tensor(_weight(), mesh, [Shard(0)]).requires_grad_())
     indices = [dtdispatch.accelerate(distribute_tensor(i, mesh, [Replicate()])) for i in INDICES]
     for _round in range(2):  # the first round plans, the second replays the cached plan
         weight.grad = None

@@ -196,3 +196,34 @@ def test_no_key_cases(rank: int, world_size: int, impl: str) -> None:
     # No DTensor at all: torch's "no mesh" error comes from the slow path.
     assert build_key(aten.add.Tensor, (torch.tensor(1.0), torch.tensor(2.0)), {}) is None
     assert build_key(aten.add.Tensor, (s0, s0), {}) is not None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.distributed(world_size=1)
+def test_values_torch_leaves_out_but_metadata_needs(rank: int, world_size: int, impl: str) -> None:
+    """The second declared deviation: torch's key omits topk's ``k`` and ``view.dtype``'s dtype
+    (both decide the output's metadata); ours keys every such value except floats (and lists of
+    floats), which stay out as in torch."""
+    build_key = native.implementations()[impl].build_key
+    s0 = dtdispatch.accelerate(distribute_tensor(torch.ones(8, 8), mesh_1d(), [Shard(0)]))
+    r = dtdispatch.accelerate(distribute_tensor(torch.ones(8, 8), mesh_1d(), [Replicate()]))
+
+    def torch_key(op: Any, args: tuple[Any, ...]) -> Any:
+        return DTensor._op_dispatcher.unwrap_to_op_info(op, args, {}).schema
+
+    finer = [
+        (aten.topk.default, (s0, 2, 1), (s0, 3, 1)),
+        (aten.view.dtype, (s0, torch.int32), (s0, torch.float16)),
+        (aten.histc.default, (r, 4), (r, 8)),
+    ]
+    for op, a, b in finer:
+        assert torch_key(op, a) == torch_key(op, b), op  # torch's key cannot tell them apart
+        assert build_key(op, a, {}) != build_key(op, b, {}), op
+    same = [
+        (aten.native_dropout.default, (s0, 0.1, True), (s0, 0.2, True)),
+        (aten.fill_.Scalar, (s0, 0.5), (s0, 1.5)),
+        (aten._foreach_mul.ScalarList, ([s0, r], [0.9, 0.8]), ([s0, r], [0.7, 0.6])),
+    ]
+    for op, a, b in same:
+        assert torch_key(op, a) == torch_key(op, b), op
+        assert build_key(op, a, {}) == build_key(op, b, {}), op
