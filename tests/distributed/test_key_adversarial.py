@@ -464,8 +464,13 @@ def _stock_outcome(call: Call) -> Any:
     return _outcome(call, False)
 
 
-def _run_case(name: str, impl: str) -> None:
-    dispatcher.install(impl)
+PATHS = ["dispatch", "above"]
+
+
+def _run_case(name: str, impl: str, path: str) -> None:
+    """``path`` "dispatch": the dispatch path's key alone (the path above it off); "above": both
+    paths, as users run them (calls that need no autograd take the key above dispatch)."""
+    dispatcher.install(impl, above=path == "above")
     calls = dict(zip("AB", CASES[name][1](), strict=True))
     stock = {side: _stock_outcome(call) for side, call in calls.items()}
     default = cache._default_capacity
@@ -484,22 +489,26 @@ def _run_case(name: str, impl: str) -> None:
                     continue
                 assert not isinstance(got, Exception), (where, got)
                 _same(got, want, where)
-            hits = dtdispatch.stats()["hits"]
+            stats = dtdispatch.stats()
+            hits = stats["hits"] + (stats["above"]["hits"] if path == "above" else 0)
     finally:
         dtdispatch.set_cache_capacity(default)
+        dispatcher.install(impl)
     # At the default capacity the second A and B are replays: the pair exercised the cache.
     assert hits > 0, name
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", [n for n, (ws, _) in CASES.items() if ws == 2])
 @pytest.mark.distributed(world_size=2)
-def test_pair_2_ranks(rank: int, world_size: int, name: str, impl: str) -> None:
-    _run_case(name, impl)
+def test_pair_2_ranks(rank: int, world_size: int, name: str, impl: str, path: str) -> None:
+    _run_case(name, impl, path)
 
 
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", [n for n, (ws, _) in CASES.items() if ws == 4])
 @pytest.mark.distributed(world_size=4)
-def test_pair_4_ranks(rank: int, world_size: int, name: str, impl: str) -> None:
-    _run_case(name, impl)
+def test_pair_4_ranks(rank: int, world_size: int, name: str, impl: str, path: str) -> None:
+    _run_case(name, impl, path)
