@@ -6,7 +6,8 @@ miss it calls ``miss``, which runs the call exactly as stock would (torch's disa
 every aten op it dispatches, and then decides once whether the call may be replayed on the local
 tensors:
 - every aten op on FastDTensors ran a cached dispatch plan that is ``fast``, participating, not
-  random, with no rewritten (global -> local) arguments, no redistribution and no local chunk; no
+  random, with no redistribution and no local chunk, and no rewritten (global -> local) arguments
+  where the public call passes sizes of its own (a composite's internal ones are checked below); no
   aten op ran on another tensor subclass; no random op on plain tensors; no op returned a
   non-tensor (data-dependent control flow);
 - outputs are None, FastDTensors or tuples/lists of them; no fresh output is a view or aliases an
@@ -246,6 +247,7 @@ class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self.reason: str | None = None
         self.ops = 0
         self.mutates = False
+        self.rewritten = False
 
     def _block(self, reason: str) -> None:
         if self.reason is None:
@@ -293,9 +295,22 @@ class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]
         ):
             self._block("redistribution")
         elif plan.rewritten_args is not None:
-            self._block("rewritten arguments")
+            # Judged in _plan, which sees the public call's own arguments.
+            self.rewritten = True
         elif not plan.fast:
             self._block(f"dispatch plan: {plan.reason}")
+
+
+def _has_shape_values(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether the public call passes any int (or sequence holding one): a size it may have
+    computed from global shapes."""
+
+    def sized(a: Any) -> bool:
+        if type(a) is int or isinstance(a, torch.Size):
+            return True
+        return isinstance(a, (list, tuple)) and any(sized(e) for e in a)
+
+    return any(sized(a) for a in args) or any(sized(v) for v in kwargs.values())
 
 
 def _tensors_only(result: Any) -> bool:
@@ -371,8 +386,12 @@ def _describe(
         ptr = _storage_ptr(result._local_tensor)
         if ptr is None or None in storages:
             return None, "unreadable storage"
-        if result._is_view() or ptr in storages:
+        if ptr in storages:
             return None, "view output"
+        # NOTE: a view of a temporary the call made itself (F.linear on a 3-D input ends with a
+        # view of its addmm result) shares storage and version counter with nothing the caller
+        # can reach; only ``_is_view()``/``_base`` tell it from the fresh tensor a replay returns.
+        # A view of an argument (above) keeps stock's aliasing only on the dispatch path.
         if _version(result) != 0:
             return None, "output version"
         return (OUT_NEW, result._spec), ""
@@ -436,6 +455,15 @@ def _plan(
     """The replay plan of one observed call, or the reason it may not be replayed."""
     if observer.reason is not None:
         return observer.reason
+    if observer.rewritten and _has_shape_values(args, kwargs):
+        # A sharded view given global sizes by the caller (x.view(64)): the dispatch path rewrote
+        # them to local sizes, which a replay on the locals would not.
+        # NOTE: rewritten sizes that a composite derives from its input (F.linear flattening a 3-D
+        # input: view(x, [b*s, d]) from x's own sizes) are replayable: on the locals the composite
+        # derives local sizes itself. The comparison below checks that once, and it then holds for
+        # every call of this key: the key fixes the global specs, so this rank's local shapes, and
+        # every non-tensor value the composite reads.
+        return "rewritten arguments"
     entry, reason = _describe(result, flat, _storages(flat))
     if entry is None:
         return reason

@@ -60,6 +60,31 @@ def _output_kind(op: OpOverload) -> int:
     return VIEW if schema._is_view_op() else NEW
 
 
+def _no_op_transform(local: object, src: DTensorSpec, dst: DTensorSpec) -> bool:
+    """Whether torch's redistribution from ``src`` to ``dst`` hands the local tensor back as it is:
+    only mesh dimensions of size 1 change placement (torch skips those: one rank holds the whole
+    dimension), checked once against ``redistribute_local_tensor`` (the same object back).
+
+    NOTE: such a transform (Replicate -> Partial for a rowwise bias on a 1-rank tensor-parallel
+    dim, say) would otherwise send the plan to the Python executor on every call.
+    """
+    if (
+        not isinstance(local, torch.Tensor)
+        or src.mesh != dst.mesh
+        or src.shard_order != dst.shard_order
+        or len(src.placements) != len(dst.placements)
+    ):
+        return False
+    sizes = src.mesh.shape
+    if any(
+        s != d and sizes[i] != 1
+        for i, (s, d) in enumerate(zip(src.placements, dst.placements, strict=True))
+    ):
+        return False
+    # No mesh dim of size > 1 changes: torch's function communicates nothing here.
+    return redistribute_local_tensor(local, src, dst) is local
+
+
 def _communicates(src: DTensorSpec, dst: DTensorSpec) -> bool:
     """Conservative: True unless every mesh dim is unchanged or Replicate -> Shard (a local
     chunk)."""
@@ -136,7 +161,14 @@ def make_plan(
         targets: list[DTensorSpec | None] = []
         for i, current in enumerate(op_info.flat_args_schema):
             target = flat_target[i]
-            if isinstance(current, DTensorSpec) and current != target:
+            if (
+                isinstance(current, DTensorSpec)
+                and current != target
+                and not (
+                    op_info.args_tree_spec is None
+                    and _no_op_transform(op_info.local_args[i], current, cast(DTensorSpec, target))
+                )
+            ):
                 targets.append(cast(DTensorSpec, target))
                 communicates = communicates or _communicates(current, cast(DTensorSpec, target))
             else:
