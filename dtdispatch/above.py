@@ -6,9 +6,10 @@ miss it calls ``miss``, which runs the call exactly as stock would (torch's disa
 every aten op it dispatches, and then decides once whether the call may be replayed on the local
 tensors:
 - every aten op on FastDTensors ran a cached dispatch plan that is ``fast``, participating, not
-  random, with no rewritten (global -> local) arguments, no redistribution and no local chunk; no
-  aten op ran on another tensor subclass; no random op on plain tensors; no op returned a
-  non-tensor (data-dependent control flow);
+  random, with no rewritten (global -> local) arguments and no redistribution except a local chunk
+  (Replicate -> Shard) of one public argument in a call of exactly one aten op; no aten op ran on
+  another tensor subclass; no random op on plain tensors; no op returned a non-tensor
+  (data-dependent control flow);
 - outputs are None, FastDTensors or tuples/lists of them; no fresh output is a view or aliases an
   argument's storage (stock ties those to their base: ``_base``, shared version counter); no fresh
   output requires grad or has a moved version counter;
@@ -29,6 +30,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dtdispatch import _compat
 from dtdispatch import cache as _dispatch_cache
 from dtdispatch._tensor import FastDTensor
 from dtdispatch.local_results import random_ops
@@ -78,6 +80,9 @@ class ReplayPlan(NamedTuple):
     below: bool
     """Run the replay below ADInplaceOrView (the call mutated a tensor): the locals' version
     counters then move as on the dispatch path, where local ops run below autograd."""
+    chunks: tuple[tuple[int, int, int, int], ...] | None
+    """(flat index, dim, offset, length): that argument's local is replaced by
+    ``local.narrow(dim, offset, length).clone()``, the dispatch plan's verified local chunk."""
 
 
 _registry_lock = threading.Lock()
@@ -244,6 +249,10 @@ class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self.reason: str | None = None
         self.ops = 0
         self.mutates = False
+        # (the chunked FastDTensor, dim, offset, length) of the local chunks (communication-free
+        # Replicate -> Shard) the dispatch plans took.
+        self.chunks: list[tuple[Any, int, int, int]] = []
+        self.fast_ops = 0
 
     def _block(self, reason: str) -> None:
         if self.reason is None:
@@ -284,16 +293,20 @@ class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]
             self._block("random op")
         elif not plan.participating:
             self._block("non-participating rank")
-        elif (
-            plan.communicates
-            or plan.chunks is not None
-            or (plan.transforms is not None and any(t is not None for t in plan.transforms))
+        elif plan.communicates or (
+            plan.chunks is None
+            and plan.transforms is not None
+            and any(t is not None for t in plan.transforms)
         ):
             self._block("redistribution")
         elif plan.rewritten_args is not None:
             self._block("rewritten arguments")
         elif not plan.fast:
             self._block(f"dispatch plan: {plan.reason}")
+        else:
+            self.fast_ops += 1
+            for index, dim, offset, length in plan.chunks or ():
+                self.chunks.append((args[index], dim, offset, length))
 
 
 def _tensors_only(result: Any) -> bool:
@@ -434,6 +447,9 @@ def _plan(
     """The replay plan of one observed call, or the reason it may not be replayed."""
     if observer.reason is not None:
         return observer.reason
+    chunks = _public_chunks(observer, flat)
+    if isinstance(chunks, str):
+        return chunks
     entry, reason = _describe(result, flat, _storages(flat))
     if entry is None:
         return reason
@@ -449,9 +465,12 @@ def _plan(
     # Replay the public call once on the clones and compare with what was observed.
     clones = [b[1] for b in before]
     clone_versions = [_version(c) for c in clones]
+    chunked = list(clones)
+    for index, dim, offset, length in chunks or ():
+        chunked[index] = clones[index].narrow(dim, offset, length).clone()
     position = [0]
-    local_args = [_rebuild(a, clones, position) for a in args]
-    local_kwargs = {k: _rebuild(v, clones, position) for k, v in kwargs.items()}
+    local_args = [_rebuild(a, chunked, position) for a in args]
+    local_kwargs = {k: _rebuild(v, chunked, position) for k, v in kwargs.items()}
     try:
         if observer.mutates:
             with torch._C._AutoDispatchBelowADInplaceOrView():
@@ -469,7 +488,26 @@ def _plan(
             return "replay differs"
         if _version(t._local_tensor) - local_version != _version(clone) - clone_version:
             return "replay differs"
-    return ReplayPlan(out=entry, bumps=tuple(bumps), below=observer.mutates)
+    return ReplayPlan(out=entry, bumps=tuple(bumps), below=observer.mutates, chunks=chunks)
+
+
+def _public_chunks(
+    observer: _Observer, flat: list[FastDTensor]
+) -> tuple[tuple[int, int, int, int], ...] | str | None:
+    """The observed local chunks as (flat index of the public argument, dim, offset, length), or a
+    reason. Only a call that dispatched exactly one aten op can say which public argument was
+    chunked: the chunked DTensor must be exactly one of the call's FastDTensor arguments."""
+    if not observer.chunks:
+        return None
+    if observer.fast_ops != 1 or observer.ops != 1:
+        return "redistribution"
+    chunks = []
+    for t, dim, offset, length in observer.chunks:
+        indices = [i for i, a in enumerate(flat) if a is t]
+        if len(indices) != 1:
+            return "redistribution"
+        chunks.append((indices[0], dim, offset, length))
+    return tuple(chunks)
 
 
 def miss(
@@ -563,6 +601,7 @@ def config() -> dict[str, Any]:
         "inference": torch.is_inference_mode_enabled,
         "disable_subclass": torch._C.DisableTorchFunctionSubclass,
         "increment_version": torch._C._increment_version,
+        "explicit_local": _compat.explicit_redistribution_local,
         "below_autograd": torch._C._AutoDispatchBelowADInplaceOrView,
         "kw_marker": KW_MARKER,
         "value_marker": VALUE_MARKER,
