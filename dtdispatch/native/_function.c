@@ -67,7 +67,7 @@ static PyObject *c_fast_type, *c_tensor_type, *c_new, *c_disabled, *c_passthroug
 static PyObject *s_requires_grad, *s_spec, *s_local_tensor, *s_entries, *s_per_func, *s_negative,
     *s_stepped_aside, *s_move_to_end, *s_enter, *s_exit, *s_memo_key,
     *s_mode_or_compiling, *s_unhashable, *s_kwnames_rg, *s_args, *s_kwargs, *small_one, *s_active,
-    *s_narrow, *s_clone, *s_explicit;
+    *s_narrow, *s_clone, *s_explicit, *s_compiling_flag, *c_compiler_module;
 
 /* Output entry kinds: mirrors _function.OUT_*. */
 enum { OUT_NEW = 0, OUT_ARG = 1, OUT_NONE = 2, OUT_SEQ = 3 };
@@ -110,6 +110,7 @@ static PyObject *fn_configure(PyObject *Py_UNUSED(module), PyObject *config)
         if (value != NULL)
             Py_XSETREF(*config_names[i].slot, Py_NewRef(value));
     }
+    Py_CLEAR(c_compiler_module); /* re-read from the (possibly new) is_compiling */
     Py_RETURN_NONE;
 }
 
@@ -393,6 +394,31 @@ static int query(PyObject *fn)
     int v = PyObject_IsTrue(r);
     Py_DECREF(r);
     return v;
+}
+
+/* is_compiling(): torch.compiler.is_compiling() is ``False if torch.jit.is_scripting() else
+ * _is_compiling_flag``, and scripting never runs this C code, so the module flag is read directly (the
+ * function, two Python frames, is called when the flag is missing). NOTE: tied to torch 2.13-2.15's
+ * is_compiling; if it ever tests more than the flag, call it instead (the twin always calls it). */
+static int query_compiling(void)
+{
+    if (c_compiler_module == NULL) {
+        PyObject *globals = PyObject_GetAttrString(c_is_compiling, "__globals__");
+        if (globals != NULL && PyDict_Check(globals))
+            c_compiler_module = Py_NewRef(globals);
+        Py_XDECREF(globals);
+        PyErr_Clear();
+        if (c_compiler_module == NULL)
+            c_compiler_module = Py_NewRef(Py_None);
+    }
+    if (c_compiler_module != Py_None) {
+        PyObject *flag = PyDict_GetItemWithError(c_compiler_module, s_compiling_flag); /* borrowed */
+        if (flag != NULL)
+            return PyObject_IsTrue(flag);
+        if (PyErr_Occurred())
+            return -1;
+    }
+    return query(c_is_compiling);
 }
 
 /* build_key(func, args, kwargs, grad, inference): mirrors _function.build_key (for the differential
@@ -802,7 +828,7 @@ static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const 
     PyObject *memo = thread_memo(&hold);
     if (memo == NULL)
         goto out;
-    int compiling = query(c_is_compiling), tf_mode = compiling == 0 ? query(c_tf_mode) : 0,
+    int compiling = query_compiling(), tf_mode = compiling == 0 ? query(c_tf_mode) : 0,
         modes = compiling == 0 && tf_mode == 0 ? query(c_dispatch_modes) : 0;
     if (compiling < 0 || tf_mode < 0 || modes < 0)
         goto out_memo;
@@ -1000,6 +1026,7 @@ PyMODINIT_FUNC PyInit__function_c(void)
     INTERN(s_mode_or_compiling, "mode or compiling");
     INTERN(s_unhashable, "unhashable argument");
     INTERN(s_active, "_active");
+    INTERN(s_compiling_flag, "_is_compiling_flag");
     INTERN(s_narrow, "narrow");
     INTERN(s_clone, "clone");
     INTERN(s_explicit, "explicit redistribution context");
