@@ -507,11 +507,12 @@ def test_plans_are_shared_between_implementations(mesh: DeviceMesh) -> None:
     try:
         for first, second in (("python", "native"), ("native", "python")):
             dtdispatch.clear_cache()
-            dispatcher.install(first)
+            # The dispatch path's plans are compared: the path above it is off.
+            dispatcher.install(first, above=False)
             for fn in calls:
                 fn()
             dtdispatch.reset_stats()
-            dispatcher.install(second)
+            dispatcher.install(second, above=False)
             for fn in calls:
                 fn()
             stats = dtdispatch.stats()
@@ -537,7 +538,7 @@ def test_lru_order_and_evictions_match_twin(mesh: DeviceMesh) -> None:
     try:
         dtdispatch.set_cache_capacity(3)
         for impl in ("python", "native"):
-            dispatcher.install(impl)
+            dispatcher.install(impl, above=False)  # the dispatch path's LRU
             dtdispatch.clear_cache()
             dtdispatch.reset_stats()
             seen = []
