@@ -6,10 +6,11 @@ miss it calls ``miss``, which runs the call exactly as stock would (torch's disa
 every aten op it dispatches, and then decides once whether the call may be replayed on the local
 tensors:
 - every aten op on FastDTensors ran a cached dispatch plan that is ``fast``, participating, not
-  random, with no redistribution and no local chunk, and no rewritten (global -> local) arguments
-  where the public call passes sizes of its own (a composite's internal ones are checked below); no
-  aten op ran on another tensor subclass; no random op on plain tensors; no op returned a
-  non-tensor (data-dependent control flow);
+  random, with no redistribution except a local chunk (Replicate -> Shard) of one public argument
+  in a call of exactly one aten op, and no rewritten (global -> local) arguments where the public
+  call passes sizes of its own (a composite's internal ones are checked below); no aten op ran on
+  another tensor subclass; no random op on plain tensors; no op returned a non-tensor
+  (data-dependent control flow);
 - outputs are None, FastDTensors or tuples/lists of them; no fresh output is a view or aliases an
   argument's storage (stock ties those to their base: ``_base``, shared version counter); no fresh
   output requires grad or has a moved version counter;
@@ -81,6 +82,9 @@ class ReplayPlan(NamedTuple):
     below: bool
     """Run the replay below ADInplaceOrView (the call mutated a tensor): the locals' version
     counters then move as on the dispatch path, where local ops run below autograd."""
+    chunks: tuple[tuple[int, int, int, int], ...] | None
+    """(flat index, dim, offset, length): that argument's local is replaced by
+    ``local.narrow(dim, offset, length).clone()``, the dispatch plan's verified local chunk."""
 
 
 _registry_lock = threading.Lock()
@@ -248,6 +252,10 @@ class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self.ops = 0
         self.mutates = False
         self.rewritten = False
+        # (the chunked FastDTensor, dim, offset, length) of the local chunks (communication-free
+        # Replicate -> Shard) the dispatch plans took.
+        self.chunks: list[tuple[Any, int, int, int]] = []
+        self.fast_ops = 0
 
     def _block(self, reason: str) -> None:
         if self.reason is None:
@@ -288,17 +296,21 @@ class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]
             self._block("random op")
         elif not plan.participating:
             self._block("non-participating rank")
-        elif (
-            plan.communicates
-            or plan.chunks is not None
-            or (plan.transforms is not None and any(t is not None for t in plan.transforms))
+        elif plan.communicates or (
+            plan.chunks is None
+            and plan.transforms is not None
+            and any(t is not None for t in plan.transforms)
         ):
             self._block("redistribution")
-        elif plan.rewritten_args is not None:
-            # Judged in _plan, which sees the public call's own arguments.
-            self.rewritten = True
         elif not plan.fast:
             self._block(f"dispatch plan: {plan.reason}")
+        else:
+            if plan.rewritten_args is not None:
+                # Judged in _plan, which sees the public call's own arguments.
+                self.rewritten = True
+            self.fast_ops += 1
+            for index, dim, offset, length in plan.chunks or ():
+                self.chunks.append((args[index], dim, offset, length))
 
 
 def _has_shape_values(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -464,6 +476,9 @@ def _plan(
         # every call of this key: the key fixes the global specs, so this rank's local shapes, and
         # every non-tensor value the composite reads.
         return "rewritten arguments"
+    chunks = _public_chunks(observer, flat)
+    if isinstance(chunks, str):
+        return chunks
     entry, reason = _describe(result, flat, _storages(flat))
     if entry is None:
         return reason
@@ -479,9 +494,12 @@ def _plan(
     # Replay the public call once on the clones and compare with what was observed.
     clones = [b[1] for b in before]
     clone_versions = [_version(c) for c in clones]
+    chunked = list(clones)
+    for index, dim, offset, length in chunks or ():
+        chunked[index] = clones[index].narrow(dim, offset, length).clone()
     position = [0]
-    local_args = [_rebuild(a, clones, position) for a in args]
-    local_kwargs = {k: _rebuild(v, clones, position) for k, v in kwargs.items()}
+    local_args = [_rebuild(a, chunked, position) for a in args]
+    local_kwargs = {k: _rebuild(v, chunked, position) for k, v in kwargs.items()}
     try:
         if observer.mutates:
             with torch._C._AutoDispatchBelowADInplaceOrView():
@@ -499,7 +517,26 @@ def _plan(
             return "replay differs"
         if _version(t._local_tensor) - local_version != _version(clone) - clone_version:
             return "replay differs"
-    return ReplayPlan(out=entry, bumps=tuple(bumps), below=observer.mutates)
+    return ReplayPlan(out=entry, bumps=tuple(bumps), below=observer.mutates, chunks=chunks)
+
+
+def _public_chunks(
+    observer: _Observer, flat: list[FastDTensor]
+) -> tuple[tuple[int, int, int, int], ...] | str | None:
+    """The observed local chunks as (flat index of the public argument, dim, offset, length), or a
+    reason. Only a call that dispatched exactly one aten op can say which public argument was
+    chunked: the chunked DTensor must be exactly one of the call's FastDTensor arguments."""
+    if not observer.chunks:
+        return None
+    if observer.fast_ops != 1 or observer.ops != 1:
+        return "redistribution"
+    chunks = []
+    for t, dim, offset, length in observer.chunks:
+        indices = [i for i, a in enumerate(flat) if a is t]
+        if len(indices) != 1:
+            return "redistribution"
+        chunks.append((indices[0], dim, offset, length))
+    return tuple(chunks)
 
 
 def miss(
@@ -625,6 +662,7 @@ def config() -> dict[str, Any]:
         "inference": torch.is_inference_mode_enabled,
         "disable_subclass": torch._C.DisableTorchFunctionSubclass,
         "increment_version": torch._C._increment_version,
+        "explicit_local": _compat.explicit_redistribution_local,
         "below_autograd": torch._C._AutoDispatchBelowADInplaceOrView,
         "kw_marker": KW_MARKER,
         "value_marker": VALUE_MARKER,

@@ -433,7 +433,9 @@ def summarize(value: Any, values: bool, seen: dict[int, str]) -> Any:
 def run_calls(
     impl: str, call: Any, mesh: DeviceMesh, values: bool
 ) -> tuple[list[Any], dict[str, Any]]:
-    dispatcher.install(impl, above=False)  # the dispatch path under test
+    # The dispatch path is compared here: the path above it (which replays no-autograd calls and
+    # would take the hits away) is off; tests/test_above_native.py compares that one.
+    dispatcher.install(impl, above=False)
     dtdispatch.clear_cache()
     dtdispatch.reset_stats()
     outcomes = []
@@ -505,6 +507,7 @@ def test_plans_are_shared_between_implementations(mesh: DeviceMesh) -> None:
     try:
         for first, second in (("python", "native"), ("native", "python")):
             dtdispatch.clear_cache()
+            # The dispatch path's plans are compared: the path above it is off.
             dispatcher.install(first, above=False)
             for fn in calls:
                 fn()
@@ -535,7 +538,7 @@ def test_lru_order_and_evictions_match_twin(mesh: DeviceMesh) -> None:
     try:
         dtdispatch.set_cache_capacity(3)
         for impl in ("python", "native"):
-            dispatcher.install(impl)
+            dispatcher.install(impl, above=False)  # the dispatch path's LRU
             dtdispatch.clear_cache()
             dtdispatch.reset_stats()
             seen = []

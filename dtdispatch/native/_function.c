@@ -52,19 +52,22 @@ static void drop_error(SavedError e)
  * lookup (same result, one more hash of the key). */
 #if PY_VERSION_HEX < 0x030D0000
 #define DTD_KNOWN_HASH 1
+#define DTD_LOOKUP_ATTR _PyObject_LookupAttr
 #else
 #define DTD_KNOWN_HASH 0
+#define DTD_LOOKUP_ATTR PyObject_GetOptionalAttr
 #endif
 
 /* Module state: mirrors _function._config. */
 static PyObject *c_fast_type, *c_tensor_type, *c_new, *c_disabled, *c_passthrough, *c_thread_cache,
     *c_miss, *c_is_compiling, *c_tf_mode, *c_dispatch_modes, *c_grad_enabled, *c_inference,
     *c_disable_subclass, *c_increment_version, *c_below_autograd, *c_kw_marker, *c_value_marker,
-    *c_structure_marker;
+    *c_structure_marker, *c_explicit_local;
 
 static PyObject *s_requires_grad, *s_spec, *s_local_tensor, *s_entries, *s_per_func, *s_negative,
     *s_stepped_aside, *s_move_to_end, *s_enter, *s_exit, *s_memo_key,
-    *s_mode_or_compiling, *s_unhashable, *s_kwnames_rg, *s_args, *s_kwargs, *small_one;
+    *s_mode_or_compiling, *s_unhashable, *s_kwnames_rg, *s_args, *s_kwargs, *small_one, *s_active,
+    *s_narrow, *s_clone, *s_explicit, *s_compiling_flag, *c_compiler_module;
 
 /* Output entry kinds: mirrors _function.OUT_*. */
 enum { OUT_NEW = 0, OUT_ARG = 1, OUT_NONE = 2, OUT_SEQ = 3 };
@@ -91,6 +94,7 @@ static struct {
     {"kw_marker", &c_kw_marker},
     {"value_marker", &c_value_marker},
     {"structure_marker", &c_structure_marker},
+    {"explicit_local", &c_explicit_local},
 };
 #define N_CONFIG ((Py_ssize_t)(sizeof(config_names) / sizeof(config_names[0])))
 
@@ -106,6 +110,7 @@ static PyObject *fn_configure(PyObject *Py_UNUSED(module), PyObject *config)
         if (value != NULL)
             Py_XSETREF(*config_names[i].slot, Py_NewRef(value));
     }
+    Py_CLEAR(c_compiler_module); /* re-read from the (possibly new) is_compiling */
     Py_RETURN_NONE;
 }
 
@@ -391,6 +396,31 @@ static int query(PyObject *fn)
     return v;
 }
 
+/* is_compiling(): torch.compiler.is_compiling() is ``False if torch.jit.is_scripting() else
+ * _is_compiling_flag``, and scripting never runs this C code, so the module flag is read directly (the
+ * function, two Python frames, is called when the flag is missing). NOTE: tied to torch 2.13-2.15's
+ * is_compiling; if it ever tests more than the flag, call it instead (the twin always calls it). */
+static int query_compiling(void)
+{
+    if (c_compiler_module == NULL) {
+        PyObject *globals = PyObject_GetAttrString(c_is_compiling, "__globals__");
+        if (globals != NULL && PyDict_Check(globals))
+            c_compiler_module = Py_NewRef(globals);
+        Py_XDECREF(globals);
+        PyErr_Clear();
+        if (c_compiler_module == NULL)
+            c_compiler_module = Py_NewRef(Py_None);
+    }
+    if (c_compiler_module != Py_None) {
+        PyObject *flag = PyDict_GetItemWithError(c_compiler_module, s_compiling_flag); /* borrowed */
+        if (flag != NULL)
+            return PyObject_IsTrue(flag);
+        if (PyErr_Occurred())
+            return -1;
+    }
+    return query(c_is_compiling);
+}
+
 /* build_key(func, args, kwargs, grad, inference): mirrors _function.build_key (for the differential
  * tests; the hot path calls build_key_impl under the guard). */
 static PyObject *fn_build_key(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t nargs)
@@ -437,14 +467,49 @@ static PyObject *fn_build_key(PyObject *Py_UNUSED(module), PyObject *const *argv
 /* Replay: mirrors _function._unwrap and _function._output.                                          */
 /* ------------------------------------------------------------------------------------------------ */
 
-/* mirrors _function._unwrap. New reference. */
-static PyObject *unwrap(PyObject *a, PyObject *flat)
+/* local.narrow(dim, offset, length).clone(), chunk being (flat index, dim, offset, length). */
+static PyObject *local_chunk(PyObject *local, PyObject *chunk)
+{
+    PyObject *argv[4] = {local, PyTuple_GET_ITEM(chunk, 1), PyTuple_GET_ITEM(chunk, 2), PyTuple_GET_ITEM(chunk, 3)};
+    PyObject *narrow = PyObject_VectorcallMethod(s_narrow, argv, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (narrow == NULL)
+        return NULL;
+    PyObject *clone = PyObject_CallMethodNoArgs(narrow, s_clone);
+    Py_DECREF(narrow);
+    return clone;
+}
+
+/* mirrors _function._unwrap; chunks is the plan's tuple of (flat index, dim, offset, length) or None.
+ * New reference. */
+static PyObject *unwrap(PyObject *a, PyObject *flat, PyObject *chunks)
 {
     PyTypeObject *t = Py_TYPE(a);
     if ((PyObject *)t == c_fast_type) {
         if (PyList_Append(flat, a) < 0)
             return NULL;
-        return PyObject_GetAttr(a, s_local_tensor);
+        PyObject *local = PyObject_GetAttr(a, s_local_tensor);
+        if (local == NULL || chunks == Py_None)
+            return local;
+        Py_ssize_t index = PyList_GET_SIZE(flat) - 1;
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(chunks); i++) {
+            PyObject *chunk = PyTuple_GET_ITEM(chunks, i);
+            if (!PyTuple_Check(chunk) || PyTuple_GET_SIZE(chunk) != 4) {
+                Py_DECREF(local);
+                PyErr_SetString(PyExc_TypeError, "malformed replay plan chunk");
+                return NULL;
+            }
+            Py_ssize_t chunk_index = PyLong_AsSsize_t(PyTuple_GET_ITEM(chunk, 0));
+            if (chunk_index == -1 && PyErr_Occurred()) {
+                Py_DECREF(local);
+                return NULL;
+            }
+            if (chunk_index == index) {
+                PyObject *out = local_chunk(local, chunk);
+                Py_DECREF(local);
+                return out;
+            }
+        }
+        return local;
     }
     if (t == &PyList_Type || t == &PyTuple_Type) {
         Py_ssize_t n = Py_SIZE(a);
@@ -454,7 +519,7 @@ static PyObject *unwrap(PyObject *a, PyObject *flat)
         for (Py_ssize_t i = 0; i < n; i++) {
             PyObject *e = t == &PyList_Type ? PyList_GET_ITEM(a, i) : PyTuple_GET_ITEM(a, i);
             Py_INCREF(e);
-            PyObject *u = unwrap(e, flat);
+            PyObject *u = unwrap(e, flat, chunks);
             Py_DECREF(e);
             if (u == NULL) {
                 Py_DECREF(out);
@@ -562,18 +627,26 @@ static PyObject *call_local(PyObject *func, PyObject *local_args, PyObject *loca
     return result;
 }
 
-/* Block: replay on the locals (mirrors the twin's "replay on the locals" and "wrap outputs"). */
+/* Block: replay on the locals (mirrors the twin's "replay on the locals" and "wrap outputs"). The caller
+ * has checked that plan is a 4-tuple and, for a plan with chunks, that no explicit-redistribution
+ * context is active. */
 static PyObject *replay(PyObject *plan, PyObject *func, PyObject *args, PyObject *kwargs)
 {
     PyObject *flat = PyList_New(0), *local_args = NULL, *local_kwargs = NULL, *result = NULL, *out = NULL;
     PyObject *below_obj = NULL, *bumps = NULL, *out_entry = NULL;
+    PyObject *chunks = PyTuple_GET_ITEM(plan, 3);
     if (flat == NULL)
         return NULL;
+    if (chunks != Py_None && !PyTuple_Check(chunks)) {
+        Py_DECREF(flat);
+        PyErr_SetString(PyExc_TypeError, "ReplayPlan.chunks must be a tuple or None");
+        return NULL;
+    }
     Py_ssize_t n = PyTuple_GET_SIZE(args);
     if ((local_args = PyTuple_New(n)) == NULL)
         goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *u = unwrap(PyTuple_GET_ITEM(args, i), flat);
+        PyObject *u = unwrap(PyTuple_GET_ITEM(args, i), flat, chunks);
         if (u == NULL)
             goto done;
         PyTuple_SET_ITEM(local_args, i, u);
@@ -584,7 +657,7 @@ static PyObject *replay(PyObject *plan, PyObject *func, PyObject *args, PyObject
         PyObject *name, *value;
         Py_ssize_t pos = 0;
         while (PyDict_Next(kwargs, &pos, &name, &value)) {
-            PyObject *u = unwrap(value, flat);
+            PyObject *u = unwrap(value, flat, chunks);
             if (u == NULL)
                 goto done;
             int rc = PyDict_SetItem(local_kwargs, name, u);
@@ -592,11 +665,6 @@ static PyObject *replay(PyObject *plan, PyObject *func, PyObject *args, PyObject
             if (rc < 0)
                 goto done;
         }
-    }
-    /* ReplayPlan is a NamedTuple (out, bumps, below). */
-    if (!PyTuple_Check(plan) || PyTuple_GET_SIZE(plan) != 3) {
-        PyErr_SetString(PyExc_TypeError, "a replay plan must be an above.ReplayPlan");
-        goto done;
     }
     out_entry = Py_NewRef(PyTuple_GET_ITEM(plan, 0));
     bumps = Py_NewRef(PyTuple_GET_ITEM(plan, 1));
@@ -760,7 +828,7 @@ static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const 
     PyObject *memo = thread_memo(&hold);
     if (memo == NULL)
         goto out;
-    int compiling = query(c_is_compiling), tf_mode = compiling == 0 ? query(c_tf_mode) : 0,
+    int compiling = query_compiling(), tf_mode = compiling == 0 ? query(c_tf_mode) : 0,
         modes = compiling == 0 && tf_mode == 0 ? query(c_dispatch_modes) : 0;
     if (compiling < 0 || tf_mode < 0 || modes < 0)
         goto out_memo;
@@ -881,8 +949,33 @@ static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const 
         Py_DECREF(plan);
         goto out_key;
     }
-    if (bump(counters, 0) == 0)
-        result = replay(plan, func, args, kwargs);
+    if (bump(counters, 0) < 0) {
+        Py_DECREF(plan);
+        goto out_key;
+    }
+    /* ReplayPlan is a NamedTuple (out, bumps, below, chunks). */
+    if (!PyTuple_Check(plan) || PyTuple_GET_SIZE(plan) != 4) {
+        Py_DECREF(plan);
+        PyErr_SetString(PyExc_TypeError, "a replay plan must be an above.ReplayPlan");
+        goto out_key;
+    }
+    if (PyTuple_GET_ITEM(plan, 3) != Py_None) {
+        /* Under ExplicitRedistributionContext every implicit redistribution must be observed (and may
+         * raise): the dispatch path handles it. getattr(explicit_local, "_active", None) is not None */
+        PyObject *active = NULL;
+        if (DTD_LOOKUP_ATTR(c_explicit_local, s_active, &active) < 0) {
+            Py_DECREF(plan);
+            goto out_key;
+        }
+        int explicit_ = active != NULL && active != Py_None;
+        Py_XDECREF(active);
+        if (explicit_) {
+            Py_DECREF(plan);
+            result = step_aside(memo, func, types, args, kwargs, s_explicit);
+            goto out_key;
+        }
+    }
+    result = replay(plan, func, args, kwargs);
     Py_DECREF(plan);
 out_key:
     Py_DECREF(key);
@@ -932,6 +1025,11 @@ PyMODINIT_FUNC PyInit__function_c(void)
     INTERN(s_memo_key, "dtdispatch.native._function_c.thread_cache");
     INTERN(s_mode_or_compiling, "mode or compiling");
     INTERN(s_unhashable, "unhashable argument");
+    INTERN(s_active, "_active");
+    INTERN(s_compiling_flag, "_is_compiling_flag");
+    INTERN(s_narrow, "narrow");
+    INTERN(s_clone, "clone");
+    INTERN(s_explicit, "explicit redistribution context");
     INTERN(s_args, "args");
     INTERN(s_kwargs, "kwargs");
     if ((s_kwnames_rg = Py_BuildValue("(s)", "requires_grad")) == NULL || (small_one = PyLong_FromLong(1)) == NULL)

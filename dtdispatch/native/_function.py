@@ -38,9 +38,8 @@ def configure(config: dict[str, Any]) -> None:
     ``tensor_type``, ``new``, ``disabled`` (``torch._C._disabled_torch_function_impl``),
     ``passthrough`` (dict: func -> True), ``thread_cache`` (``above.thread_cache``), ``miss``
     (``above.miss``), ``is_compiling``, ``tf_mode``, ``dispatch_modes``, ``grad_enabled``,
-    ``inference``, ``disable_subclass``, ``increment_version``, ``below_autograd`` (a guard class),
-    ``kw_marker``,
-    ``value_marker``, ``structure_marker``."""
+    ``inference``, ``disable_subclass``, ``increment_version``, ``explicit_local``,
+    ``below_autograd`` (a guard class), ``kw_marker``, ``value_marker``, ``structure_marker``."""
     _config.update(config)
 
 
@@ -111,15 +110,19 @@ def _entry(a: Any, key: list[object], scalars: list[int], grad: bool) -> str | N
     return None
 
 
-def _unwrap(a: Any, fast_type: type, flat: list[Any]) -> Any:
-    """``a`` with every FastDTensor replaced by its local tensor (DFS order appended to
-    ``flat``)."""
+def _unwrap(a: Any, fast_type: type, flat: list[Any], chunks: Any) -> Any:
+    """``a`` with every FastDTensor replaced by its local tensor (DFS order appended to ``flat``);
+    a chunked one (``chunks``: {flat index: (dim, offset, length)} or None) by its local chunk."""
     t = type(a)
     if t is fast_type:
         flat.append(a)
+        if chunks is not None:
+            chunk = chunks.get(len(flat) - 1)
+            if chunk is not None:
+                return a._local_tensor.narrow(*chunk).clone()
         return a._local_tensor
     if t is list or t is tuple:
-        return t(_unwrap(e, fast_type, flat) for e in a)
+        return t(_unwrap(e, fast_type, flat, chunks) for e in a)
     return a
 
 
@@ -182,8 +185,15 @@ def torch_function(
     # Block: replay on the locals.
     fast_type = c["fast_type"]
     flat: list[Any] = []
-    local_args = [_unwrap(a, fast_type, flat) for a in args]
-    local_kwargs = {k: _unwrap(v, fast_type, flat) for k, v in kwargs.items()}
+    chunks = plan.chunks
+    if chunks is not None:
+        if getattr(c["explicit_local"], "_active", None) is not None:
+            # Under ExplicitRedistributionContext every implicit redistribution must be observed
+            # (and may raise): the dispatch path handles it.
+            return _step_aside(cache, func, types, args, kwargs, "explicit redistribution context")
+        chunks = {index: (dim, offset, length) for index, dim, offset, length in chunks}
+    local_args = [_unwrap(a, fast_type, flat, chunks) for a in args]
+    local_kwargs = {k: _unwrap(v, fast_type, flat, chunks) for k, v in kwargs.items()}
     if plan.below:
         # In-place: run below ADInplaceOrView, as the dispatch path does, so the locals' version
         # counters move exactly as stock's.

@@ -85,6 +85,8 @@ REPLAYED: dict[str, Callable[..., Any]] = {
     "linear (composite)": lambda a, r: F.linear(a, r),
     "max with indices (structseq)": lambda a, r: a.max(dim=1),
     "add R + R": lambda a, r: r + r,
+    "add S0 + R (local chunk of R)": lambda a, r: a + r,
+    "mul R * S0 (local chunk of R)": lambda a, r: torch.mul(r, a),
 }
 
 
@@ -131,7 +133,7 @@ NEVER: dict[str, tuple[Callable[..., Any], str]] = {
     "transpose (view)": (lambda a, r: a.t(), "view output"),
     "detach (shares storage)": (lambda a, r: a.detach(), "view output"),
     "mm S0 x S0 (all-gather)": (lambda a, r: torch.mm(a, a), "redistribution"),
-    "add S0 + R (local chunk)": (lambda a, r: a + r, "redistribution"),
+    "S0 + R + R (two ops, chunk)": (lambda a, r: torch.addcmul(a, r, r), "redistribution"),
     "composite reading a sharded size": (lambda a, r: _size_reading_composite(a), "replay differs"),
     "data-dependent branch": (lambda a, r: _data_dependent(r), "data-dependent"),
     "item (non-tensor output)": (lambda a, r: r[0, 0].item(), "view output"),
@@ -458,3 +460,31 @@ def test_the_path_above_dispatch_can_be_switched_off(rank: int, world_size: int,
         assert FastDTensor.__torch_function__ is torch._C._disabled_torch_function_impl
     finally:
         dispatcher.install(impl)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.distributed(world_size=2)
+def test_local_chunk_replay_respects_explicit_redistribution(
+    rank: int, world_size: int, impl: str
+) -> None:
+    from dtdispatch import _compat
+
+    if _compat.ExplicitRedistributionContext is None:
+        pytest.skip("this torch has no ExplicitRedistributionContext")
+    _fresh(impl)
+    (sa, a), (sr, r) = _pair(_values(0), [Shard(0)]), _pair(_values(1), [Replicate()])
+    with torch.no_grad():
+        for _ in range(2):
+            _same(a + r, sa + sr)
+        assert _above()["hits"] == 1
+        outcomes = []
+        for x, y in ((sa, sr), (a, r)):
+            try:
+                with _compat.ExplicitRedistributionContext():
+                    outcomes.append(("ok", x + y))
+            except RuntimeError as exc:
+                outcomes.append(("raised", str(exc)))
+        assert outcomes[0][0] == outcomes[1][0]
+        if outcomes[0][0] == "ok":
+            _same(outcomes[1][1], outcomes[0][1])
+    assert _above()["stepped_aside"] == {"explicit redistribution context": 1}
