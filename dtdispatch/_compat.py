@@ -13,6 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed.tensor._redistribute
+import torch.distributed.tensor.placement_types
 from torch.distributed.tensor import DTensor, Shard
 
 __all__ = [
@@ -55,19 +57,16 @@ try:
 except ImportError:  # older torch runs every random op under _distribute_region
     run_dtensor_rng_op = None
 
-try:
-    from torch.distributed.tensor.placement_types import _is_shard_like as is_shard_like
-except ImportError:  # torch < 2.13: _StridedShard is the only other shard-like placement
-    from torch.distributed.tensor.placement_types import _StridedShard
-
-    def is_shard_like(p: Any) -> bool:
-        return isinstance(p, (Shard, _StridedShard))
-
-
-try:
-    from torch.distributed.tensor._redistribute import NestedRedistribute as nested_redistribute
-except ImportError:  # torch < 2.13: no twice-differentiable redistribution Function
-    nested_redistribute = None
+# torch < 2.13 has neither; _StridedShard is then the only other shard-like placement, and double
+# backward through a redistribution goes through DTensor.redistribute.
+is_shard_like: Callable[[Any], bool] = getattr(
+    torch.distributed.tensor.placement_types,
+    "_is_shard_like",
+    lambda p: isinstance(p, (Shard, torch.distributed.tensor.placement_types._StridedShard)),
+)
+nested_redistribute: Any = getattr(
+    torch.distributed.tensor._redistribute, "NestedRedistribute", None
+)
 
 # The fallback is the pre-2.13 staticmethod; torch 2.13's stubs describe it as an instance method.
 local_shard_size_and_offset: Callable[..., Any] = (

@@ -285,10 +285,6 @@ def clear_call_caches() -> None:
         cache.clear()
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
 _REPLICATED: dict[int, tuple[Placement, ...]] = {}
 
 

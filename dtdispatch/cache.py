@@ -2,8 +2,8 @@
 
 The key rules are DESIGN §5 (torch 2.13's ``OpSchema`` comparison key), with two declared
 deviations: scalars of ``scalar_value_free_ops`` are keyed by type (coarser), and non-float values
-torch leaves out are keyed by value (finer, see ``_is_float_value``). ``build_key`` is the specification that ``native/_speedups.c``
-mirrors block by block; change both together.
+torch leaves out are keyed by value (finer, see ``_is_float_value``). ``build_key`` is the
+specification that ``native/_speedups.c`` mirrors block by block; change both together.
 """
 
 from __future__ import annotations

@@ -253,8 +253,8 @@ def test_native_status_reports_why(rank: int, world_size: int) -> None:
 @pytest.mark.distributed(world_size=1)
 def test_accelerate_without_subclass_dispatch(rank: int, world_size: int) -> None:
     """torch < 2.13 (``SUBCLASS_DISPATCH`` False): accelerate works while the path above dispatch
-    is on; with it off there is nothing to run, so it warns once and leaves tensors stock. (The
-    behaviour on a real torch 2.11 is tests/distributed/test_torch_versions.py under make compat.)"""
+    is on; with it off there is nothing to run, so it warns once and leaves tensors stock. (On a
+    real torch 2.11: tests/distributed/test_torch_versions.py under make compat.)"""
     import warnings
 
     from dtdispatch import _compat, dispatcher
