@@ -97,7 +97,7 @@ AVOIDED: tuple[tuple[str, str], ...] = (
 @dataclass(frozen=True)
 class Input:
     """One input tensor: global shape, dtype name, placement codes per mesh dim ("S<d>", "R",
-    "P" for Partial sum), whether it is a leaf requiring grad, whether its layout is column-major
+    "P" for Partial sum, "Pmax" for Partial max), whether it is a leaf requiring grad, whether its layout is column-major
     in the last two dims, the data seed, and for int64 the exclusive upper bound of its values."""
 
     shape: tuple[int, ...]
@@ -138,6 +138,8 @@ def _placement(code: str) -> Placement:
         return Replicate()
     if code == "P":
         return Partial()
+    if code == "Pmax":
+        return Partial("max")
     if code.startswith("S"):
         return Shard(int(code[1:]))
     raise ValueError(f"unknown placement code {code!r}; use S<dim>, R or P")
@@ -168,11 +170,11 @@ def make_input(cls: type[DTensor], mesh: DeviceMesh, inp: Input) -> DTensor:
     """
     value = _global_value(inp)
     codes = list(inp.placements)
-    shard_codes = ["R" if c == "P" else c for c in codes]
+    shard_codes = ["R" if c.startswith("P") else c for c in codes]
     base = distribute_tensor(value, mesh, _placements(shard_codes), src_data_rank=None)
     local = base._local_tensor
     spec = base._spec
-    if "P" in codes:
+    if any(c.startswith("P") for c in codes):
         coordinate = mesh.get_coordinate()
         if coordinate is not None:
             local = local + sum(coordinate)
@@ -248,7 +250,7 @@ class _Gen:
     def codes(self, ndim: int, dtype: str) -> tuple[str, ...]:
         options = ["R", "R"] + [f"S{d}" for d in range(ndim)] * 2
         if dtype in _FLOATS:
-            options.append("P")
+            options += ["P", "P", "Pmax"]
         return tuple(self.rng.choice(options) for _ in self.mesh_shape)
 
     def never_empty(self, t: Any) -> bool:
@@ -519,7 +521,8 @@ def _op_inplace(g: _Gen) -> None:
     kind = g.rng.choice(["scalar", "tensor", "unary", "out"])
     if kind == "scalar":
         form = g.rng.choice(["{a}.mul_({s})", "{a}.add_({s})", "{a}.fill_({s})",
-                             "{a}.clamp_(min={s})", "{a}.div_({s})"])
+                             "{a}.clamp_(min={s})", "{a}.div_({s})", "{a}[0].mul_({s})",
+                             "{a}.t().add_({s})" if t.ndim == 2 else "{a}[-1:].sub_({s})"])
         g.emit(f"{out} = " + form.format(a=a, s=g.scalar()))
     elif kind == "unary":
         g.emit(f"{out} = {a}." + g.rng.choice(["zero_()", "relu_()", "neg_()", "abs_()"]))
@@ -538,7 +541,8 @@ def _op_inplace(g: _Gen) -> None:
 def _op_foreach(g: _Gen) -> None:
     xs = [g.pick_or_new(_fp, lambda: g.new_input(dtype="float32"), 0.3) for _ in range(g.rng.choice([2, 3]))]
     lst = "[" + ", ".join(xs) + "]"
-    kind = g.rng.choice(["add_scalar", "mul_", "add_list", "norm", "lerp_", "addcmul_", "scalar_list"])
+    kind = g.rng.choice(["add_scalar", "mul_", "add_list", "norm", "lerp_", "addcmul_", "scalar_list",
+                         "add_alpha_"])
     out = g.fresh()
     if kind == "add_scalar":
         g.emit(f"{out} = torch._foreach_add({lst}, {g.scalar()})")
@@ -554,8 +558,10 @@ def _op_foreach(g: _Gen) -> None:
             g.emit(f"{out} = torch._foreach_add({lst}, {ys})")
         elif kind == "lerp_":
             g.emit(f"torch._foreach_lerp_({lst}, {ys}, {g.scalar()})")
-        else:
+        elif kind == "addcmul_":
             g.emit(f"torch._foreach_addcmul_({lst}, {ys}, {ys}, value={g.scalar()})")
+        else:
+            g.emit(f"torch._foreach_add_({lst}, {ys}, alpha={g.scalar()})")
 
 
 def _broadcast_partner_same(g: _Gen, a: str) -> str:
@@ -584,11 +590,42 @@ def _op_convert(g: _Gen) -> None:
     a = g.pick_or_new(lambda t: True, g.new_input, 0.2)
     form = g.rng.choice(["{a}.to(torch.float64)", "{a}.float()", "{a}.to(torch.bfloat16)",
                          "torch.zeros_like({a})", "torch.ones_like({a})", "torch.full_like({a}, {s})",
-                         "{a}.clone()", "full({a})", "{a}.detach()"])
+                         "{a}.clone()", "full({a})", "{a}.detach()",
+                         "{a}.detach().requires_grad_()" if _fp(g.ns[a]) else "{a}.detach()",
+                         "torch.equal({a}, {a}.clone())", "{a}.sum().item()"])
     g.emit(f"{g.fresh()} = " + form.format(a=a, s=g.scalar()))
 
 
+def _op_nn(g: _Gen) -> None:
+    a = g.pick_or_new(_fp_nd(2), lambda: g.new_input(g.shape(g.rng.choice([2, 3])), "float32"), 0.3)
+    t = g.ns[a]
+    last = t.shape[-1]
+    kind = g.rng.choice(["layer_norm", "layer_norm_affine", "cross_entropy", "mse"])
+    if kind == "layer_norm":
+        g.emit(f"{g.fresh()} = F.layer_norm({a}, ({last},))")
+    elif kind == "layer_norm_affine":
+        w = g.new_input((last,), str(t.dtype).removeprefix("torch."))
+        b = g.new_input((last,), str(t.dtype).removeprefix("torch."))
+        g.emit(f"{g.fresh()} = F.layer_norm({a}, ({last},), {w}, {b})")
+    elif kind == "cross_entropy" and t.ndim == 2:
+        target = g.new_input((t.shape[0],), "int64", high=last)
+        g.emit(f"{g.fresh()} = F.cross_entropy({a}, {target})")
+    else:
+        b = _broadcast_partner_same(g, a)
+        g.emit(f"{g.fresh()} = F.mse_loss({a}, {b})")
+
+
+def _op_repeat(g: _Gen) -> None:
+    """An earlier line again under a new name (a cache hit inside the first run)."""
+    assigned = [line for line in g.lines if re.match(r"t\d+ = ", line)]
+    if assigned:
+        line = g.rng.choice(assigned)
+        g.emit(f"{g.fresh()} = " + line.split(" = ", 1)[1])
+
+
 _OPS: tuple[tuple[_Op, int], ...] = (
+    (_op_nn, 1),
+    (_op_repeat, 2),
     (_op_unary, 3),
     (_op_scalar, 3),
     (_op_binary, 4),
@@ -827,12 +864,11 @@ def failure(program: Program) -> str | None:
 
 
 def _first_report(found: str | None) -> str | None:
+    """Every rank's report, joined (the same text on every rank), or None."""
     reports: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(reports, found)
-    for rank, report in enumerate(reports):
-        if report is not None:
-            return f"rank {rank}: {report}"
-    return None
+    lines = [f"rank {rank}: {report}" for rank, report in enumerate(reports) if report is not None]
+    return "\n".join(lines) if lines else None
 
 
 def check(program: Program) -> None:
@@ -860,6 +896,7 @@ def _candidates(program: Program) -> Iterator[Program]:
             replace(inp, requires_grad=False),
             replace(inp, noncontig=False),
             replace(inp, placements=("R",) * len(inp.placements)),
+            replace(inp, placements=tuple("P" if c == "Pmax" else c for c in inp.placements)),
             replace(inp, dtype="float32") if inp.dtype in _FLOATS else inp,
             replace(inp, shape=tuple(min(s, 4) for s in inp.shape)),
             replace(inp, shape=tuple(min(s, 2) for s in inp.shape)),
@@ -902,11 +939,11 @@ def _agree(flag: bool) -> bool:
     return bool(t.item())
 
 
-def render(program: Program) -> str:
-    """``program`` as a script runnable under torchrun (it exits non-zero on a difference); importing
-    it only defines ``program``."""
-    ranks = [int(r) for r in program.mesh[4:].split(",")] if program.mesh.startswith("sub:") else []
-    world = 4 if program.mesh == "2d" or max(ranks, default=0) >= 2 else 2
+def render(program: Program, *, world_size: int | None = None) -> str:
+    """``program`` as a script runnable under torchrun on ``world_size`` ranks (default: this
+    process group's size); it exits non-zero on a difference, and importing it only defines
+    ``program``."""
+    world = dist.get_world_size() if world_size is None else world_size
     inputs = "".join(f"        {inp!r},\n" for inp in program.inputs)
     lines = "".join(f"        {line!r},\n" for line in program.lines)
     return (
