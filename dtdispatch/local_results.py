@@ -67,7 +67,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     """``t``'s bytes, for a bitwise comparison."""
     # NOTE: a fresh row-major copy: reshape(-1) keeps a stride of 0 for an expanded one-element
     # tensor (a backward's expanded ones), and view(uint8) refuses it (found by the fuzzer).
-    return t.reshape(-1).clone(memory_format=torch.contiguous_format).view(torch.uint8) if t.numel() else t
+    if not t.numel():
+        return t
+    return t.reshape(-1).clone(memory_format=torch.contiguous_format).view(torch.uint8)
 
 
 def _local_chunk(

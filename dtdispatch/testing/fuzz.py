@@ -1,9 +1,11 @@
-"""Differential fuzzing: random DTensor programs on stock DTensor and on dtdispatch, compared bitwise.
+"""Differential fuzzing: random DTensor programs on stock DTensor and on dtdispatch, compared
+bitwise.
 
 A ``Program`` is a mesh, a list of ``Input`` tensors and a list of Python source lines over names
 ``t0, t1, ...`` (the inputs first). ``generate(seed, index, ...)`` draws one reproducibly (the same
 program on every rank, so collectives match); the generator checks each line on ``meta`` tensors of
-the global shapes, so most programs are well-formed and the interesting failures are the DTensor ones.
+the global shapes, so most programs are well-formed and the interesting failures are the DTensor
+ones.
 
 ``check(program)`` runs it on stock DTensor once, then on dtdispatch three times: after clearing
 the plan cache (plans), again (replays) and at cache capacity 1 (every call evicts). It compares
@@ -96,9 +98,10 @@ AVOIDED: tuple[tuple[str, str], ...] = (
 
 @dataclass(frozen=True)
 class Input:
-    """One input tensor: global shape, dtype name, placement codes per mesh dim ("S<d>", "R",
-    "P" for Partial sum, "Pmax" for Partial max), whether it is a leaf requiring grad, whether its layout is column-major
-    in the last two dims, the data seed, and for int64 the exclusive upper bound of its values."""
+    """One input tensor: global shape, dtype name, placement codes per mesh dim ("S<d>", "R", "P"
+    for Partial sum, "Pmax" for Partial max), whether it is a leaf requiring grad, whether its
+    layout is column-major in the last two dims, the data seed, and for int64 the exclusive upper
+    bound of its values."""
 
     shape: tuple[int, ...]
     dtype: str = "float32"
@@ -183,7 +186,8 @@ def make_input(cls: type[DTensor], mesh: DeviceMesh, inp: Input) -> DTensor:
         local = _col_major(local)
     else:
         local = local.clone()
-    return torch.Tensor._dtensor__new__(cls, local, spec, requires_grad=inp.requires_grad)  # type: ignore[no-any-return]
+    made: DTensor = torch.Tensor._dtensor__new__(cls, local, spec, requires_grad=inp.requires_grad)
+    return made
 
 
 def _meta_input(inp: Input) -> torch.Tensor:
@@ -254,8 +258,8 @@ class _Gen:
         return tuple(self.rng.choice(options) for _ in self.mesh_shape)
 
     def never_empty(self, t: Any) -> bool:
-        """No shard of ``t`` can be empty on this mesh, whatever its placements (torch.chunk
-        splits n into ceil(n / k)-sized pieces, so some are empty when ceil(n / k) * (k - 1) >= n)."""
+        """No shard of ``t`` can be empty on this mesh, whatever its placements (torch.chunk splits
+        n into ceil(n / k)-sized pieces, so some are empty when ceil(n / k) * (k - 1) >= n)."""
         counts = set(self.mesh_shape) | {math.prod(self.mesh_shape)}
         return all(-(-n // k) * (k - 1) < n for n in t.shape for k in counts if k > 1)
 
@@ -345,8 +349,17 @@ def _op_unary(g: _Gen) -> None:
     a = g.pick_or_new(lambda t: True, g.new_input, 0.2)
     if _fp(g.ns[a]):
         fn = g.rng.choice(
-            ["torch.relu", "torch.neg", "torch.exp", "torch.sigmoid", "torch.tanh", "torch.abs",
-             "F.gelu", "torch.sin", "torch.square"]
+            [
+                "torch.relu",
+                "torch.neg",
+                "torch.exp",
+                "torch.sigmoid",
+                "torch.tanh",
+                "torch.abs",
+                "F.gelu",
+                "torch.sin",
+                "torch.square",
+            ]
         )
     else:
         fn = g.rng.choice(["torch.neg", "torch.abs", "torch.square"])
@@ -356,8 +369,18 @@ def _op_unary(g: _Gen) -> None:
 def _op_scalar(g: _Gen) -> None:
     """Pointwise with a scalar, repeated with step-varying values (an optimizer's pattern)."""
     a = g.pick_or_new(lambda t: True, g.new_input, 0.2)
-    form = g.rng.choice(["{a} * {s}", "{a} + {s}", "{a} / {s}", "{s} - {a}", "{a} - {s}",
-                         "torch.clamp({a}, min={s})", "{a}.pow(2)", "torch.add({a}, {a}, alpha={s})"])
+    form = g.rng.choice(
+        [
+            "{a} * {s}",
+            "{a} + {s}",
+            "{a} / {s}",
+            "{s} - {a}",
+            "{a} - {s}",
+            "torch.clamp({a}, min={s})",
+            "{a}.pow(2)",
+            "torch.add({a}, {a}, alpha={s})",
+        ]
+    )
     for _ in range(g.rng.choice([1, 2, 3])):
         out = g.fresh()
         if g.emit(f"{out} = " + form.format(a=a, s=g.scalar())):
@@ -382,8 +405,18 @@ def _op_binary(g: _Gen) -> None:
     b = _broadcast_partner(g, a)
     if g.rng.random() < 0.5:
         a, b = b, a
-    form = g.rng.choice(["{a} + {b}", "{a} - {b}", "{a} * {b}", "{a} / {b}", "torch.maximum({a}, {b})",
-                         "torch.where({a} > 0, {a}, {b})", "{a} > {b}", "torch.sub({a}, {b}, alpha=2)"])
+    form = g.rng.choice(
+        [
+            "{a} + {b}",
+            "{a} - {b}",
+            "{a} * {b}",
+            "{a} / {b}",
+            "torch.maximum({a}, {b})",
+            "torch.where({a} > 0, {a}, {b})",
+            "{a} > {b}",
+            "torch.sub({a}, {b}, alpha=2)",
+        ]
+    )
     g.emit(f"{g.fresh()} = " + form.format(a=a, b=b))
 
 
@@ -402,8 +435,14 @@ def _op_reduce(g: _Gen) -> None:
         if not g.sub_mesh:
             forms += ["{a}.max({d})", "{a}.argmax({d})"]
     if _fp(g.ns[a]):
-        forms += ["{a}.mean()", "{a}.mean({d})", "torch.softmax({a}, {d})",
-                  "torch.log_softmax({a}, {d})", "{a}.norm()", "{a}.var({d})"]
+        forms += [
+            "{a}.mean()",
+            "{a}.mean({d})",
+            "torch.softmax({a}, {d})",
+            "torch.log_softmax({a}, {d})",
+            "{a}.norm()",
+            "{a}.var({d})",
+        ]
     g.emit(f"{g.fresh()} = " + g.rng.choice(forms).format(a=a, d=d))
 
 
@@ -427,13 +466,30 @@ def _op_view(g: _Gen) -> None:
     a = g.pick_or_new(_nd(1), g.new_input, 0.2)
     t = g.ns[a]
     nd = t.ndim
-    forms = ["{a}.view(-1)", "{a}.reshape({shape})", "{a}.view({shape})", "{a}.unsqueeze({d})",
-             "{a}.flatten()", "{a}.contiguous()", "{a}[1:]", "{a}[::2]", "{a}[0]",
-             "{a}.narrow({d}, 0, 1)", "{a}.squeeze()"]
+    forms = [
+        "{a}.view(-1)",
+        "{a}.reshape({shape})",
+        "{a}.view({shape})",
+        "{a}.unsqueeze({d})",
+        "{a}.flatten()",
+        "{a}.contiguous()",
+        "{a}[1:]",
+        "{a}[::2]",
+        "{a}[0]",
+        "{a}.narrow({d}, 0, 1)",
+        "{a}.squeeze()",
+    ]
     if nd >= 2:
-        forms += ["{a}.t()", "{a}.transpose(0, {d})", "{a}.permute({perm})", "{a}[:, 1:]",
-                  "{a}[..., 0]", "{a}.expand(2, *{a}.shape)", "{a}.unflatten(0, ({s0}, 1))",
-                  "{a}.mT"]
+        forms += [
+            "{a}.t()",
+            "{a}.transpose(0, {d})",
+            "{a}.permute({perm})",
+            "{a}[:, 1:]",
+            "{a}[..., 0]",
+            "{a}.expand(2, *{a}.shape)",
+            "{a}.unflatten(0, ({s0}, 1))",
+            "{a}.mT",
+        ]
     if any(s == 1 for s in t.shape):
         forms.append("{a}.expand({expanded})")
     perm = list(range(nd))
@@ -461,8 +517,10 @@ def _op_seq(g: _Gen) -> None:
         shape = list(t.shape)
         if kind == "cat":
             shape[d] = g.dim_size()
-        b = g.pick_or_new(lambda u: tuple(u.shape) == tuple(shape) and u.dtype == t.dtype,
-                          lambda: g.new_input(tuple(shape), str(t.dtype).removeprefix("torch.")))
+        b = g.pick_or_new(
+            lambda u: tuple(u.shape) == tuple(shape) and u.dtype == t.dtype,
+            lambda: g.new_input(tuple(shape), str(t.dtype).removeprefix("torch.")),
+        )
         g.emit(f"{g.fresh()} = torch.{kind}([{a}, {b}], dim={d})")
         return
     out = g.fresh()
@@ -479,9 +537,16 @@ def _op_seq(g: _Gen) -> None:
 def _op_matmul(g: _Gen) -> None:
     kind = g.rng.choice(["mm", "matmul", "bmm", "addmm", "linear"])
     dtype = g.rng.choice(["float32", "float32", "float64", "bfloat16"])
-    same = lambda shape: lambda u: tuple(u.shape) == shape and str(u.dtype) == f"torch.{dtype}"  # noqa: E731
+
+    def same(shape: tuple[int, ...]) -> Callable[[Any], bool]:
+        return lambda u: tuple(u.shape) == shape and str(u.dtype) == f"torch.{dtype}"
+
     m, k, n = g.dim_size(), g.dim_size(), g.dim_size()
-    a = g.pick_or_new(lambda u: same(tuple(u.shape))(u) and u.ndim == 2, lambda: g.new_input((m, k), dtype), 0.4)
+    a = g.pick_or_new(
+        lambda u: u.ndim == 2 and str(u.dtype) == f"torch.{dtype}",
+        lambda: g.new_input((m, k), dtype),
+        0.4,
+    )
     m, k = g.ns[a].shape
     if kind == "bmm":
         b_ = g.dim_size()
@@ -520,29 +585,46 @@ def _op_inplace(g: _Gen) -> None:
     out = g.fresh()
     kind = g.rng.choice(["scalar", "tensor", "unary", "out"])
     if kind == "scalar":
-        form = g.rng.choice(["{a}.mul_({s})", "{a}.add_({s})", "{a}.fill_({s})",
-                             "{a}.clamp_(min={s})", "{a}.div_({s})", "{a}[0].mul_({s})",
-                             "{a}.t().add_({s})" if t.ndim == 2 else "{a}[-1:].sub_({s})"])
+        form = g.rng.choice(
+            [
+                "{a}.mul_({s})",
+                "{a}.add_({s})",
+                "{a}.fill_({s})",
+                "{a}.clamp_(min={s})",
+                "{a}.div_({s})",
+                "{a}[0].mul_({s})",
+                "{a}.t().add_({s})" if t.ndim == 2 else "{a}[-1:].sub_({s})",
+            ]
+        )
         g.emit(f"{out} = " + form.format(a=a, s=g.scalar()))
     elif kind == "unary":
         g.emit(f"{out} = {a}." + g.rng.choice(["zero_()", "relu_()", "neg_()", "abs_()"]))
     elif kind == "tensor":
         b = _broadcast_partner(g, a)
-        form = g.rng.choice(["{a}.add_({b})", "{a}.mul_({b})", "{a}.copy_({b})", "{a}.sub_({b}, alpha=2)"])
+        form = g.rng.choice(
+            ["{a}.add_({b})", "{a}.mul_({b})", "{a}.copy_({b})", "{a}.sub_({b}, alpha=2)"]
+        )
         g.emit(f"{out} = " + form.format(a=a, b=b))
     else:
         b = _broadcast_partner(g, a)
-        o = g.pick_or_new(lambda u: tuple(u.shape) == tuple(t.shape),
-                          lambda: g.new_input(tuple(t.shape), grad=False), 0.5)
+        o = g.pick_or_new(
+            lambda u: tuple(u.shape) == tuple(t.shape),
+            lambda: g.new_input(tuple(t.shape), grad=False),
+            0.5,
+        )
         fn = g.rng.choice(["torch.add", "torch.mul", "torch.sub"])
         g.emit(f"{out} = {fn}({a}, {b}, out={o})")
 
 
 def _op_foreach(g: _Gen) -> None:
-    xs = [g.pick_or_new(_fp, lambda: g.new_input(dtype="float32"), 0.3) for _ in range(g.rng.choice([2, 3]))]
+    xs = [
+        g.pick_or_new(_fp, lambda: g.new_input(dtype="float32"), 0.3)
+        for _ in range(g.rng.choice([2, 3]))
+    ]
     lst = "[" + ", ".join(xs) + "]"
-    kind = g.rng.choice(["add_scalar", "mul_", "add_list", "norm", "lerp_", "addcmul_", "scalar_list",
-                         "add_alpha_"])
+    kind = g.rng.choice(
+        ["add_scalar", "mul_", "add_list", "norm", "lerp_", "addcmul_", "scalar_list", "add_alpha_"]
+    )
     out = g.fresh()
     if kind == "add_scalar":
         g.emit(f"{out} = torch._foreach_add({lst}, {g.scalar()})")
@@ -566,8 +648,10 @@ def _op_foreach(g: _Gen) -> None:
 
 def _broadcast_partner_same(g: _Gen, a: str) -> str:
     t = g.ns[a]
-    return g.pick_or_new(lambda u: tuple(u.shape) == tuple(t.shape) and u.dtype == t.dtype,
-                         lambda: g.new_input(tuple(t.shape), str(t.dtype).removeprefix("torch."), grad=False))
+    return g.pick_or_new(
+        lambda u: tuple(u.shape) == tuple(t.shape) and u.dtype == t.dtype,
+        lambda: g.new_input(tuple(t.shape), str(t.dtype).removeprefix("torch."), grad=False),
+    )
 
 
 def _op_redistribute(g: _Gen) -> None:
@@ -580,19 +664,37 @@ def _op_redistribute(g: _Gen) -> None:
 def _op_random(g: _Gen) -> None:
     a = g.pick_or_new(_fp, lambda: g.new_input(dtype="float32"), 0.2)
     out = g.fresh()
-    form = g.rng.choice(["F.dropout({a}, 0.5, training=True)", "torch.rand_like({a})",
-                         "torch.randn_like({a})", "{a}.normal_()", "{a}.uniform_()",
-                         "torch.bernoulli(torch.sigmoid({a}))"])
+    form = g.rng.choice(
+        [
+            "F.dropout({a}, 0.5, training=True)",
+            "torch.rand_like({a})",
+            "torch.randn_like({a})",
+            "{a}.normal_()",
+            "{a}.uniform_()",
+            "torch.bernoulli(torch.sigmoid({a}))",
+        ]
+    )
     g.emit(f"{out} = " + form.format(a=a))
 
 
 def _op_convert(g: _Gen) -> None:
     a = g.pick_or_new(lambda t: True, g.new_input, 0.2)
-    form = g.rng.choice(["{a}.to(torch.float64)", "{a}.float()", "{a}.to(torch.bfloat16)",
-                         "torch.zeros_like({a})", "torch.ones_like({a})", "torch.full_like({a}, {s})",
-                         "{a}.clone()", "full({a})", "{a}.detach()",
-                         "{a}.detach().requires_grad_()" if _fp(g.ns[a]) else "{a}.detach()",
-                         "torch.equal({a}, {a}.clone())", "{a}.sum().item()"])
+    form = g.rng.choice(
+        [
+            "{a}.to(torch.float64)",
+            "{a}.float()",
+            "{a}.to(torch.bfloat16)",
+            "torch.zeros_like({a})",
+            "torch.ones_like({a})",
+            "torch.full_like({a}, {s})",
+            "{a}.clone()",
+            "full({a})",
+            "{a}.detach()",
+            "{a}.detach().requires_grad_()" if _fp(g.ns[a]) else "{a}.detach()",
+            "torch.equal({a}, {a}.clone())",
+            "{a}.sum().item()",
+        ]
+    )
     g.emit(f"{g.fresh()} = " + form.format(a=a, s=g.scalar()))
 
 
@@ -649,7 +751,11 @@ def _meshes_for(world_size: int) -> list[tuple[str, tuple[int, ...]]]:
         return [("1d", (4,)), ("2d", (2, 2)), ("sub:0,1,2", (3,)), ("sub:1,3", (2,))]
     if world_size == 1:
         return [("1d", (1,))]
-    return [("1d", (world_size,)), ("sub:0", (1,)), (f"sub:{','.join(map(str, range(world_size - 1)))}", (world_size - 1,))]
+    return [
+        ("1d", (world_size,)),
+        ("sub:0", (1,)),
+        (f"sub:{','.join(map(str, range(world_size - 1)))}", (world_size - 1,)),
+    ]
 
 
 def generate(seed: int, index: int, *, world_size: int, impls: Sequence[str]) -> Program:
@@ -664,8 +770,9 @@ def generate(seed: int, index: int, *, world_size: int, impls: Sequence[str]) ->
         rng.choices(ops, weights=weights)[0](g)
     _add_backward(g)
     return _renumber(
-        Program(mesh, impls[index % len(impls)], tuple(g.inputs), tuple(g.lines),
-                rng.randrange(1 << 30)),
+        Program(
+            mesh, impls[index % len(impls)], tuple(g.inputs), tuple(g.lines), rng.randrange(1 << 30)
+        ),
         g.input_names,
     )
 
@@ -748,7 +855,9 @@ def _compare(stock: Any, fast: Any, where: str) -> None:
         if type(fast) is not FastDTensor:
             raise AssertionError(f"{where}: expected FastDTensor, got {type(fast).__name__}")
         if stock.placements != fast.placements:
-            raise AssertionError(f"{where}: placements {fast.placements} != stock {stock.placements}")
+            raise AssertionError(
+                f"{where}: placements {fast.placements} != stock {stock.placements}"
+            )
         if stock.device_mesh != fast.device_mesh:
             raise AssertionError(f"{where}: mesh {fast.device_mesh} != stock {stock.device_mesh}")
         _compare_meta(stock, fast, where + " global")
@@ -772,13 +881,13 @@ def _compare_meta(stock: torch.Tensor, fast: torch.Tensor, where: str) -> None:
     got = (tuple(fast.shape), fast.stride(), fast.dtype, fast.requires_grad)
     want = (tuple(stock.shape), stock.stride(), stock.dtype, stock.requires_grad)
     if got != want:
-        raise AssertionError(
-            f"{where}: shape/stride/dtype/requires_grad {got} != stock {want}"
-        )
+        raise AssertionError(f"{where}: shape/stride/dtype/requires_grad {got} != stock {want}")
 
 
 def _names(ns: dict[str, Any]) -> list[str]:
-    return sorted((n for n in ns if n.startswith("t") and n[1:].isdigit()), key=lambda n: int(n[1:]))
+    return sorted(
+        (n for n in ns if n.startswith("t") and n[1:].isdigit()), key=lambda n: int(n[1:])
+    )
 
 
 def _excluded(program: Program, stock: _Outcome) -> str | None:
@@ -790,13 +899,18 @@ def _excluded(program: Program, stock: _Outcome) -> str | None:
     return None
 
 
+def _outcome_text(outcome: _Outcome) -> str:
+    if outcome.line is None:
+        return "no error"
+    return f"line {outcome.line} {type(outcome.exc).__name__}: {outcome.exc}"
+
+
 def _diff(program: Program, stock: _Outcome, fast: _Outcome, label: str) -> str | None:
     """The first difference between two runs on this rank, or None."""
     if stock.line != fast.line or type(stock.exc) is not type(fast.exc):
         if _excluded(program, stock) is not None:
             return None
-        where = lambda o: "no error" if o.line is None else f"line {o.line} {type(o.exc).__name__}: {o.exc}"  # noqa: E731
-        return f"{label}: dtdispatch {where(fast)}; stock {where(stock)}"
+        return f"{label}: dtdispatch {_outcome_text(fast)}; stock {_outcome_text(stock)}"
     names = _names(stock.ns)
     try:
         if names != _names(fast.ns):
@@ -811,10 +925,12 @@ def _diff(program: Program, stock: _Outcome, fast: _Outcome, label: str) -> str 
             if s_in.is_leaf:
                 _compare(s_in.grad, f_in.grad, f"{name}.grad")
         for i, a in enumerate(names):
-            for b in names[i + 1:]:
+            for b in names[i + 1 :]:
                 if (stock.ns[a] is stock.ns[b]) != (fast.ns[a] is fast.ns[b]):
-                    raise AssertionError(f"{a} is {b}: dtdispatch {fast.ns[a] is fast.ns[b]}, "
-                                         f"stock {stock.ns[a] is stock.ns[b]}")
+                    raise AssertionError(
+                        f"{a} is {b}: dtdispatch {fast.ns[a] is fast.ns[b]}, "
+                        f"stock {stock.ns[a] is stock.ns[b]}"
+                    )
     except Exception as exc:  # a comparison that cannot even run is a difference too
         return f"{label}: {exc}"
     return None
@@ -889,7 +1005,7 @@ def _candidates(program: Program) -> Iterator[Program]:
     chunk = max(1, n // 2)
     while chunk >= 1:
         for start in range(0, n, chunk):
-            yield replace(program, lines=lines[:start] + lines[start + chunk:])
+            yield replace(program, lines=lines[:start] + lines[start + chunk :])
         chunk //= 2
     for i, inp in enumerate(program.inputs):
         simpler = [
@@ -997,8 +1113,6 @@ def fuzz(
         found = failure(program)
         if found is not None:
             small = shrink(program, budget_s=shrink_s)
-            failures.append(
-                f"seed {seed} program {index}: {found}\n{render(small)}"
-            )
+            failures.append(f"seed {seed} program {index}: {found}\n{render(small)}")
         index += 1
     return index - start, failures
