@@ -233,7 +233,6 @@ class _Gen:
     rng: random.Random
     mesh_shape: tuple[int, ...]
     sub_mesh: bool
-    seed: int
     inputs: list[Input] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
     vals: list[_Val] = field(default_factory=list)
@@ -350,8 +349,8 @@ def _fp_nd(n: int) -> Callable[[Any], bool]:
     return lambda t: _fp(t) and t.ndim >= n
 
 
-# Each op generator returns the source of one or more lines (already run on the meta namespace by
-# ``_Gen.emit``) or None when it found nothing to apply.
+# Each op generator emits zero or more lines through ``_Gen.emit``, which keeps a line only when it
+# runs on the meta namespace (global shapes, dtypes and autograd rules hold).
 _Op = Callable[[_Gen], None]
 
 
@@ -783,7 +782,7 @@ def generate(seed: int, index: int, *, world_size: int, impls: Sequence[str]) ->
     """Program number ``index`` of ``seed`` for ``world_size`` ranks: the same on every call."""
     rng = random.Random(f"dtdispatch-fuzz:{seed}:{index}:{world_size}")
     mesh, mesh_shape = rng.choice(_meshes_for(world_size))
-    g = _Gen(rng=rng, mesh_shape=mesh_shape, sub_mesh=mesh.startswith("sub:"), seed=seed)
+    g = _Gen(rng=rng, mesh_shape=mesh_shape, sub_mesh=mesh.startswith("sub:"))
     for _ in range(rng.choice([1, 1, 2])):
         g.new_input()
     ops, weights = zip(*_OPS, strict=True)
