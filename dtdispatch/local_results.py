@@ -96,6 +96,15 @@ def _communicates(src: DTensorSpec, dst: DTensorSpec) -> bool:
     )
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bytes, for a bitwise comparison."""
+    # NOTE: a fresh row-major copy: reshape(-1) keeps a stride of 0 for an expanded one-element
+    # tensor (a backward's expanded ones), and view(uint8) refuses it (found by the fuzzer).
+    if not t.numel():
+        return t
+    return t.reshape(-1).clone(memory_format=torch.contiguous_format).view(torch.uint8)
+
+
 def _local_chunk(
     local: torch.Tensor, src: DTensorSpec, dst: DTensorSpec
 ) -> tuple[int, int, int] | None:
@@ -128,10 +137,7 @@ def _local_chunk(
         candidate.shape == reference.shape
         and candidate.stride() == reference.stride()
         and candidate.dtype == reference.dtype
-        and torch.equal(
-            candidate.reshape(-1).view(torch.uint8) if candidate.numel() else candidate,
-            reference.reshape(-1).view(torch.uint8) if reference.numel() else reference,
-        )
+        and torch.equal(_bits(candidate), _bits(reference))
     )
     # NOTE: when in doubt the plan stays on the Python executor (a wrong chunk is a silent wrong
     # result).
@@ -537,8 +543,11 @@ def _non_participating_results(op: OpOverload, spec: object) -> object:
     if isinstance(spec, Sequence):
         results = [_default_tensor(s) if s is not None else None for s in spec]
         if None in results:
-            raise NotImplementedError(
-                f"return type {op._schema.returns[0].type} in DTensor op is not supported"
+            # NOTE: RuntimeError, as stock's C++ path raises for every non-participating call
+            # (torch's Python twin of this code says NotImplementedError, but stock never runs it
+            # here; e.g. native_layer_norm_backward, found by the fuzzer).
+            raise RuntimeError(
+                f"{op}: return type {op._schema.returns[0].type} in DTensor op is not supported"
             )
         return results
     raise AssertionError(f"{op}: unexpected output spec {spec!r}")

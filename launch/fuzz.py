@@ -23,18 +23,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=60.0, help="time budget (rank 0's clock)")
     parser.add_argument("--seed", type=int, default=0, help="program seed")
-    parser.add_argument("--start", type=int, default=0, help="first program index")
+    parser.add_argument("--first-index", type=int, default=0, help="first program index")
     args = parser.parse_args()
     info = init_distributed()
     began = time.monotonic()
-    ran, failures = fuzz(args.seed, seconds=args.seconds, start=args.start)
+    ran, failures = fuzz(args.seed, seconds=args.seconds, start=args.first_index)
     elapsed = time.monotonic() - began
     if info.rank == 0:
         for report in failures:
             print(f"FAIL {report}\n", flush=True)
         print(
             f"fuzz seed {args.seed} world size {info.world_size}: {ran} programs "
-            f"(indices {args.start}..{args.start + ran - 1}) in {elapsed:.1f} s "
+            f"(indices {args.first_index}..{args.first_index + ran - 1}) in {elapsed:.1f} s "
             f"({ran / elapsed:.2f} programs/s), {len(failures)} failing",
             flush=True,
         )

@@ -26,12 +26,12 @@ def test_generate_is_reproducible(world_size: int) -> None:
 
 def test_render_defines_the_program() -> None:
     program = generate(5, 3, world_size=4, impls=["python"])
-    source = render(program)
+    source = render(program, world_size=4)
     namespace: dict[str, Any] = {"__name__": "repro"}
     exec(compile(source, "repro.py", "exec"), namespace)
     assert namespace["program"] == program
     assert isinstance(namespace["program"], Program)
-    assert source.startswith("# torchrun --standalone --nproc-per-node")
+    assert source.startswith("# torchrun --standalone --nproc-per-node 4 repro.py\n")
 
 
 def test_exclusions_name_a_reason() -> None:
