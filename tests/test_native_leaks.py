@@ -186,12 +186,18 @@ def test_dispatch_leaves_nothing_behind(mesh: DeviceMesh, name: str) -> None:
     refs_before = [sys.getrefcount(o) for o in watched]
     objects_before = len(gc.get_objects())
     rss_before = _rss_bytes()
+    # NOTE: traced bytes over two equal rounds, the smaller counted: a leak grows in both, while a
+    # one-time allocation, or one by the harness's threads (rank pools of earlier tests live in this
+    # process), shows in one at most. References and GC objects above are counted exactly.
+    grown = []
     tracemalloc.start()
-    traced_before, _ = tracemalloc.get_traced_memory()
-    for _ in range(n):
-        call()
-    gc.collect()
-    traced_after, _ = tracemalloc.get_traced_memory()
+    for _ in range(2):
+        traced_before, _ = tracemalloc.get_traced_memory()
+        for _ in range(n // 2):
+            call()
+        gc.collect()
+        traced_after, _ = tracemalloc.get_traced_memory()
+        grown.append(traced_after - traced_before)
     tracemalloc.stop()
     rss_after = _rss_bytes()
     objects_after = len(gc.get_objects())
@@ -205,8 +211,8 @@ def test_dispatch_leaves_nothing_behind(mesh: DeviceMesh, name: str) -> None:
     assert objects_after - objects_before <= 50, (
         f"{name}: {objects_after - objects_before} GC objects left"
     )
-    assert traced_after - traced_before < 64 * 1024, (
-        f"{name}: {traced_after - traced_before} bytes traced"
+    assert min(grown) < 32 * 1024, (
+        f"{name}: {grown} bytes traced in each of two rounds of {n // 2} calls"
     )
     # A leaked 8x8 local tensor is >= 256 bytes of data plus its TensorImpl, per call.
     assert rss_after - rss_before < 16 * 2**20, (
