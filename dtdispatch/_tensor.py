@@ -355,17 +355,15 @@ def _redistribute_plan(
     spec: DTensorSpec, placements: tuple[Placement, ...], *, ndim: int
 ) -> _Plan | None:
     """The plan of ``redistribute(placements=placements)``, checked and normalized as stock does
-    (``DTensor.redistribute``, ``Redistribute.forward``); None (torch's own method, its errors)
-    for placements that do not match the mesh."""
+    (``DTensor.redistribute``, ``Redistribute.forward``); None (torch's own method, its errors) for
+    placements that do not match the mesh or that make a new Partial."""
     if len(placements) != spec.mesh.ndim:
         return None
     normalized = list(placements)
     for i, placement in enumerate(normalized):
         if placement.is_partial() and spec.placements[i] != placement:
-            raise RuntimeError(
-                f"Can not redistribute from {spec.placements[i]} to {placement}, "
-                "redistributing to Partial is for internal use only!"
-            )
+            # NOTE: torch 2.13 refuses this, 2.14 allows it: torch's own method decides.
+            return None
         elif isinstance(placement, Shard) and placement.dim < 0:
             normalized[i] = Shard(placement.dim + ndim)
         elif isinstance(placement, _StridedShard) and placement.dim < 0:
@@ -479,6 +477,7 @@ class _ToTorchTensor(torch.autograd.Function):
         ctx.grad_placements = grad_placements
         ctx.set_materialize_grads(False)
         local = input._local_tensor
+        ctx.local_stride = local.stride()
         # A fresh tensor object: autograd metadata is written into it, not into the local shard.
         return local.view_as(local)
 
@@ -486,46 +485,70 @@ class _ToTorchTensor(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor | None) -> tuple[Any, None]:
         if grad is None:
             return None, None
-        spec, grad_placements = ctx.spec, ctx.grad_placements
-        key = (spec, grad_placements, grad.shape, grad.stride(), grad.dtype, grad.device.type)
+        spec, grad_placements, local_stride = ctx.spec, ctx.grad_placements, ctx.local_stride
+        # NOTE: torch >= 2.14 keeps the forward's spec when the gradient's stride matches the
+        # forward local's: the local stride decides the gradient's spec, so it is in the key.
+        key = (
+            spec,
+            grad_placements,
+            local_stride,
+            grad.shape,
+            grad.stride(),
+            grad.dtype,
+            grad.device.type,
+        )
         grad_spec = _to_local_grad_specs.get(key, _MISSING)
         if grad_spec is _MISSING:
-            grad_spec = _to_local_grad_spec(spec, grad_placements, grad)
+            grad_spec = _to_local_grad_spec(spec, grad_placements, local_stride, grad)
             _remember(_to_local_grad_specs, key, grad_spec)
         if grad_spec is None:  # another device: stock's backward (it moves the gradient)
-            return as_fast(_stock_to_local_backward(spec, grad_placements, grad)), None
+            stock = _stock_to_local_backward(spec, grad_placements, local_stride, grad)
+            return as_fast(stock), None
         if torch.is_grad_enabled() and grad.requires_grad:  # create_graph: differentiable
             return _apply_from_torch(grad, grad_spec, None), None
         return _grad_tensor(grad.view_as(grad), grad_spec, False), None
 
 
 def _to_local_grad_spec(
-    spec: DTensorSpec, grad_placements: tuple[Placement, ...] | None, grad: torch.Tensor
+    spec: DTensorSpec,
+    grad_placements: tuple[Placement, ...] | None,
+    local_stride: tuple[int, ...],
+    grad: torch.Tensor,
 ) -> DTensorSpec | None:
     """The spec of the gradient stock's ``_ToTorchTensor.backward`` builds, computed by running it
     once (without grad); None when it would move the gradient to another device."""
     if grad.device.type != spec.mesh.device_type:
         return None
     with torch.no_grad():
-        stock = _stock_to_local_backward(spec, grad_placements, grad.detach())
+        stock = _stock_to_local_backward(spec, grad_placements, local_stride, grad.detach())
     return stock._spec
 
 
 class _StockToLocalContext:
-    """The two attributes stock's ``_ToTorchTensor.backward`` reads from its context."""
+    """The attributes stock's ``_ToTorchTensor.backward`` reads from its context (the local stride
+    from torch 2.14)."""
 
-    __slots__ = ("dtensor_spec", "grad_placements")
+    __slots__ = ("dtensor_spec", "grad_placements", "local_tensor_stride")
 
-    def __init__(self, spec: DTensorSpec, grad_placements: tuple[Placement, ...] | None) -> None:
+    def __init__(
+        self,
+        spec: DTensorSpec,
+        grad_placements: tuple[Placement, ...] | None,
+        local_stride: tuple[int, ...],
+    ) -> None:
         self.dtensor_spec = spec
         self.grad_placements = grad_placements
+        self.local_tensor_stride = local_stride
 
 
 def _stock_to_local_backward(
-    spec: DTensorSpec, grad_placements: tuple[Placement, ...] | None, grad: torch.Tensor
+    spec: DTensorSpec,
+    grad_placements: tuple[Placement, ...] | None,
+    local_stride: tuple[int, ...],
+    grad: torch.Tensor,
 ) -> DTensor:
     """Stock's backward of ``to_local`` (a plain DTensor gradient)."""
-    ctx = _StockToLocalContext(spec, grad_placements)
+    ctx = _StockToLocalContext(spec, grad_placements, local_stride)
     return cast(DTensor, _TorchToTorchTensor.backward(ctx, grad)[0])
 
 
