@@ -16,6 +16,7 @@ ext_modules: list[Extension] = [
     Extension(
         "dtdispatch.native._speedups",
         ["dtdispatch/native/_speedups.c"],
+        depends=["dtdispatch/native/_pycompat.h"],
         optional=not REQUIRE_NATIVE,
         extra_compile_args=["-Wall", "-Wextra", "-O2"],
     ),
@@ -24,6 +25,7 @@ ext_modules: list[Extension] = [
     Extension(
         "dtdispatch.native._function_c",
         ["dtdispatch/native/_function.c"],
+        depends=["dtdispatch/native/_pycompat.h"],
         optional=not REQUIRE_NATIVE,
         extra_compile_args=["-Wall", "-Wextra", "-O2"],
     ),

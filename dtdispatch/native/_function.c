@@ -24,6 +24,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include "_pycompat.h"
 
 /* PyErr_GetRaisedException / PyErr_SetRaisedException are 3.12+; the fetch/restore triple works
  * everywhere. */
@@ -46,16 +47,6 @@ static void drop_error(SavedError e)
 
 #ifdef Py_GIL_DISABLED
 #error "dtdispatch._function_c relies on the GIL (module state and AboveCache are unlocked)"
-#endif
-
-/* The known-hash dict helper is exported (non-limited API) up to 3.12; newer Pythons use the plain
- * lookup (same result, one more hash of the key). */
-#if PY_VERSION_HEX < 0x030D0000
-#define DTD_KNOWN_HASH 1
-#define DTD_LOOKUP_ATTR _PyObject_LookupAttr
-#else
-#define DTD_KNOWN_HASH 0
-#define DTD_LOOKUP_ATTR PyObject_GetOptionalAttr
 #endif
 
 /* Module state: mirrors _function._config. */
@@ -714,17 +705,6 @@ done:
 /* The key's hash, computed once per call (a key holds specs, whose __hash__ is Python code).        */
 /* ------------------------------------------------------------------------------------------------ */
 
-/* entries.get(key) with the hash already computed. Borrowed reference, or NULL (error set or not). */
-static PyObject *lookup_known_hash(PyObject *entries, PyObject *key, Py_hash_t kh)
-{
-#if DTD_KNOWN_HASH
-    return _PyDict_GetItem_KnownHash(entries, key, kh);
-#else
-    (void)kh;
-    return PyDict_GetItemWithError(entries, key);
-#endif
-}
-
 /* A tuple equal to the key whose hash is the one already computed: the argument of move_to_end, which
  * re-hashes its argument. Only the object registered in hashed_key_obj answers from hashed_key_value;
  * any other instance (none is kept) hashes as a tuple. It compares equal to the stored key, as a tuple. */
@@ -875,7 +855,7 @@ static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const 
     /* Block: lookup (an unhashable key: the twin's TypeError from entries.get). */
     PyObject *entries = PyTuple_GET_ITEM(memo, M_ENTRIES);
     Py_hash_t kh = PyObject_Hash(key);
-    PyObject *plan = kh == -1 ? NULL : lookup_known_hash(entries, key, kh); /* borrowed */
+    PyObject *plan = kh == -1 ? NULL : dtd_dict_get_known_hash(entries, key, kh); /* borrowed */
     if (plan == NULL && PyErr_Occurred()) {
         if (!PyErr_ExceptionMatches(PyExc_TypeError))
             goto out_key;

@@ -36,6 +36,7 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include "_pycompat.h"
 #include <stdint.h>
 #include <string.h>
 #if PY_VERSION_HEX < 0x030C0000
@@ -47,16 +48,6 @@
 
 #ifdef Py_GIL_DISABLED
 #error "dtdispatch._speedups relies on the GIL (module state and ThreadCache are unlocked)"
-#endif
-
-/* The known-hash dict/set helpers and _PyObject_LookupAttr are exported (non-limited API) up to 3.12. On
- * newer Pythons the plain calls are used: same results, one more hash(op) per lookup. */
-#if PY_VERSION_HEX < 0x030D0000
-#define DTD_KNOWN_HASH 1
-#define DTD_LOOKUP_ATTR _PyObject_LookupAttr
-#else
-#define DTD_KNOWN_HASH 0
-#define DTD_LOOKUP_ATTR PyObject_GetOptionalAttr
 #endif
 
 /* ------------------------------------------------------------------------------------------------------ */
@@ -234,18 +225,6 @@ static Py_hash_t op_hash(PyObject *op)
     return h;
 }
 
-/* d.get(op) for an exact dict, with the precomputed hash. Borrowed reference; NULL with or without an
- * error set (check PyErr_Occurred). */
-static PyObject *dict_get_op(PyObject *d, PyObject *op, Py_hash_t h)
-{
-#if DTD_KNOWN_HASH
-    return _PyDict_GetItem_KnownHash(d, op, h);
-#else
-    (void)h;
-    return PyDict_GetItemWithError(d, op);
-#endif
-}
-
 /* A frozenset of ops mirrored as {op: None} so membership can use the precomputed hash. */
 static PyObject *frozenset_as_dict(PyObject *set)
 {
@@ -287,7 +266,7 @@ static PyObject *frozenset_as_dict(PyObject *set)
 static int contains_op(PyObject *container, PyObject *as_dict, PyObject *op, Py_hash_t h)
 {
     if (as_dict != NULL) {
-        if (dict_get_op(as_dict, op, h) != NULL)
+        if (dtd_dict_get_known_hash(as_dict, op, h) != NULL)
             return 1;
         return PyErr_Occurred() ? -1 : 0;
     }
@@ -803,11 +782,11 @@ static int is_tensor_list(PyObject *x)
 static int schema_fields(PyObject *op, Py_hash_t h, Py_ssize_t *static_argnum, PyObject **info_out)
 {
     /* info = _propagator.op_to_schema_info.get(op); if None: _compat.single_dim_schema_infos.get(op) */
-    PyObject *info = dict_get_op(schema_dict, op, h);
+    PyObject *info = dtd_dict_get_known_hash(schema_dict, op, h);
     if (info == NULL && PyErr_Occurred())
         return K_ERR;
     if (info == NULL || info == Py_None) {
-        info = dict_get_op(schema_dict_single, op, h);
+        info = dtd_dict_get_known_hash(schema_dict_single, op, h);
         if (info == NULL && PyErr_Occurred())
             return K_ERR;
     }
@@ -1221,7 +1200,7 @@ static PyObject *op_counters(PyObject *cache, PyObject *op, Py_hash_t h)
         return NULL;
     PyObject *counters;
     if (PyDict_CheckExact(per_op)) {
-        counters = dict_get_op(per_op, op, h);
+        counters = dtd_dict_get_known_hash(per_op, op, h);
         if (counters == NULL && PyErr_Occurred()) {
             Py_DECREF(per_op);
             return NULL;
