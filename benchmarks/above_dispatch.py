@@ -1,4 +1,5 @@
-"""The path above dispatch (FastDTensor.__torch_function__, DESIGN §12) against stock DTensor.
+"""The path above dispatch (FastDTensor.__torch_function__; ARCHITECTURE "The path above
+dispatch") against stock DTensor.
 
 Not a test. World size 1 (gloo, file store), 8x8 float32, one thread, interleaved batches so that
 machine noise hits every variant alike; medians over rounds. Variants: stock DTensor, "above"

@@ -154,7 +154,8 @@ def stats() -> dict[str, Any]:
 
 
 def _above_stats() -> dict[str, Any]:
-    """The path above dispatch (``__torch_function__``, DESIGN §12), aggregated over threads."""
+    """The path above dispatch (``__torch_function__``; ARCHITECTURE "The path above dispatch"),
+    aggregated over threads."""
     total: dict[str, Any] = {
         "hits": 0,
         "misses": 0,

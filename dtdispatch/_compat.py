@@ -79,7 +79,8 @@ _TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split("."
 # __torch_dispatch__ to that override (``is_dtensor`` in python_arg_parser.cpp). torch 2.11 (checked
 # on the GPU machine and with its wheel on CPU) sends every DTensor subclass to its own C++ path:
 # FastDTensor's __torch_dispatch__ is never called and outputs come back as stock DTensors. Its
-# __torch_function__ still runs, so there dtdispatch works above dispatch only (DESIGN §12):
+# __torch_function__ still runs, so there dtdispatch works above dispatch only
+# (ARCHITECTURE "The path above dispatch"):
 # replayed calls stay on dtdispatch, everything else takes torch's path and its fresh outputs are
 # retyped as FastDTensors (``above.stock_call``).
 SUBCLASS_DISPATCH = _TORCH_VERSION >= (2, 13)

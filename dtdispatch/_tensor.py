@@ -1,4 +1,5 @@
-"""The dtdispatch tensor: a DTensor whose ops dispatch through dtdispatch (DESIGN §4)."""
+"""The dtdispatch tensor: a DTensor whose ops dispatch through dtdispatch (ARCHITECTURE "How ops
+reach dtdispatch")."""
 
 from __future__ import annotations
 
@@ -176,10 +177,10 @@ class FastDTensor(DTensor):
             return _apply_from_torch(local_tensor, spec, grad_placements)  # type: ignore[no-any-return]
         return _new(FastDTensor, local_tensor.view_as(local_tensor), spec, requires_grad=False)
 
-    # torch.compile (DESIGN §12, "under tracing"). Dynamo fakes a FastDTensor input, and AOTAutograd
+    # ARCHITECTURE "torch.compile": Dynamo fakes a FastDTensor input, and AOTAutograd
     # rebuilds every subclass output at run time, through __tensor_unflatten__: DTensor's builds a
-    # plain DTensor, so the traced program expected a DTensor where a FastDTensor came (the
-    # AssertionError of issue 10) and compiled outputs would leave dtdispatch. Inside the trace the
+    # plain DTensor, so the traced program would get a DTensor where it expects a FastDTensor (an
+    # AssertionError) and compiled outputs would leave dtdispatch. Inside the trace the
     # ops on FastDTensors go through dtdispatch's __torch_dispatch__ on fake/functional local
     # tensors, which records the same local ops stock DTensor would.
     @staticmethod
@@ -214,7 +215,7 @@ class FastDTensor(DTensor):
 
 
 # ---------------------------------------------------------------------------------------------
-# Cheap DTensor API calls (issue 9): cached specs and redistribution plans, and one small autograd
+# Cheap DTensor API calls: cached specs and redistribution plans, and one small autograd
 # Function per call whose backward does what stock's does and hands on FastDTensor gradients.
 #
 # NOTE: every cache below maps immutable, shared objects (DTensorSpec is treated as immutable
@@ -704,7 +705,7 @@ _compile_prepared: list[bool] = []
 def prepare_compile() -> None:
     """Register ``compiled_fast`` with Dynamo, once. Called where FastDTensors first appear
     (``accelerate``, ``FastDTensor.from_local``, unpickling) rather than at import, which would
-    import torch._dynamo (1.5 s on the loaded development VM) into every process.
+    import torch._dynamo (about a second of start-up) into every process.
 
     NOTE: without it, a compiled region that converts to FastDTensor graph-breaks (an error under
     fullgraph=True): Dynamo cannot trace ``_dtensor__new__``."""

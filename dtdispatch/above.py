@@ -1,4 +1,5 @@
-"""The path above dispatch: its per-thread plan cache and the miss that writes plans (DESIGN §12).
+"""The path above dispatch: its per-thread plan cache and the miss that writes plans (ARCHITECTURE
+"The path above dispatch").
 
 The hot path is ``native._function.torch_function`` (twin) / ``native._function_c`` (C). On a
 miss it calls ``miss``, which runs the call exactly as stock would (torch's disabled

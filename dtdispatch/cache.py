@@ -1,6 +1,7 @@
 """The sharding cache key, the plan and the per-thread plan cache.
 
-The key rules are DESIGN §5 (torch 2.13's ``OpSchema`` comparison key), with two declared
+The key rules are ARCHITECTURE "The cache key" (torch 2.13's ``OpSchema`` comparison key), with two
+declared
 deviations: scalars of ``scalar_value_free_ops`` are keyed by type (coarser), and non-float values
 torch leaves out are keyed by value (finer, see ``_is_float_value``). ``build_key`` is the
 specification that ``native/_speedups.c`` mirrors block by block; change both together.
@@ -137,7 +138,8 @@ def _value_entry(value: object, keyed: bool, by_type: bool) -> object:
 def build_key(
     op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> tuple[object, ...] | None:
-    """The plan-cache key of one call, or None when the call must not be cached (DESIGN §5).
+    """The plan-cache key of one call, or None when the call must not be cached (ARCHITECTURE "The
+    cache key").
 
     Two calls get equal keys exactly when torch's ``OpSchema`` comparison keys are equal (tested
     against torch), except that scalars of ``scalar_value_free_ops`` are keyed by type.

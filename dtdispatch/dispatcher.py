@@ -1,4 +1,4 @@
-"""The slow path: ask torch's sharding propagator, write the plan, run it (DESIGN §2).
+"""The slow path: ask torch's sharding propagator, write the plan, run it (ARCHITECTURE "Layers").
 
 The native entry (``native._speedups.dispatch`` or its twin) is FastDTensor's
 ``__torch_dispatch__``; it calls ``slow_path`` for everything it does not replay itself.
@@ -137,7 +137,8 @@ ABOVE_DEFAULT = os.environ.get("DTDISPATCH_ABOVE", "1") != "0"
 def install(name: str, *, above: bool | None = None) -> None:
     """Make implementation ``name`` ("native" or "python") FastDTensor's ``__torch_dispatch__``
     and, unless ``above`` is False (default: ``ABOVE_DEFAULT``), its ``__torch_function__`` (the
-    path above dispatch, DESIGN §12; off, FastDTensor keeps stock DTensor's disabled one)."""
+    path above dispatch, ARCHITECTURE "The path above dispatch"; off, FastDTensor keeps stock
+    DTensor's disabled one)."""
     global _active, _active_function
     impls: dict[str, ModuleType] = _native_pkg.implementations()
     if name not in impls:
@@ -161,7 +162,8 @@ def install(name: str, *, above: bool | None = None) -> None:
         }
     )
     FastDTensor.__torch_dispatch__ = classmethod(module.dispatch)  # type: ignore[assignment]
-    # The path above dispatch (DESIGN §12): the same implementation when it is built, else its twin.
+    # The path above dispatch (ARCHITECTURE "The path above dispatch"): the same implementation
+    # when it is built, else its twin.
     if not (ABOVE_DEFAULT if above is None else above):
         FastDTensor.__torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
         _active_function = "off"

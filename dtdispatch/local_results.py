@@ -1,4 +1,5 @@
-"""Turning torch's sharding decision into a Plan, and running a Plan (DESIGN §6-8).
+"""Turning torch's sharding decision into a Plan, and running a Plan (ARCHITECTURE "The plan",
+"Ranks outside the mesh", "Random ops").
 
 ``make_plan`` is the only place a decision becomes a cache value; ``execute`` is the Python executor
 every plan can run on (the native path replays only the plans marked ``fast``).
@@ -147,7 +148,8 @@ def _local_chunk(
 def make_plan(
     op: OpOverload, op_info: OpInfo, sharding: OutputSharding, *, cacheable: bool
 ) -> Plan:
-    """The cache value for this decision (DESIGN §6). ``cacheable`` is False when the key does
+    """The cache value for this decision (ARCHITECTURE "The plan"). ``cacheable`` is False when the
+    key does
     not pin every value the plan replays; such a plan is used once and never inserted."""
     participating = op_info.compute_mesh._is_current_rank_part_of_mesh()
     transforms: tuple[DTensorSpec | None, ...] | None = None
@@ -535,7 +537,8 @@ def _default_tensor(spec: DTensorSpec) -> torch.Tensor:
 
 
 def _non_participating_results(op: OpOverload, spec: object) -> object:
-    """DESIGN §7: no compute, no collectives; None / 0-d zeros / empty (0,) per output spec."""
+    """ARCHITECTURE "Ranks outside the mesh": no compute, no collectives; None / 0-d zeros / empty
+    (0,) per output spec."""
     if spec is None:
         return None
     if isinstance(spec, DTensorSpec):

@@ -1,6 +1,6 @@
 /*
  * dtdispatch.native._function_c: the C hot path above dispatch (FastDTensor.__torch_function__,
- * DESIGN §12).
+ * ARCHITECTURE "The path above dispatch").
  *
  * The specification is Python: dtdispatch/native/_function.py (``configure``, ``build_key``,
  * ``_entry``, ``_unwrap``, ``torch_function``, ``_step_aside``, ``_output``). Every block below names

@@ -1,4 +1,5 @@
-"""The Python twin of ``_function.c``: the specification of the path above dispatch (DESIGN §12).
+"""The Python twin of ``_function.c``: the specification of the path above dispatch (ARCHITECTURE
+"The path above dispatch").
 
 ``torch_function`` is FastDTensor's ``__torch_function__``. It decides, per call:
 - pass-through: ``func`` is known to dispatch no aten op (attribute reads, ``dim()``, setters):

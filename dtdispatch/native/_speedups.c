@@ -1,5 +1,5 @@
 /*
- * dtdispatch.native._speedups: the C hot path of dtdispatch (DESIGN §2, §9).
+ * dtdispatch.native._speedups: the C hot path of dtdispatch (ARCHITECTURE "Layers", "Native part").
  *
  * The specification is Python: dtdispatch/native/_native.py (``configure``, ``dispatch``, ``_wrap``) and
  * dtdispatch/cache.py (``build_key`` and its helpers, ``ThreadCache.op_counters``). Every block below names

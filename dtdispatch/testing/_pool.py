@@ -18,7 +18,8 @@ from typing import Any
 
 from dtdispatch.testing import _worker
 
-# Imported once in the forkserver, so each rank starts in ~0.03 s instead of ~0.6 s (DESIGN §10).
+# Imported once in the forkserver, so each rank starts in ~0.03 s instead of ~0.6 s
+# (ARCHITECTURE "The test harness").
 # torch._dynamo: DTensor's first distribute_tensor imports it lazily (~1.5 s per rank otherwise).
 PRELOAD = ["torch", "torch.distributed", "torch.distributed.tensor", "torch._dynamo",
            "dtdispatch", "dtdispatch.testing._worker"]

@@ -1,4 +1,5 @@
-"""The path above dispatch (FastDTensor.__torch_function__, DESIGN §12) on real ranks, both
+"""The path above dispatch (FastDTensor.__torch_function__; ARCHITECTURE "The path above dispatch")
+on real ranks, both
 implementations: which calls replay and which never do, in-place and version counters, view
 aliasing, autograd, threads, cache-key adversarial pairs, step-varying scalars and telemetry. Every
 result is compared with stock DTensor on the same inputs, bitwise."""

@@ -1,4 +1,4 @@
-"""torch.compile on dtdispatch tensors and accelerated modules (issue 10, item 2).
+"""torch.compile on dtdispatch tensors and accelerated modules.
 
 Every case runs the same program twice, on stock DTensor and on dtdispatch, compiled the same way,
 and compares outputs and gradients bitwise (both compiled runs execute the same traced program, so

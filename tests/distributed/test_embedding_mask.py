@@ -1,4 +1,4 @@
-"""Vocab-parallel embedding lookups alive at the same time (issue 11, part 1).
+"""Vocab-parallel embedding lookups alive at the same time.
 
 torch caches the ``_MaskPartial`` placement of a row-sharded embedding with its sharding decision,
 so every lookup shares one mask buffer and a second lookup before the first output is reduced

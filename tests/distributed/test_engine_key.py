@@ -1,4 +1,5 @@
-"""The cache key against torch's own comparison key (DESIGN §5), and the declared scalar-by-type
+"""The cache key against torch's own comparison key (ARCHITECTURE "The cache key"), and the declared
+scalar-by-type
 deviation."""
 
 from __future__ import annotations

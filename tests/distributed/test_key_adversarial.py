@@ -1,4 +1,4 @@
-"""Cache-key adversarial pairs on the dispatch path (issue 11, part 3).
+"""Cache-key adversarial pairs on the dispatch path.
 
 Each case is two calls that differ in exactly one thing the key must capture. They run interleaved
 (A B A B) at plan-cache capacities 1, 2 and the default, on dtdispatch and on stock DTensor with
