@@ -8,22 +8,24 @@ dtdispatch; ``to_torch(x)`` takes it back. ``stats()`` says where dispatch time 
 from __future__ import annotations
 
 import warnings
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dtdispatch import _compat, _telemetry, _tensor
+from dtdispatch import _compat, _telemetry, _tensor, _training
 from dtdispatch import above as _above
 from dtdispatch import cache as _cache
 from dtdispatch import dispatcher as _dispatcher
 from dtdispatch import native as _native
 from dtdispatch._tensor import FastDTensor, as_fast, as_stock
-from dtdispatch._training import coverage, unwrap_hooks, wrap_hooks
+from dtdispatch._training import unwrap_hooks, wrap_hooks
 
 __all__ = [
     "FastDTensor",
+    "NativeStatus",
     "accelerate",
     "clear_cache",
     "coverage",
@@ -68,10 +70,21 @@ def accelerate(x: T) -> T:
     activations instead of plain DTensors (``dtdispatch._training``) and gradients come out as
     FastDTensors. Results are unchanged; ``coverage(step)`` says how much of a step was on it.
     ``torch.compile`` works on the result (README, "torch.compile"); this call registers what Dynamo
-    needs for it. On torch < 2.13, which never calls a DTensor subclass's ``__torch_dispatch__``,
+    needs for it. On a torch that never calls a DTensor subclass's ``__torch_dispatch__`` (2.11),
     only the path above dispatch runs (calls that need no autograd); with that path off
     (``DTDISPATCH_ABOVE=0``) ``accelerate`` warns once and returns ``x`` unchanged
     (``native_status()`` says why).
+
+    Args:
+        x: a ``DTensor`` or an ``nn.Module``.
+
+    Returns:
+        For a DTensor, a new ``FastDTensor`` on the same local tensor and spec (``x`` itself if it
+        already is one); for a module, ``x`` itself, converted in place. ``x`` unchanged where
+        dtdispatch cannot run (see above).
+
+    Raises:
+        TypeError: ``x`` is neither a DTensor nor an ``nn.Module``.
     """
     unsupported = _compat.unsupported_reason(_dispatcher.active_function() != "off")
     if unsupported is not None:
@@ -94,7 +107,20 @@ def accelerate(x: T) -> T:
 
 
 def to_torch(x: T) -> T:
-    """The inverse of ``accelerate``: plain DTensors (zero-copy), torch's own hooks on modules."""
+    """The inverse of ``accelerate``: plain DTensors (zero-copy), torch's own hooks on modules.
+
+    Args:
+        x: a ``DTensor`` (a ``FastDTensor`` or a plain one) or an ``nn.Module``.
+
+    Returns:
+        For a DTensor, a plain ``DTensor`` on the same local tensor and spec (``x`` itself if it
+        already is one); for a module, ``x``
+        itself with its DTensor parameters and buffers converted back in place (parameters stay
+        ``nn.Parameter``) and torch's own parallel-style hooks restored.
+
+    Raises:
+        TypeError: ``x`` is neither a DTensor nor an ``nn.Module``.
+    """
     if isinstance(x, nn.Module):
         unwrap_hooks(x)
         _convert_module(x, as_stock, DTensor)
@@ -125,10 +151,28 @@ def _merge(total: dict[str, Any], part: dict[str, Any]) -> None:
 def stats() -> dict[str, Any]:
     """Plan-cache telemetry of this process, aggregated over all threads (finished ones included).
 
-    Keys: ``hits``, ``misses``, ``entries`` (live plans), ``evictions``, ``bailouts`` {reason:
-    count} (calls the native path handed to Python, by reason), ``per_op`` {op: {hits, misses,
-    bailouts}}, ``bailouts_per_op`` {op: {reason: count}}, ``threads`` (the same per live thread,
-    by thread name), ``implementation`` ("native" or "python").
+    Counters run from import or the last ``reset_stats()``; ``DTDISPATCH_TELEMETRY=DIR`` writes
+    this dict per process at exit.
+
+    Returns:
+        A dict with these keys; the first seven are the dispatch path (``__torch_dispatch__``):
+
+        - ``hits``, ``misses``: aten calls that replayed a cached plan / planned one.
+        - ``entries``: live plans in the threads' caches; ``evictions``: plans dropped by the LRU.
+        - ``bailouts``: ``{reason: count}``, calls the native path handed to Python (a miss counts
+          as reason ``"miss"``; other reasons are plans only Python runs).
+        - ``per_op``: ``{op: {"hits", "misses", "bailouts"}}``.
+        - ``bailouts_per_op``: ``{op: {reason: count}}``.
+        - ``threads``: ``{thread name: {...}}``, the keys above for each live thread.
+        - ``implementation``: ``"native"`` (the C extension) or ``"python"`` (its twin).
+        - ``above``: the path above dispatch (``__torch_function__``): ``hits`` (calls replayed
+          on the local tensors), ``misses`` (calls observed to write a plan), ``entries``,
+          ``evictions``, ``negative`` ``{reason: count}`` (calls whose key holds a refusal and so
+          took the stock path), ``stepped_aside`` ``{reason: count}`` (calls that never looked
+          up a key: autograd needed, a mode active, compiling, no key), ``per_func`` ``{function
+          name: {"hits", "misses", "negative"}}``, ``passthrough_funcs`` (how many functions are
+          known to dispatch nothing and go straight to torch) and ``implementation``
+          (``"native"``, ``"python"`` or ``"off"``).
     """
     total: dict[str, Any] = {
         "hits": 0,
@@ -184,7 +228,8 @@ def _above_stats() -> dict[str, Any]:
 
 
 def reset_stats() -> None:
-    """Zero every counter (plans stay cached)."""
+    """Zero every counter of ``stats()`` in every thread, finished ones included; plans stay
+    cached."""
     _cache.reset_retired()
     for thread_cache in _cache.all_caches():
         thread_cache.reset_stats()
@@ -194,7 +239,7 @@ def reset_stats() -> None:
 
 
 def clear_cache() -> None:
-    """Drop every cached plan in every thread (counters stay)."""
+    """Drop every cached plan, below and above dispatch, in every thread; counters stay."""
     for thread_cache in _cache.all_caches():
         thread_cache.entries.clear()
     for above_cache in _above.all_caches():
@@ -202,8 +247,17 @@ def clear_cache() -> None:
 
 
 def set_cache_capacity(capacity: int) -> None:
-    """Bound each thread's plan cache, and its cache above dispatch, to ``capacity`` entries (LRU;
-    evictions are counted)."""
+    """Bound each thread's plan cache, and its cache above dispatch, to ``capacity`` entries.
+
+    Both are LRU (4096 entries by default); caches over the new bound evict their oldest entries,
+    and every eviction is counted in ``stats()``.
+
+    Args:
+        capacity: the new bound, a positive ``int``.
+
+    Raises:
+        ValueError: ``capacity`` is not a positive ``int`` (``bool`` included).
+    """
     if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
         raise ValueError(f"cache capacity must be a positive int, got {capacity!r}")
     _cache.set_default_capacity(capacity)
@@ -211,9 +265,50 @@ def set_cache_capacity(capacity: int) -> None:
         above_cache.evict_to(capacity)
 
 
-def native_status() -> tuple[bool, str]:
-    """(whether the C extension is the active implementation, why; the why also names the
-    implementation of the path above dispatch)."""
+def coverage(step: Callable[[], Any], *, by_op: bool = False) -> dict[str, Any]:
+    """Run ``step()`` once and count how many of its DTensor op dispatches went through dtdispatch.
+
+    ``n`` counts every aten call that entered dtdispatch (hits, misses, and calls handed to Python
+    before any cache lookup); ``m`` counts every aten call on plain DTensors that reached torch's
+    own sharding cache (torch's per-thread counters). Torch does not count its custom-handler ops
+    nor calls it cannot key (symbolic shapes), so ``m`` can be slightly low; backward run on other
+    threads (autograd's CUDA device threads) is missed on stock's side, so measure on CPU.
+    Redistributions and ``from_local``/``to_local`` count on neither side. On a torch without
+    those counters, ``m`` is counted as with ``by_op=True``.
+
+    Args:
+        step: a callable taking no arguments, e.g. one training step.
+        by_op: also list the ops that took torch's path; this runs ``step`` under a
+            ``TorchDispatchMode``, which slows it down (leave it off for timing).
+
+    Returns:
+        ``{"dtdispatch": n, "stock": m, "fraction": n / (n + m), "result": step's return value}``
+        (``fraction`` is NaN when the step dispatched no DTensor op), plus ``"stock_ops"``, a
+        ``Counter`` of the ops that took torch's path, with ``by_op=True``.
+    """
+    return _training.coverage(step, by_op=by_op)
+
+
+class NativeStatus(NamedTuple):
+    """What ``native_status()`` returns; unpacks as ``active, reason = native_status()``."""
+
+    active: bool
+    """Whether the C extension is the active implementation of the dispatch path."""
+    reason: str
+    """Why, which implementation runs the path above dispatch, and what dtdispatch cannot do on
+    this torch, if anything."""
+
+
+def native_status() -> NativeStatus:
+    """Say which implementation runs and why.
+
+    Returns:
+        ``NativeStatus(active, reason)``: ``active`` is whether the C extension is the active
+        implementation of the dispatch path (``DTDISPATCH_NATIVE=0`` or a failed build select the
+        Python twin); ``reason`` says why, names the implementation of the path above dispatch
+        (or "off") and, on a torch where dtdispatch runs above dispatch only or not at all, says
+        so.
+    """
     active = _dispatcher.active() == "native"
     reason = (
         _native.REASON
@@ -237,7 +332,7 @@ def native_status() -> tuple[bool, str]:
             "only calls that need no autograd run on dtdispatch (above dispatch), the rest take "
             "torch's path"
         )
-    return active, status
+    return NativeStatus(active, status)
 
 
 # DTDISPATCH_TELEMETRY=DIR: write stats() into DIR at exit (python -m dtdispatch.telemetry DIR
