@@ -44,7 +44,7 @@ fuzz: $(STAMP)
 	rc=0; for n in 2 4; do $(VENV)/bin/torchrun --standalone --nproc-per-node $$n launch/fuzz.py \
 	  --seconds $$(( $(SECONDS) / 2 )) --seed $(SEED) || rc=1; done; exit $$rc
 
-# The whole suite. No -n: the multi-rank tests already keep both cores busy (see README).
+# The whole suite. No -n: the multi-rank tests already keep both cores busy (see docs/TESTING.md).
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
 

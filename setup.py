@@ -1,5 +1,5 @@
-"""Build script. The package is pure Python for now; the native core (dtdispatch/native, a C
-extension built with gcc and Python.h only) adds its ``Extension`` to ``ext_modules`` below.
+"""Build script: the Python package and its two C extensions (dtdispatch/native, built with gcc and
+Python.h only, no torch headers).
 
 ``DTDISPATCH_REQUIRE_NATIVE=1`` (set by .ci/run) makes a failed extension build fatal; without
 it the extension is optional and dtdispatch falls back to its Python twin (and says so at import).

@@ -4,7 +4,7 @@ dispatch") against stock DTensor.
 Not a test. World size 1 (gloo, file store), 8x8 float32, one thread, interleaved batches so that
 machine noise hits every variant alike; medians over rounds. Variants: stock DTensor, "above"
 (dtdispatch with the path above dispatch, C when built) and "below" (dtdispatch with it off:
-``__torch_dispatch__`` only, what dtdispatch did before). Ratios are to stock.
+``__torch_dispatch__`` only). Ratios are to stock.
 
 "floor" is a DTensor subclass whose ``__torch_function__`` is the cheapest possible Python handler
 that steps aside (it calls torch's disabled implementation): what having any handler costs where a
