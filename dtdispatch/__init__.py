@@ -132,22 +132,6 @@ def to_torch(x: T) -> T:
     )
 
 
-def _merge(total: dict[str, Any], part: dict[str, Any]) -> None:
-    for field in ("hits", "misses", "evictions"):
-        total[field] += part.get(field, 0)
-    total["entries"] += part.get("entries", 0)
-    for reason, n in part["bailouts"].items():
-        total["bailouts"][reason] = total["bailouts"].get(reason, 0) + n
-    for op, c in part["per_op"].items():
-        mine = total["per_op"].setdefault(op, {"hits": 0, "misses": 0, "bailouts": 0})
-        for field in ("hits", "misses", "bailouts"):
-            mine[field] += c[field]
-    for op, reasons in part["bailouts_per_op"].items():
-        by_reason = total["bailouts_per_op"].setdefault(op, {})
-        for reason, n in reasons.items():
-            by_reason[reason] = by_reason.get(reason, 0) + n
-
-
 def stats() -> dict[str, Any]:
     """Plan-cache telemetry of this process, aggregated over all threads (finished ones included).
 
@@ -174,24 +158,8 @@ def stats() -> dict[str, Any]:
           known to dispatch nothing and go straight to torch) and ``implementation``
           (``"native"``, ``"python"`` or ``"off"``).
     """
-    total: dict[str, Any] = {
-        "hits": 0,
-        "misses": 0,
-        "entries": 0,
-        "evictions": 0,
-        "bailouts": {},
-        "per_op": {},
-        "bailouts_per_op": {},
-    }
-    retired = _cache.retired_totals()
-    retired["entries"] = 0
-    _merge(total, retired)
-    threads = {}
-    for thread_cache in _cache.all_caches():
-        snap = thread_cache.snapshot()
-        threads[thread_cache.thread_name] = snap
-        _merge(total, snap)
-    total["threads"] = threads
+    total = _cache.registry.totals()
+    total["threads"] = {c.thread_name: c.snapshot() for c in _cache.registry.caches()}
     total["implementation"] = _dispatcher.active()
     total["above"] = _above_stats()
     return total
@@ -200,28 +168,7 @@ def stats() -> dict[str, Any]:
 def _above_stats() -> dict[str, Any]:
     """The path above dispatch (``__torch_function__``; ARCHITECTURE "The path above dispatch"),
     aggregated over threads."""
-    total: dict[str, Any] = {
-        "hits": 0,
-        "misses": 0,
-        "entries": 0,
-        "evictions": 0,
-        "negative": {},
-        "stepped_aside": {},
-        "per_func": {},
-    }
-    parts = [_above.retired_totals()] + [c.snapshot() for c in _above.all_caches()]
-    for part in parts:
-        total["entries"] += part.get("entries", 0)
-        total["evictions"] += part["evictions"]
-        for field in ("negative", "stepped_aside"):
-            for reason, n in part[field].items():
-                total[field][reason] = total[field].get(reason, 0) + n
-        for func, c in part["per_func"].items():
-            mine = total["per_func"].setdefault(func, {"hits": 0, "misses": 0, "negative": 0})
-            for field in ("hits", "misses", "negative"):
-                mine[field] += c[field]
-    total["hits"] = sum(c["hits"] for c in total["per_func"].values())
-    total["misses"] = sum(c["misses"] for c in total["per_func"].values())
+    total = _above.registry.totals()
     total["passthrough_funcs"] = len(_above.passthrough)
     total["implementation"] = _dispatcher.active_function()
     return total
@@ -230,19 +177,17 @@ def _above_stats() -> dict[str, Any]:
 def reset_stats() -> None:
     """Zero every counter of ``stats()`` in every thread, finished ones included; plans stay
     cached."""
-    _cache.reset_retired()
-    for thread_cache in _cache.all_caches():
-        thread_cache.reset_stats()
-    _above.reset_retired()
-    for above_cache in _above.all_caches():
-        above_cache.reset_stats()
+    for registry in (_cache.registry, _above.registry):
+        registry.reset_retired()
+        for cache in registry.caches():
+            cache.reset_stats()
 
 
 def clear_cache() -> None:
     """Drop every cached plan, below and above dispatch, in every thread; counters stay."""
-    for thread_cache in _cache.all_caches():
+    for thread_cache in _cache.registry.caches():
         thread_cache.entries.clear()
-    for above_cache in _above.all_caches():
+    for above_cache in _above.registry.caches():
         above_cache.clear()
 
 
@@ -261,7 +206,7 @@ def set_cache_capacity(capacity: int) -> None:
     if not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 1:
         raise ValueError(f"cache capacity must be a positive int, got {capacity!r}")
     _cache.set_default_capacity(capacity)
-    for above_cache in _above.all_caches():
+    for above_cache in _above.registry.caches():
         above_cache.evict_to(capacity)
 
 

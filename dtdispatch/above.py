@@ -24,8 +24,6 @@ Anything else becomes a negative entry (a reason string): straight to the stock 
 
 from __future__ import annotations
 
-import threading
-import weakref
 from collections import OrderedDict
 from typing import Any, NamedTuple
 
@@ -35,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dtdispatch import _compat
 from dtdispatch import cache as _dispatch_cache
+from dtdispatch._counted import CountedCache, Registry, add_counts
 from dtdispatch._tensor import FastDTensor
 from dtdispatch.local_results import random_ops
 from dtdispatch.native._function import OUT_ARG, OUT_NEW, OUT_NONE, OUT_SEQ
@@ -42,11 +41,9 @@ from dtdispatch.native._function import OUT_ARG, OUT_NEW, OUT_NONE, OUT_SEQ
 __all__ = [
     "AboveCache",
     "ReplayPlan",
-    "all_caches",
     "miss",
     "passthrough",
-    "reset_retired",
-    "retired_totals",
+    "registry",
     "thread_cache",
 ]
 
@@ -88,52 +85,51 @@ class ReplayPlan(NamedTuple):
     ``local.narrow(dim, offset, length).clone()``, the dispatch plan's verified local chunk."""
 
 
-_registry_lock = threading.Lock()
-_all_caches: weakref.WeakSet[AboveCache] = weakref.WeakSet()
-_retired: dict[str, Any] = {
-    "evictions": 0,
-    "negative": {},
-    "stepped_aside": {},
-    "per_func": {},
-}
+def _empty_totals() -> dict[str, Any]:
+    return {
+        "hits": 0,
+        "misses": 0,
+        "entries": 0,
+        "evictions": 0,
+        "negative": {},
+        "stepped_aside": {},
+        "per_func": {},
+    }
 
 
-class AboveCache:
+class AboveCache(CountedCache):
     """One thread's cache of the path above dispatch (bounded LRU, the dispatch cache's capacity)
-    and its counters.
+    and its counters (see ``_counted.CountedCache``)."""
 
-    NOTE: not locked. Every method runs with the GIL held and an AboveCache is only ever touched by
-    its own thread (``thread_cache()``), except ``snapshot()`` and clearing, which copy/replace
-    whole
-    containers.
-    """
-
-    __slots__ = (
-        "__weakref__",
-        "entries",
-        "evicted",
-        "negative",
-        "per_func",
-        "stepped_aside",
-        "thread_name",
-        "varying",
-    )
+    __slots__ = ("negative", "per_func", "stepped_aside", "varying")
 
     def __init__(self) -> None:
-        self.entries: OrderedDict[tuple[object, ...], ReplayPlan | str] = OrderedDict()
-        self.evicted = [0]
         # per_func[func] = [hits, misses, negative]: lists so the hot path increments in place.
         self.per_func: dict[Any, list[int]] = {}
         self.negative: dict[str, int] = {}
         self.stepped_aside: dict[str, int] = {}
         # structure key -> the keys of its misses so far (bounded like entries).
         self.varying: OrderedDict[tuple[object, ...], list[tuple[object, ...]]] = OrderedDict()
-        self.thread_name = threading.current_thread().name
-        with _registry_lock:
-            _all_caches.add(self)
-        weakref.finalize(
-            self, _retire, self.per_func, self.negative, self.stepped_aside, self.evicted
-        )
+        super().__init__(registry)
+
+    def counters(self) -> tuple[Any, ...]:
+        return (self.evicted, self.per_func, self.negative, self.stepped_aside)
+
+    @staticmethod
+    def counts(evicted: list[int], *counters: Any) -> dict[str, Any]:
+        per_func_counts, negative, stepped_aside = counters
+        per_func: dict[str, dict[str, int]] = {}
+        for f, c in list(per_func_counts.items()):
+            # Two funcs may share a name (a method and its Tensor.__get__ twin): their counts add.
+            add_counts(per_func, {_func_name(f): {"hits": c[0], "misses": c[1], "negative": c[2]}})
+        return {
+            "hits": sum(c["hits"] for c in per_func.values()),
+            "misses": sum(c["misses"] for c in per_func.values()),
+            "evictions": evicted[0],
+            "negative": dict(negative),
+            "stepped_aside": dict(stepped_aside),
+            "per_func": per_func,
+        }
 
     def func_counters(self, func: Any) -> list[int]:
         counters = self.per_func.get(func)
@@ -146,34 +142,9 @@ class AboveCache:
         self.evict_to(_dispatch_cache._default_capacity)
 
     def evict_to(self, capacity: int) -> None:
-        """Drop least recently used entries until at most ``capacity`` remain, counting each."""
-        entries = self.entries
-        while len(entries) > capacity:
-            entries.popitem(last=False)
-            self.evicted[0] += 1
+        super().evict_to(capacity)
         while len(self.varying) > capacity:
             self.varying.popitem(last=False)
-
-    def snapshot(self) -> dict[str, Any]:
-        per_func = {
-            _func_name(f): {"hits": c[0], "misses": c[1], "negative": c[2]}
-            for f, c in list(self.per_func.items())
-        }
-        return {
-            "hits": sum(c["hits"] for c in per_func.values()),
-            "misses": sum(c["misses"] for c in per_func.values()),
-            "entries": len(self.entries),
-            "evictions": self.evicted[0],
-            "negative": dict(self.negative),
-            "stepped_aside": dict(self.stepped_aside),
-            "per_func": per_func,
-        }
-
-    def reset_stats(self) -> None:
-        self.per_func.clear()
-        self.negative.clear()
-        self.stepped_aside.clear()
-        self.evicted[0] = 0
 
     def clear(self) -> None:
         self.entries.clear()
@@ -187,60 +158,9 @@ def _func_name(func: Any) -> str:
     return str(name) if name else repr(func)
 
 
-def _add_counts(total: dict[str, int], part: dict[str, int]) -> None:
-    for reason, n in part.items():
-        total[reason] = total.get(reason, 0) + n
-
-
-def _retire(
-    per_func: dict[Any, list[int]],
-    negative: dict[str, int],
-    stepped_aside: dict[str, int],
-    evicted: list[int],
-) -> None:
-    """Fold a finished thread's counters into the process totals."""
-    with _registry_lock:
-        _retired["evictions"] += evicted[0]
-        _add_counts(_retired["negative"], negative)
-        _add_counts(_retired["stepped_aside"], stepped_aside)
-        for func, (h, m, n) in per_func.items():
-            c = _retired["per_func"].setdefault(
-                _func_name(func), {"hits": 0, "misses": 0, "negative": 0}
-            )
-            c["hits"] += h
-            c["misses"] += m
-            c["negative"] += n
-
-
-_local = threading.local()
-
-
-def thread_cache() -> AboveCache:
-    """This thread's cache, created on first use; freed with the thread (``threading.local``)."""
-    cache = getattr(_local, "cache", None)
-    if cache is None:
-        cache = _local.cache = AboveCache()
-    return cache
-
-
-def all_caches() -> list[AboveCache]:
-    with _registry_lock:
-        return list(_all_caches)
-
-
-def retired_totals() -> dict[str, Any]:
-    with _registry_lock:
-        return {
-            "evictions": _retired["evictions"],
-            "negative": dict(_retired["negative"]),
-            "stepped_aside": dict(_retired["stepped_aside"]),
-            "per_func": {k: dict(v) for k, v in _retired["per_func"].items()},
-        }
-
-
-def reset_retired() -> None:
-    with _registry_lock:
-        _retired.update(evictions=0, negative={}, stepped_aside={}, per_func={})
+registry: Registry[AboveCache] = Registry(_empty_totals, AboveCache)
+"""Every thread's cache above dispatch, and the counts of finished threads."""
+thread_cache = registry.thread_cache
 
 
 class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]

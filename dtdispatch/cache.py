@@ -9,9 +9,6 @@ specification that ``native/_speedups.c`` mirrors block by block; change both to
 
 from __future__ import annotations
 
-import threading
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,12 +19,14 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
 
 from dtdispatch import _compat
+from dtdispatch._counted import CountedCache, Registry
 
 __all__ = [
     "KWARG_SEPARATOR",
     "Plan",
     "ThreadCache",
     "build_key",
+    "registry",
     "scalar_value_free_ops",
     "schema_info",
     "thread_cache",
@@ -254,65 +253,57 @@ class Plan:
     active: it skips ``OpOverload._op``'s second, schema-driven parse of the arguments."""
 
 
-_registry_lock = threading.Lock()
-_all_caches: weakref.WeakSet[ThreadCache] = weakref.WeakSet()
-_retired: dict[str, Any] = {
-    "hits": 0,
-    "misses": 0,
-    "evictions": 0,
-    "bailouts": {},
-    "per_op": {},
-    "bailouts_per_op": {},
-}
-"""Counters of finished threads (their caches are freed, their counts stay in the totals)."""
 _default_capacity = 4096
 
 
-class ThreadCache:
-    """One thread's plan cache (bounded LRU) and its counters.
+def _empty_totals() -> dict[str, Any]:
+    return {
+        "hits": 0,
+        "misses": 0,
+        "entries": 0,
+        "evictions": 0,
+        "bailouts": {},
+        "per_op": {},
+        "bailouts_per_op": {},
+    }
 
-    NOTE: not locked. Every method runs with the GIL held and a ThreadCache is only ever touched by
-    its own thread (``thread_cache()``), except ``snapshot()`` and ``clear()`` which copy/replace
-    whole containers.
-    """
 
-    __slots__ = (
-        "__weakref__",
-        "bailouts",
-        "capacity",
-        "entries",
-        "evicted",
-        "op_bailouts",
-        "per_op",
-        "thread_name",
-    )
+class ThreadCache(CountedCache):
+    """One thread's plan cache (bounded LRU) and its counters (see ``_counted.CountedCache``)."""
+
+    __slots__ = ("bailouts", "capacity", "op_bailouts", "per_op")
 
     def __init__(self, capacity: int) -> None:
-        self.entries: OrderedDict[tuple[object, ...], Plan] = OrderedDict()
         self.capacity = capacity
-        self.evicted = [0]  # a box, so the finalizer can fold it in after the cache is gone
         # per_op[op] = [hits, misses, bailouts]: lists so the hot path increments in place.
         self.per_op: dict[OpOverload, list[int]] = {}
         self.bailouts: dict[str, int] = {}
         # op_bailouts[op][reason]: the slow path's per-op breakdown (telemetry's per-op table).
         self.op_bailouts: dict[OpOverload, dict[str, int]] = {}
-        self.thread_name = threading.current_thread().name
-        with _registry_lock:
-            _all_caches.add(self)
-        weakref.finalize(
-            self, _retire, self.per_op, self.bailouts, self.op_bailouts, self.evicted
-        )
+        super().__init__(registry)
+
+    def counters(self) -> tuple[Any, ...]:
+        return (self.evicted, self.per_op, self.bailouts, self.op_bailouts)
+
+    @staticmethod
+    def counts(evicted: list[int], *counters: Any) -> dict[str, Any]:
+        per_op_counts, bailouts, op_bailouts = counters
+        per_op = {
+            str(op): {"hits": c[0], "misses": c[1], "bailouts": c[2]}
+            for op, c in list(per_op_counts.items())
+        }
+        return {
+            "hits": sum(c["hits"] for c in per_op.values()),
+            "misses": sum(c["misses"] for c in per_op.values()),
+            "evictions": evicted[0],
+            "bailouts": dict(bailouts),
+            "per_op": per_op,
+            "bailouts_per_op": {str(op): dict(r) for op, r in list(op_bailouts.items())},
+        }
 
     def insert(self, key: tuple[object, ...], plan: Plan) -> None:
         self.entries[key] = plan
         self.evict_to(self.capacity)
-
-    def evict_to(self, capacity: int) -> None:
-        """Drop least recently used plans until at most ``capacity`` remain, counting each."""
-        entries = self.entries
-        while len(entries) > capacity:
-            entries.popitem(last=False)
-            self.evicted[0] += 1
 
     def count_bailout(self, op: OpOverload, reason: str) -> None:
         self.bailouts[reason] = self.bailouts.get(reason, 0) + 1
@@ -328,88 +319,15 @@ class ThreadCache:
             counters = self.per_op[op] = [0, 0, 0]
         return counters
 
-    def snapshot(self) -> dict[str, Any]:
-        per_op = {
-            str(op): {"hits": c[0], "misses": c[1], "bailouts": c[2]}
-            for op, c in list(self.per_op.items())
-        }
-        return {
-            "hits": sum(c["hits"] for c in per_op.values()),
-            "misses": sum(c["misses"] for c in per_op.values()),
-            "entries": len(self.entries),
-            "evictions": self.evicted[0],
-            "bailouts": dict(self.bailouts),
-            "per_op": per_op,
-            "bailouts_per_op": {str(op): dict(r) for op, r in list(self.op_bailouts.items())},
-        }
 
-    def reset_stats(self) -> None:
-        self.per_op.clear()
-        self.bailouts.clear()
-        self.op_bailouts.clear()
-        self.evicted[0] = 0
-
-
-def _retire(
-    per_op: dict[OpOverload, list[int]],
-    bailouts: dict[str, int],
-    op_bailouts: dict[OpOverload, dict[str, int]],
-    evicted: list[int],
-) -> None:
-    """Fold a finished thread's counters into the process totals (its plans are already freed)."""
-    with _registry_lock:
-        _retired["evictions"] += evicted[0]
-        for op, (h, m, b) in per_op.items():
-            c = _retired["per_op"].setdefault(str(op), {"hits": 0, "misses": 0, "bailouts": 0})
-            c["hits"] += h
-            c["misses"] += m
-            c["bailouts"] += b
-            _retired["hits"] += h
-            _retired["misses"] += m
-        for reason, n in bailouts.items():
-            _retired["bailouts"][reason] = _retired["bailouts"].get(reason, 0) + n
-        for op, reasons in op_bailouts.items():
-            mine = _retired["bailouts_per_op"].setdefault(str(op), {})
-            for reason, n in reasons.items():
-                mine[reason] = mine.get(reason, 0) + n
-
-
-_local = threading.local()
-
-
-def thread_cache() -> ThreadCache:
-    """This thread's cache, created on first use; freed with the thread (``threading.local``)."""
-    cache = getattr(_local, "cache", None)
-    if cache is None:
-        cache = _local.cache = ThreadCache(_default_capacity)
-    return cache
+registry: Registry[ThreadCache] = Registry(_empty_totals, lambda: ThreadCache(_default_capacity))
+"""Every thread's plan cache, and the counts of finished threads."""
+thread_cache = registry.thread_cache
 
 
 def set_default_capacity(capacity: int) -> None:
     global _default_capacity
     _default_capacity = capacity
-    for cache in list(_all_caches):
+    for cache in registry.caches():
         cache.capacity = capacity
         cache.evict_to(capacity)
-
-
-def all_caches() -> list[ThreadCache]:
-    with _registry_lock:
-        return list(_all_caches)
-
-
-def retired_totals() -> dict[str, Any]:
-    with _registry_lock:
-        return {
-            "hits": _retired["hits"],
-            "misses": _retired["misses"],
-            "evictions": _retired["evictions"],
-            "bailouts": dict(_retired["bailouts"]),
-            "per_op": {k: dict(v) for k, v in _retired["per_op"].items()},
-            "bailouts_per_op": {k: dict(v) for k, v in _retired["bailouts_per_op"].items()},
-        }
-
-
-def reset_retired() -> None:
-    with _registry_lock:
-        _retired.update(hits=0, misses=0, evictions=0, bailouts={}, per_op={}, bailouts_per_op={})

@@ -1131,10 +1131,10 @@ static PyObject *call_slow_path(PyObject *func, PyObject *args, PyObject **kwarg
     return PyObject_Vectorcall(cfg_slow_path, call_args, 6, NULL);
 }
 
-/* cache = thread_cache(). The ThreadCache is remembered in this thread's thread-state dict (freed with the
- * thread), tagged with the thread_cache callable it came from, so a re-configure is never served a stale
- * object. thread_cache() returns the same object for the life of the thread (cache._local.cache is set
- * once and never replaced). New reference. */
+/* cache = thread_cache(). The ThreadCache is remembered in this thread's thread-state dict (freed with
+ * the thread), tagged with the thread_cache callable it came from, so a re-configure is never served a
+ * stale object. thread_cache() returns the same object for the life of the thread (cache.registry keeps
+ * it in a threading.local, set once and never replaced). New reference. */
 static PyObject *get_thread_cache(void)
 {
     if (cfg(cfg_thread_cache, "thread_cache") == NULL)
