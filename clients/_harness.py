@@ -59,14 +59,27 @@ def fingerprint(value: Any) -> str:
     return repr(value)
 
 
-def param_records(model: torch.nn.Module, grads: bool = True) -> dict[str, Any]:
-    """Every parameter (and its gradient when ``grads``) of ``model`` by name."""
+def param_records(model: torch.nn.Module, fast: bool, grads: bool = True) -> dict[str, Any]:
+    """Every parameter (and its gradient when ``grads``) of ``model`` by name, after
+    ``check_fast``."""
+    check_fast(model, fast)
     out: dict[str, Any] = {}
     for name, p in model.named_parameters():
         out[f"param {name}"] = p
         if grads and p.grad is not None:
             out[f"grad {name}"] = p.grad
     return out
+
+
+def check_fast(model: torch.nn.Module, fast: bool) -> None:
+    """On a dtdispatch run, every DTensor parameter and gradient must be a FastDTensor: otherwise
+    the run would compare stock with stock. Raises AssertionError naming the first that is not."""
+    if not fast:
+        return
+    for name, p in model.named_parameters():
+        for what, t in (("parameter", p), ("gradient", p.grad)):
+            if isinstance(t, DTensor) and not isinstance(t, dtdispatch.FastDTensor):
+                raise AssertionError(f"{what} {name} is a {type(t).__name__}, not a FastDTensor")
 
 
 @dataclass

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from _harness import Harness, param_records
+from _harness import Harness, check_fast, param_records
 from torch.distributed.tensor import DTensor
 
 import dtdispatch
@@ -85,7 +85,7 @@ def train_case(path: str, steps: int):
     def run(fast: bool) -> Iterator[dict[str, Any]]:
         model = _load(path, fast)
         model.train()
-        yield {**param_records(model, grads=False), **_tied(model)}
+        yield {**param_records(model, fast, grads=False), **_tied(model)}
         dt = [p for p in model.parameters() if isinstance(p, DTensor)]
         plain = [p for p in model.parameters() if not isinstance(p, DTensor)]
         groups = [g for g in (dt, plain) if g]
@@ -94,10 +94,10 @@ def train_case(path: str, steps: int):
             ids = _tokens(100 + step)
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
-            norms = {f"grad norm {i}": torch.nn.utils.clip_grad_norm_(g, 1.0)
+            norms = {f"grad norm{' (plain)' if i else ''}": torch.nn.utils.clip_grad_norm_(g, 1.0)
                      for i, g in enumerate(groups)}
             opt.step()
-            rec = {"loss": loss, **norms, **param_records(model), **_tied(model)}
+            rec = {"loss": loss, **norms, **param_records(model, fast), **_tied(model)}
             opt.zero_grad()
             yield rec
 
@@ -110,6 +110,7 @@ def generate_case(path: str, new_tokens: int):
     def run(fast: bool) -> Iterator[dict[str, Any]]:
         model = _load(path, fast)
         model.eval()
+        check_fast(model, fast)
         ids = _tokens(7, batch=2, seq=6)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
