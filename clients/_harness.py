@@ -95,7 +95,7 @@ def _run(case: CaseFn, fast: bool) -> Outcome:
     try:
         for record in case(fast):
             out.trace.append({k: fingerprint(v) for k, v in record.items()})
-    except Exception as e:  # noqa: BLE001 -- a raising run is a result of the case
+    except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         out.error = f"{type(e).__name__}: {msg[:160]}"
         if os.environ.get("CLIENTS_TRACEBACK"):
@@ -106,16 +106,16 @@ def _run(case: CaseFn, fast: bool) -> Outcome:
 def compare(stock: Outcome, other: Outcome) -> str | None:
     """None when ``other`` equals ``stock`` bitwise at every step (raising the same way too),
     else a short description of the first difference."""
-    for i, (a, b) in enumerate(zip(stock.trace, other.trace)):
+    for i, (a, b) in enumerate(zip(stock.trace, other.trace, strict=False)):
         if a != b:
             keys = [k for k in a if a.get(k) != b.get(k)] + [k for k in b if k not in a]
             more = f" (+{len(keys) - 1} more)" if len(keys) > 1 else ""
             text = f"differs at step {i}: {keys[0]}{more}"
             # The scalars a reader compares first, when they start to differ later.
             for key in ("loss", "grad norm"):
-                later = [j for j, (x, y) in enumerate(zip(stock.trace, other.trace))
-                         if j >= i and x.get(key) != y.get(key)]
-                if key in a and key not in keys[:1] and later:
+                later = [j for j, (x, y) in enumerate(zip(stock.trace, other.trace, strict=False))
+                         if key in x and x.get(key) != y.get(key)]
+                if later and key != keys[0]:
                     text += f"; {key} from step {later[0]}"
             if other.error is not None:
                 text += f"; then raises at step {len(other.trace)}: {other.error}"
@@ -160,7 +160,8 @@ class Harness:
             "--configs", default=os.environ.get("CLIENTS_CONFIGS", "native:on,off;python:on,off"),
             help="dtdispatch configurations, e.g. 'native:on,off;python:on' (impl:above)",
         )
-        parser.add_argument("-k", dest="select", default="", help="run only cases whose name contains this")
+        parser.add_argument("-k", dest="select", default="",
+                            help="run only the cases whose name contains this")
         parser.add_argument("--steps", type=int, default=3)
         self.args = parser.parse_args(argv)
         self.client = client
@@ -168,7 +169,9 @@ class Harness:
         available = native.implementations()
         for c in self.configs:
             if c.impl not in available:
-                raise SystemExit(f"dtdispatch implementation {c.impl!r} is not available: {native.REASON}")
+                raise SystemExit(
+                    f"dtdispatch implementation {c.impl!r} is not available: {native.REASON}"
+                )
         self.rows: list[tuple[str, str, str, int, str]] = []
         warnings.simplefilter("ignore")
         torch.set_num_threads(1)
@@ -187,6 +190,9 @@ class Harness:
         runs: list[tuple[str, Outcome]] = []
         for c in self.configs:
             dispatcher.install(c.impl, above=c.above)
+            # NOTE: each run starts with no plans, as a fresh program would: a plan made by an
+            # earlier case or configuration could otherwise decide this run's result.
+            dtdispatch.clear_cache()
             runs.append((c.name, _run(fn, True)))
         dispatcher.install(self.configs[0].impl if self.configs else "native")
         runs.append((STOCK_AGAIN, _run(fn, False)))
@@ -208,7 +214,7 @@ class Harness:
             native_on, why = dtdispatch.native_status()
             print(f"\n{self.client}: {self.world} ranks, gloo, CPU, torch {torch.__version__}, "
                   f"native={native_on} ({why})")
-            header = ("client", "case", "run", "steps", "result")
+            header = ("client", "case", "run", "records", "result")
             table: list[tuple[str, ...]] = []
             for i, row in enumerate(gathered[0]):
                 name, run, result, steps, _ = row
@@ -226,8 +232,9 @@ class Harness:
                       for j, h in enumerate(header)]
             widths[-1] = len(header[-1])
             for r in (header, tuple("-" * w for w in widths), *table):
-                print(" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-            print(f"{self.client}: {len(table) - failed} of {len(table)} runs as expected, {failed} not")
+                print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+            ok_runs = len(table) - failed
+            print(f"{self.client}: {ok_runs} of {len(table)} runs as expected, {failed} not")
         flag = torch.tensor([failed])
         dist.broadcast(flag, 0)
         dist.destroy_process_group()

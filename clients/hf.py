@@ -1,5 +1,6 @@
-"""Hugging Face transformers with its own tensor parallelism (``from_pretrained(DIR, tp_plan="auto")``),
-stock DTensor vs dtdispatch, bitwise (``make clients``; see ``_harness.py``).
+"""Hugging Face transformers with its own tensor parallelism
+(``from_pretrained(DIR, tp_plan="auto")``), stock DTensor vs dtdispatch, bitwise (``make clients``;
+see ``_harness.py``).
 
     torchrun --standalone --nproc-per-node 2 clients/hf.py [--configs native:on,off] [-k CASE]
 
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from _harness import Harness, check_fast, param_records
+from _harness import CaseFn, Harness, check_fast, param_records
 from torch.distributed.tensor import DTensor
 
 import dtdispatch
@@ -56,7 +57,7 @@ def _save(root: str, name: str, config: Any) -> str:
     return path
 
 
-def _load(path: str, fast: bool) -> torch.nn.Module:
+def _load(path: str, fast: bool) -> Any:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -71,14 +72,14 @@ def _tokens(seed: int, batch: int = BATCH, seq: int = SEQ) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seq), generator=g)
 
 
-def _tied(model: torch.nn.Module) -> dict[str, Any]:
+def _tied(model: Any) -> dict[str, Any]:
     """Whether the input embedding and the LM head still share one Parameter object."""
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
     return {"tied": emb is head, "embedding is DTensor": isinstance(emb, DTensor)}
 
 
-def train_case(path: str, steps: int):
+def train_case(path: str, steps: int) -> CaseFn:
     """AdamW (one param group per kind: torch's foreach kernels do not mix DTensor and Tensor),
     clipping per kind (stock's ``clip_grad_norm_`` raises on the mix), ``steps`` steps."""
 
@@ -104,7 +105,7 @@ def train_case(path: str, steps: int):
     return run
 
 
-def generate_case(path: str, new_tokens: int):
+def generate_case(path: str, new_tokens: int) -> CaseFn:
     """Greedy ``generate`` with the KV cache: the tokens, then each new token's logits as a step."""
 
     def run(fast: bool) -> Iterator[dict[str, Any]]:
@@ -113,9 +114,10 @@ def generate_case(path: str, new_tokens: int):
         check_fast(model, fast)
         ids = _tokens(7, batch=2, seq=6)
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                 do_sample=False, output_logits=True, return_dict_in_generate=True,
-                                 pad_token_id=0)
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0,
+            )
         yield {"sequences": out.sequences}
         for logits in out.logits:
             yield {"logits": logits}

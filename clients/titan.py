@@ -16,14 +16,14 @@ it) and ``device_type = "cpu"`` where it copied "cuda" at import.
 
 from __future__ import annotations
 
+import functools
 import sys
 import types
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import torch
-from _harness import Harness, param_records
-from torch.distributed.tensor import DTensor
+from _harness import CaseFn, Harness, param_records
 
 import dtdispatch
 
@@ -54,8 +54,8 @@ def _patch_torchtitan() -> None:
     import torchtitan.tools.utils as tools_utils
 
     for module in (tools_utils, parallel_dims, dist_utils):
-        module.device_type = "cpu"  # type: ignore[attr-defined]
-        module.device_module = torch.cpu  # type: ignore[attr-defined]
+        module.device_type = "cpu"
+        module.device_module = torch.cpu
 
 
 def _model_config(family: str, *, sp: bool) -> Any:
@@ -74,7 +74,7 @@ def _model_config(family: str, *, sp: bool) -> Any:
         from torchtitan.models.qwen3.sharding import set_qwen3_sharding_config
 
         cfg = qwen3_configs["debugmodel"](attn_backend="flex")
-        set_sharding = set_qwen3_sharding_config
+        set_sharding = functools.partial(set_qwen3_sharding_config, enable_ep=False)
     else:
         raise ValueError(family)
     cfg.layers = cfg.layers[:LAYERS]
@@ -102,7 +102,7 @@ def _batch(step: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train_case(family: str, *, sp: bool = True, backend: str = "partial_dtensor",
                when: str = "after init", weight_tying: bool = False, steps: int = 3,
-               loss: str = "chunked") -> Callable[[bool], Iterator[dict[str, Any]]]:
+               loss: str = "chunked") -> CaseFn:
     """torchtitan's training step on ``family``; dtdispatch's ``accelerate`` runs ``when``:
     "after init" (after ``init_weights``) or "on meta" (after ``parallelize``, before ``to_empty``).
     ``loss``: "chunked" (its ``ChunkedLossWrapper``) or "torch loss_parallel" (the full forward,
@@ -170,8 +170,8 @@ def train_case(family: str, *, sp: bool = True, backend: str = "partial_dtensor"
             optimizers.step()
             schedulers.step()
             lrs = {f"lr {i}": g["lr"] for i, g in enumerate(optimizers.optimizers[0].param_groups)}
-            yield {"loss": value.detach(), "grad norm": grad_norm, **lrs, **param_records(model, fast),
-                   **tied}
+            yield {"loss": value.detach(), "grad norm": grad_norm, **lrs,
+                   **param_records(model, fast), **tied}
 
     return run
 
@@ -180,16 +180,18 @@ def main() -> int:
     h = Harness("titan")
     _patch_torchtitan()
     steps = h.args.steps
-    cases: dict[str, Callable[[bool], Iterator[dict[str, Any]]]] = {
+    cases: dict[str, CaseFn] = {
         "llama3 sp": train_case("llama3", sp=True, steps=steps),
         "llama3 no-sp": train_case("llama3", sp=False, steps=steps),
         "llama3 sp, accelerate on meta": train_case("llama3", sp=True, when="on meta", steps=steps),
         "llama3 sp, torch loss_parallel": train_case("llama3", sp=True, loss="torch loss_parallel",
                                                      steps=steps),
-        "llama3 sp, full_dtensor": train_case("llama3", sp=True, backend="full_dtensor", steps=steps),
+        "llama3 sp, full_dtensor": train_case("llama3", sp=True, backend="full_dtensor",
+                                              steps=steps),
         "llama3 no-sp, full_dtensor": train_case("llama3", sp=False, backend="full_dtensor",
                                                  steps=steps),
         "qwen3 tied sp": train_case("qwen3", sp=True, weight_tying=True, steps=steps),
+        "qwen3 tied no-sp": train_case("qwen3", sp=False, weight_tying=True, steps=steps),
     }
     for name, fn in cases.items():
         h.case(name, fn)
