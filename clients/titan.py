@@ -101,12 +101,13 @@ def _batch(step: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_case(family: str, *, sp: bool = True, backend: str = "partial_dtensor",
-               when: str = "after init", weight_tying: bool = False, steps: int = 3,
+               when: str = "after init", weight_tying: bool | None = None, steps: int = 3,
                loss: str = "chunked") -> CaseFn:
     """torchtitan's training step on ``family``; dtdispatch's ``accelerate`` runs ``when``:
     "after init" (after ``init_weights``) or "on meta" (after ``parallelize``, before ``to_empty``).
     ``loss``: "chunked" (its ``ChunkedLossWrapper``) or "torch loss_parallel" (the full forward,
-    then ``F.cross_entropy`` on the Shard(-1) logits under torch's ``loss_parallel()``)."""
+    then ``F.cross_entropy`` on the Shard(-1) logits under torch's ``loss_parallel()``).
+    ``weight_tying``: None keeps the config's (llama3 untied, qwen3 tied)."""
 
     def run(fast: bool) -> Iterator[dict[str, Any]]:
         import torchtitan.distributed.utils as dist_utils
@@ -116,8 +117,14 @@ def train_case(family: str, *, sp: bool = True, backend: str = "partial_dtensor"
 
         torch.autograd.set_multithreading_enabled(False)
         cfg = _model_config(family, sp=sp)
-        if weight_tying:
-            cfg.enable_weight_tying = True
+        if weight_tying is not None:
+            cfg.enable_weight_tying = weight_tying
+        if weight_tying is False and family == "qwen3":
+            # Its tied debug model leaves the embedding's init to the LM head; untied, the
+            # embedding takes qwen3's own embedding init (as its untied flavors do).
+            import torchtitan.models.qwen3 as qwen3
+
+            cfg.tok_embeddings.param_init = qwen3._EMBEDDING_INIT
         vocab = cfg.vocab_size
         pdims = _parallel_dims(backend)
         torch.manual_seed(0)
@@ -133,7 +140,7 @@ def train_case(family: str, *, sp: bool = True, backend: str = "partial_dtensor"
             dtdispatch.accelerate(model)
         model.train()
         tied = {}
-        if weight_tying:
+        if cfg.enable_weight_tying:
             tied["tied"] = model.tok_embeddings.weight is model.lm_head.weight
         yield {**param_records(model, fast, grads=False), **tied}
 
@@ -192,6 +199,14 @@ def main() -> int:
                                                  steps=steps),
         "qwen3 tied sp": train_case("qwen3", sp=True, weight_tying=True, steps=steps),
         "qwen3 tied no-sp": train_case("qwen3", sp=False, weight_tying=True, steps=steps),
+        # qwen3's RoPE is real (cos/sin), llama3's complex: these run the same training features
+        # on a model without complex tensors or tied weights.
+        "qwen3 untied sp": train_case("qwen3", sp=True, weight_tying=False, steps=steps),
+        "qwen3 untied no-sp": train_case("qwen3", sp=False, weight_tying=False, steps=steps),
+        "qwen3 untied sp, torch loss_parallel": train_case(
+            "qwen3", sp=True, weight_tying=False, loss="torch loss_parallel", steps=steps),
+        "qwen3 untied sp, full_dtensor": train_case(
+            "qwen3", sp=True, weight_tying=False, backend="full_dtensor", steps=steps),
     }
     for name, fn in cases.items():
         h.case(name, fn)
