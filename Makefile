@@ -103,9 +103,10 @@ CLIENT_NODEPS_titan ?= torchtitan==0.3.0 spmd_types==0.2.3
 
 clients: clients-venvs
 	@failed=""; for c in $(CLIENTS); do \
-	  echo "== make clients: $$c ($(CLIENTS_DIR)/$$c.log)"; \
+	  echo "== make clients: $$c ($(CLIENTS_DIR)/$$c.log)"; start=$$(date +%s); \
 	  { $(CLIENTS_DIR)/$$c/bin/torchrun --standalone --nproc-per-node 2 clients/$$c.py $(CLIENT_ARGS); \
 	    echo $$? > $(CLIENTS_DIR)/$$c.rc; } 2>&1 | tee $(CLIENTS_DIR)/$$c.log; \
+	  echo "== make clients: $$c ran $$(( $$(date +%s) - start )) s, exit $$(cat $(CLIENTS_DIR)/$$c.rc)"; \
 	  [ "$$(cat $(CLIENTS_DIR)/$$c.rc)" = 0 ] || failed="$$failed $$c"; \
 	done; \
 	if [ -n "$$failed" ]; then echo "== make clients: FAILED:$$failed"; exit 1; fi; \

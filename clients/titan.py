@@ -203,6 +203,8 @@ def main() -> int:
         # on a model without complex tensors or tied weights.
         "qwen3 untied sp": train_case("qwen3", sp=True, weight_tying=False, steps=steps),
         "qwen3 untied no-sp": train_case("qwen3", sp=False, weight_tying=False, steps=steps),
+        "qwen3 untied sp, accelerate on meta": train_case(
+            "qwen3", sp=True, weight_tying=False, when="on meta", steps=steps),
         "qwen3 untied sp, torch loss_parallel": train_case(
             "qwen3", sp=True, weight_tying=False, loss="torch loss_parallel", steps=steps),
         "qwen3 untied sp, full_dtensor": train_case(
