@@ -172,7 +172,7 @@ class Harness:
                 raise SystemExit(
                     f"dtdispatch implementation {c.impl!r} is not available: {native.REASON}"
                 )
-        self.rows: list[tuple[str, str, str, int, str]] = []
+        self.rows: list[tuple[str, str, str, int]] = []
         warnings.simplefilter("ignore")
         torch.set_num_threads(1)
         dist.init_process_group("gloo", timeout=timedelta(seconds=300))
@@ -194,20 +194,22 @@ class Harness:
             # earlier case or configuration could otherwise decide this run's result.
             dtdispatch.clear_cache()
             runs.append((c.name, _run(fn, True)))
-        dispatcher.install(self.configs[0].impl if self.configs else "native")
+        # dtdispatch's own default again (DTDISPATCH_NATIVE, DTDISPATCH_ABOVE) for the stock rerun.
+        dispatcher.install(native.DEFAULT)
         runs.append((STOCK_AGAIN, _run(fn, False)))
         steps = len(stock.trace)
         stock_result = "ok" if stock.error is None else f"raises at step {steps}: {stock.error}"
-        self.rows.append((name, STOCK, stock_result, steps, ""))
+        self.rows.append((name, STOCK, stock_result, steps))
         for cname, outcome in runs:
             diff = compare(stock, outcome)
-            self.rows.append((name, cname, diff or "bitwise equal", len(outcome.trace), ""))
+            self.rows.append((name, cname, diff or "bitwise equal", len(outcome.trace)))
         if self.rank == 0:
             print(f"[{self.client}] {name}: done", file=sys.stderr, flush=True)
 
     def finish(self) -> int:
-        """Gather the rows of every rank, print the table on rank 0; 1 if anything differs."""
-        gathered: list[list[tuple[str, str, str, int, str]]] = [[] for _ in range(self.world)]
+        """Gather the rows of every rank, print the table on rank 0; 1 if anything differs or
+        no case ran."""
+        gathered: list[list[tuple[str, str, str, int]]] = [[] for _ in range(self.world)]
         dist.all_gather_object(gathered, self.rows)
         failed = 0
         if self.rank == 0:
@@ -217,7 +219,7 @@ class Harness:
             header = ("client", "case", "run", "records", "result")
             table: list[tuple[str, ...]] = []
             for i, row in enumerate(gathered[0]):
-                name, run, result, steps, _ = row
+                name, run, result, steps = row
                 per_rank = [g[i][2] for g in gathered]
                 bad = [f"rank {r}: {res}" for r, res in enumerate(per_rank) if res != result]
                 if bad:
@@ -235,6 +237,9 @@ class Harness:
                 print(" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
             ok_runs = len(table) - failed
             print(f"{self.client}: {ok_runs} of {len(table)} runs as expected, {failed} not")
+            if not table:
+                print(f"{self.client}: no case selected (-k {self.args.select!r})")
+                failed = 1
         flag = torch.tensor([failed])
         dist.broadcast(flag, 0)
         dist.destroy_process_group()
