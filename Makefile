@@ -19,7 +19,7 @@ BUILD_INPUTS := pyproject.toml setup.py $(wildcard dtdispatch/native/*.c dtdispa
 TORCH_COMPAT ?= 2.14.1 2.15.0
 COMPAT_DIR ?= .compat
 
-.PHONY: install demo fuzz test lint clean compat compat-one
+.PHONY: install demo fuzz test lint clean compat compat-one clients clients-venvs clients-venv-one
 
 install: $(STAMP)
 
@@ -86,8 +86,55 @@ compat-one:
 	  "$$(date -u +%F)" "$$verdict" "$$args" "$$summary" > $(CVENV).result; \
 	test "$$rc" = 0
 
+# make clients: real tensor-parallel programs (clients/NAME.py), bitwise against stock DTensor on 2
+# gloo ranks, each client in a venv of its own, $(CLIENTS_DIR)/NAME, reused when present: torch from
+# TORCH_SPEC (skipped when that torch is there), dtdispatch in editable mode from this checkout and
+# the client's pinned packages (both redone when the checkout, its build inputs or the pins change:
+# the stamp holds all three). `make clients-venvs` only builds the venvs. Fails if any case differs.
+CLIENTS ?= hf titan
+CLIENTS_DIR ?= .clients
+CLIENT_ARGS ?=
+# Per client: packages installed with their dependencies, and packages installed with --no-deps
+# (torchtitan declares training infrastructure that its model code never imports).
+CLIENT_PKGS_hf ?= transformers==5.25.0 accelerate==1.16.0
+CLIENT_NODEPS_hf ?=
+CLIENT_PKGS_titan ?= tyro==1.0.17
+CLIENT_NODEPS_titan ?= torchtitan==0.3.0 spmd_types==0.2.3
+
+clients: clients-venvs
+	@failed=""; for c in $(CLIENTS); do \
+	  echo "== make clients: $$c ($(CLIENTS_DIR)/$$c.log)"; start=$$(date +%s); \
+	  { $(CLIENTS_DIR)/$$c/bin/torchrun --standalone --nproc-per-node 2 clients/$$c.py $(CLIENT_ARGS); \
+	    echo $$? > $(CLIENTS_DIR)/$$c.rc; } 2>&1 | tee $(CLIENTS_DIR)/$$c.log; \
+	  echo "== make clients: $$c ran $$(( $$(date +%s) - start )) s, exit $$(cat $(CLIENTS_DIR)/$$c.rc)"; \
+	  [ "$$(cat $(CLIENTS_DIR)/$$c.rc)" = 0 ] || failed="$$failed $$c"; \
+	done; \
+	if [ -n "$$failed" ]; then echo "== make clients: FAILED:$$failed"; exit 1; fi; \
+	echo "== make clients: every case bitwise equal to stock"
+
+clients-venvs:
+	@for c in $(CLIENTS); do $(MAKE) --no-print-directory clients-venv-one CLIENT=$$c || exit 1; done
+
+KVENV = $(CLIENTS_DIR)/$(CLIENT)
+KPKGS = $(CLIENT_PKGS_$(CLIENT))
+KNODEPS = $(CLIENT_NODEPS_$(CLIENT))
+
+clients-venv-one:
+	@test -n "$(CLIENT)" || { echo "clients-venv-one needs CLIENT=NAME"; exit 2; }
+	@test -x $(KVENV)/bin/python || $(PYTHON) -m venv $(KVENV)
+	@$(KVENV)/bin/python -c 'import sys, torch; sys.exit(torch.__version__.split("+")[0] != "$(TORCH_SPEC)".split("==")[1])' \
+	  2>/dev/null || $(KVENV)/bin/python -m pip install --quiet $(TORCH_SPEC)
+	@key="$(CURDIR) $$(cat $(BUILD_INPUTS) | sha256sum | cut -c1-16) $(KPKGS) / $(KNODEPS)"; \
+	if [ "$$(cat $(KVENV)/.dtdispatch-installed 2>/dev/null)" != "$$key" ]; then \
+	  echo "== make clients: installing $(CLIENT) into $(KVENV)"; \
+	  $(KVENV)/bin/python -m pip install --quiet -e . \
+	  && { [ -z "$(KPKGS)" ] || $(KVENV)/bin/python -m pip install --quiet $(KPKGS); } \
+	  && { [ -z "$(KNODEPS)" ] || $(KVENV)/bin/python -m pip install --quiet --no-deps $(KNODEPS); } \
+	  && echo "$$key" > $(KVENV)/.dtdispatch-installed; \
+	fi
+
 lint: $(VENV)/.dtdispatch-dev
-	$(VENV)/bin/ruff check dtdispatch launch tests setup.py
+	$(VENV)/bin/ruff check dtdispatch launch tests clients setup.py
 	$(VENV)/bin/mypy dtdispatch
 
 $(VENV)/.dtdispatch-dev: $(STAMP)
