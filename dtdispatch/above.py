@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dtdispatch import _compat
 from dtdispatch import cache as _dispatch_cache
+from dtdispatch._bitwise import comparable, same_bits
 from dtdispatch._tensor import FastDTensor
 from dtdispatch.local_results import random_ops
 from dtdispatch.native._function import OUT_ARG, OUT_NEW, OUT_NONE, OUT_SEQ
@@ -351,23 +352,16 @@ def _version(t: torch.Tensor) -> int:
 
 
 def _exact_clone(t: torch.Tensor) -> torch.Tensor:
-    """A copy with the same shape, stride, dtype and values (``clone`` may change strides)."""
-    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    """A copy with the same shape, stride, dtype, conjugate and negative bits and stored bits
+    (``clone`` may change strides; ``copy_`` into a fresh tensor would resolve the bits)."""
     with torch.no_grad():
+        if t.is_conj():
+            return _exact_clone(t.conj()).conj()
+        if t.is_neg():
+            return torch._neg_view(_exact_clone(torch._neg_view(t)))
+        out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
         out.copy_(t)
     return out
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal shape, stride, dtype, device and bytes (NaN-safe; -0.0 differs from 0.0)."""
-    if a.shape != b.shape or a.stride() != b.stride() or a.dtype != b.dtype or a.device != b.device:
-        return False
-    if a.numel() == 0:
-        return True
-    return torch.equal(
-        a.detach().contiguous().reshape(-1).view(torch.uint8),
-        b.detach().contiguous().reshape(-1).view(torch.uint8),
-    )
 
 
 def _storage_ptr(t: torch.Tensor) -> int | None:
@@ -432,7 +426,7 @@ def _matches(entry: tuple[int, Any], observed: Any, replayed: Any, clones: list[
         return (
             type(replayed) is torch.Tensor
             and not replayed.requires_grad
-            and _same_bits(observed._local_tensor, replayed)
+            and same_bits(observed._local_tensor, replayed)
         )
     entries = data[1]
     return (
@@ -513,7 +507,7 @@ def _plan(
     for t, (_, clone, _, _, _, local_version), clone_version in zip(
         flat, before, clone_versions, strict=True
     ):
-        if not _same_bits(t._local_tensor, clone):
+        if not same_bits(t._local_tensor, clone):
             return "replay differs"
         if _version(t._local_tensor) - local_version != _version(clone) - clone_version:
             return "replay differs"
@@ -571,6 +565,11 @@ def _miss(
         _flat_fast(a, flat)
     for v in kwargs.values():
         _flat_fast(v, flat)
+    if not all(comparable(t._local_tensor) for t in flat):
+        # NOTE: neither a plan nor a negative entry: a replay could not be verified (no values to
+        # compare), and the key does not tell a meta local from the materialized one it becomes
+        # (see _bitwise.comparable), so any entry would outlive the meta phase.
+        return _stock(func, types, args, kwargs)
     try:
         before = [
             (
