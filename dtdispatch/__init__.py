@@ -71,6 +71,8 @@ def _convert_tensor(t: DTensor, convert: Any, target: type, done: dict[int, Any]
 
 
 def _convert_module(module: nn.Module, convert: Any, target: type) -> None:
+    """Make every DTensor parameter and buffer of ``module`` and its submodules a ``target``
+    (``_convert_tensor``), in the same dict entries."""
     done: dict[int, Any] = {}
     for sub in module.modules():
         for entries in (sub._parameters, sub._buffers):
