@@ -6,7 +6,8 @@ above dispatch on and off. Each call runs twice (the plan, then the cached repla
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -20,6 +21,19 @@ from dtdispatch.testing import mesh_1d
 IMPLS = sorted(native.implementations())
 VARIANTS = [(impl, above) for impl in IMPLS for above in (True, False)]
 IDS = [f"{impl}-above" if above else f"{impl}-below" for impl, above in VARIANTS]
+
+
+@contextmanager
+def _variant(impl: str, above: bool) -> Iterator[None]:
+    """``impl`` with the path above dispatch on or off and empty caches; the default
+    implementation (above dispatch on) again afterwards, for the tests that run next on these
+    ranks."""
+    dispatcher.install(impl, above=above)
+    dtdispatch.clear_cache()
+    try:
+        yield
+    finally:
+        dispatcher.install(native.DEFAULT)
 
 
 def _stored(t: torch.Tensor) -> tuple[Any, ...]:
@@ -71,7 +85,10 @@ def _both(fn: Callable[..., Any], stock_args: list[Any], fast_args: list[Any]) -
         with pytest.raises(type(e)):
             fn(*fast_args)
         return
-    _same(fn(*fast_args), expected)
+    got = fn(*fast_args)
+    # An argument returned as is on stock (resolve_conj of a plain tensor) is returned as is here.
+    assert [expected is a for a in stock_args] == [got is a for a in fast_args]
+    _same(got, expected)
 
 
 def _complex(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -86,7 +103,17 @@ CALLS: dict[str, Callable[..., Any]] = {
     "conj imag": lambda x: x.conj().imag,
     "conj imag neg": lambda x: x.conj().imag * 2,
     "conj physical": lambda x: torch.conj_physical(x),
-    "resolve_conj": lambda x: x.conj().resolve_conj(),
+    "resolve_conj": lambda x: x.resolve_conj(),
+    "resolve_neg": lambda x: x.resolve_neg(),
+    "torch.resolve_conj": lambda x: torch.resolve_conj(x),
+    "imag resolve_neg": lambda x: x.imag.resolve_neg(),
+    "imag add": lambda x: x.imag + 1,
+    # Calls that return their argument as is, with either bit.
+    "to same": lambda x: x.to(x.dtype),
+    "contiguous": lambda x: x.contiguous(),
+    "type_as": lambda x: x.type_as(x),
+    "cfloat": lambda x: x.cfloat(),
+    "imag to same": lambda x: x.imag.to(torch.float32),
     "conj clone": lambda x: x.conj().clone(),
     "view_as_real": lambda x: torch.view_as_real(x),
     "hfft": lambda x: torch.fft.hfft(x),
@@ -100,39 +127,37 @@ CALLS: dict[str, Callable[..., Any]] = {
 @pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2)
 def test_conj_views_and_fft_match_stock(rank: int, world_size: int, impl: str, above: bool) -> None:
-    dispatcher.install(impl, above=above)
-    dtdispatch.clear_cache()
-    value = _complex((4, 6), seed=1)
-    for placements in ([Shard(0)], [Replicate()]):
-        stock, fast = _pair(value, placements)
-        for name, fn in CALLS.items():
-            # The plan, then the cached replay; a conjugate view has the same spec (the same key
-            # below dispatch), so each order of plain and conjugated inputs is tried.
-            for conj in (False, False, True, True, False):
-                s, f = (stock.conj(), fast.conj()) if conj else (stock, fast)
-                try:
-                    _both(fn, [s], [f])
-                except AssertionError as e:
-                    raise AssertionError(f"{name} {placements} conj={conj}: {e}") from e
+    with _variant(impl, above):
+        value = _complex((4, 6), seed=1)
+        for placements in ([Shard(0)], [Replicate()]):
+            stock, fast = _pair(value, placements)
+            for name, fn in CALLS.items():
+                # The plan, then the cached replay; a conjugate view has the same spec (the same key
+                # below dispatch), so each order of plain and conjugated inputs is tried.
+                for conj in (False, False, True, True, False):
+                    s, f = (stock.conj(), fast.conj()) if conj else (stock, fast)
+                    try:
+                        _both(fn, [s], [f])
+                    except AssertionError as e:
+                        raise AssertionError(f"{name} {placements} conj={conj}: {e}") from e
 
 
 @pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2)
 def test_fft_backward_matches_stock(rank: int, world_size: int, impl: str, above: bool) -> None:
-    dispatcher.install(impl, above=above)
-    dtdispatch.clear_cache()
-    value = _complex((4, 6), seed=2)
-    for name in ("hfft", "ifft", "ihfft", "conj mul"):
-        grads = []
-        for _ in range(2):
-            stock, fast = _pair(value, [Shard(0)], requires_grad=True)
-            for x in (stock, fast):
-                out = CALLS[name](x)
-                loss = (out.real if out.is_complex() else out).square().sum()
-                loss.backward()
-            grads.append((fast.grad, stock.grad))
-            _same(fast.grad, stock.grad)
-        assert type(grads[1][0]) is FastDTensor
+    with _variant(impl, above):
+        value = _complex((4, 6), seed=2)
+        for name in ("hfft", "ifft", "ihfft", "conj mul"):
+            grads = []
+            for _ in range(2):
+                stock, fast = _pair(value, [Shard(0)], requires_grad=True)
+                for x in (stock, fast):
+                    out = CALLS[name](x)
+                    loss = (out.real if out.is_complex() else out).square().sum()
+                    loss.backward()
+                grads.append((fast.grad, stock.grad))
+                _same(fast.grad, stock.grad)
+            assert type(grads[1][0]) is FastDTensor
 
 
 def _rotary(
@@ -161,23 +186,22 @@ def test_rotary_complex_backward_matches_stock(
 ) -> None:
     """q/k sharded by heads, the rotary frequencies replicated: forward outputs and the gradients
     (the backward of the complex multiply multiplies by the conjugate) are stock's, twice."""
-    dispatcher.install(impl, above=above)
-    dtdispatch.clear_cache()
-    batch, seq, heads, head_dim = 2, 4, 4, 8
-    gen = torch.Generator().manual_seed(3)
-    q = torch.randn(batch, seq, heads, head_dim, generator=gen)
-    k = torch.randn(batch, seq, heads, head_dim, generator=gen)
-    freqs = _freqs(seq, head_dim)
-    for _ in range(2):
-        sq, fq = _pair(q, [Shard(2)], requires_grad=True)
-        sk, fk = _pair(k, [Shard(2)], requires_grad=True)
-        sf, ff = _pair(freqs, [Replicate()])
-        outs = []
-        for xq, xk, f in ((sq, sk, sf), (fq, fk, ff)):
-            oq, ok = _rotary(xq, xk, f)
-            (oq * ok).sum().backward()
-            outs.append((oq, ok))
-        _same(outs[1][0].detach(), outs[0][0].detach())
-        _same(outs[1][1].detach(), outs[0][1].detach())
-        _same(fq.grad, sq.grad)
-        _same(fk.grad, sk.grad)
+    with _variant(impl, above):
+        batch, seq, heads, head_dim = 2, 4, 4, 8
+        gen = torch.Generator().manual_seed(3)
+        q = torch.randn(batch, seq, heads, head_dim, generator=gen)
+        k = torch.randn(batch, seq, heads, head_dim, generator=gen)
+        freqs = _freqs(seq, head_dim)
+        for _ in range(2):
+            sq, fq = _pair(q, [Shard(2)], requires_grad=True)
+            sk, fk = _pair(k, [Shard(2)], requires_grad=True)
+            sf, ff = _pair(freqs, [Replicate()])
+            outs = []
+            for xq, xk, f in ((sq, sk, sf), (fq, fk, ff)):
+                oq, ok = _rotary(xq, xk, f)
+                (oq * ok).sum().backward()
+                outs.append((oq, ok))
+            _same(outs[1][0].detach(), outs[0][0].detach())
+            _same(outs[1][1].detach(), outs[0][1].detach())
+            _same(fq.grad, sq.grad)
+            _same(fk.grad, sk.grad)

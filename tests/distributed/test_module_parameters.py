@@ -12,7 +12,8 @@ import copy
 import io
 import pickle
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -40,9 +41,17 @@ IDS = [f"{impl}-above" if above else f"{impl}-below" for impl, above in VARIANTS
 VOCAB, DIM, HIDDEN = 16, 8, 16
 
 
-def _variant(impl: str, above: bool) -> None:
+@contextmanager
+def _variant(impl: str, above: bool) -> Iterator[None]:
+    """``impl`` with the path above dispatch on or off and empty caches; the default
+    implementation (above dispatch on) again afterwards, for the tests that run next on these
+    ranks."""
     dispatcher.install(impl, above=above)
     dtdispatch.clear_cache()
+    try:
+        yield
+    finally:
+        dispatcher.install(native.DEFAULT)
 
 
 class LM(nn.Module):
@@ -172,29 +181,29 @@ def _on_meta(*, accelerate: str, tie: bool = False) -> LM:
 def test_meta_device_accelerate_then_materialize(
     rank: int, world_size: int, impl: str, above: bool
 ) -> None:
-    _variant(impl, above)
-    for kind in ("sgd", "adamw"):
-        for when in ("on meta", "after init"):
-            stock = _on_meta(accelerate="never")
-            fast = _on_meta(accelerate=when)
-            for (name, p), (_, q) in zip(
-                stock.named_parameters(), fast.named_parameters(), strict=True
-            ):
-                assert type(p) is DTensor and type(q) is FastDTensor, (when, name)
-                assert isinstance(q, nn.Parameter) and q.is_leaf and q.requires_grad, name
-                assert q.to_local().device.type == "cpu", name
-                assert p.placements == q.placements and _same_local(p, q), (when, name)
-            _train_parity(stock, fast, kind, steps=3)
+    with _variant(impl, above):
+        for kind in ("sgd", "adamw"):
+            for when in ("on meta", "after init"):
+                stock = _on_meta(accelerate="never")
+                fast = _on_meta(accelerate=when)
+                for (name, p), (_, q) in zip(
+                    stock.named_parameters(), fast.named_parameters(), strict=True
+                ):
+                    assert type(p) is DTensor and type(q) is FastDTensor, (when, name)
+                    assert isinstance(q, nn.Parameter) and q.is_leaf and q.requires_grad, name
+                    assert q.to_local().device.type == "cpu", name
+                    assert p.placements == q.placements and _same_local(p, q), (when, name)
+                _train_parity(stock, fast, kind, steps=3)
 
 
 @pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2)
 def test_meta_device_tied_weights(rank: int, world_size: int, impl: str, above: bool) -> None:
-    _variant(impl, above)
-    stock = _on_meta(accelerate="never", tie=True)
-    fast = _on_meta(accelerate="on meta", tie=True)
-    assert fast.head.weight is fast.embed.weight and stock.head.weight is stock.embed.weight
-    _train_parity(stock, fast, "adamw", steps=3)
+    with _variant(impl, above):
+        stock = _on_meta(accelerate="never", tie=True)
+        fast = _on_meta(accelerate="on meta", tie=True)
+        assert fast.head.weight is fast.embed.weight and stock.head.weight is stock.embed.weight
+        _train_parity(stock, fast, "adamw", steps=3)
 
 
 # --- tied parameters ----------------------------------------------------------------------------
@@ -213,27 +222,27 @@ def _tied(*, accelerate: bool) -> LM:
 def test_tied_embedding_and_head_stay_one_parameter(
     rank: int, world_size: int, impl: str, above: bool
 ) -> None:
-    _variant(impl, above)
-    stock, fast = _tied(accelerate=False), _tied(accelerate=True)
-    assert fast.head.weight is fast.embed.weight
-    assert [n for n, _ in fast.named_parameters()] == [n for n, _ in stock.named_parameters()]
-    assert len(list(fast.parameters())) == len(list(stock.parameters()))
-    assert list(fast.state_dict()) == list(stock.state_dict())
-    # The tied gradient is the sum of both modules' contributions, as stock's.
-    ids, target = _data()
-    for model in (stock, fast):
-        _loss(model, ids, target).backward()
-    assert type(fast.embed.weight.grad) is FastDTensor
-    assert _same_local(fast.embed.weight.grad, stock.embed.weight.grad)
-    for model in (stock, fast):
-        model.zero_grad()
-    for kind in ("adamw", "sgd"):
-        _train_parity(stock, fast, kind, steps=4)
-    # And back: still one parameter, still training as stock.
-    dtdispatch.to_torch(fast)
-    assert fast.head.weight is fast.embed.weight and type(fast.head.weight) is DTensor
-    dtdispatch.accelerate(fast)
-    _train_parity(stock, fast, "sgd", steps=2)
+    with _variant(impl, above):
+        stock, fast = _tied(accelerate=False), _tied(accelerate=True)
+        assert fast.head.weight is fast.embed.weight
+        assert [n for n, _ in fast.named_parameters()] == [n for n, _ in stock.named_parameters()]
+        assert len(list(fast.parameters())) == len(list(stock.parameters()))
+        assert list(fast.state_dict()) == list(stock.state_dict())
+        # The tied gradient is the sum of both modules' contributions, as stock's.
+        ids, target = _data()
+        for model in (stock, fast):
+            _loss(model, ids, target).backward()
+        assert type(fast.embed.weight.grad) is FastDTensor
+        assert _same_local(fast.embed.weight.grad, stock.embed.weight.grad)
+        for model in (stock, fast):
+            model.zero_grad()
+        for kind in ("adamw", "sgd"):
+            _train_parity(stock, fast, kind, steps=4)
+        # And back: still one parameter, still training as stock.
+        dtdispatch.to_torch(fast)
+        assert fast.head.weight is fast.embed.weight and type(fast.head.weight) is DTensor
+        dtdispatch.accelerate(fast)
+        _train_parity(stock, fast, "sgd", steps=2)
 
 
 class _Tied(nn.Module):
@@ -257,48 +266,48 @@ def test_fsdp2_tied_weights_and_get_state_dict(
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    _variant(impl, above)
-    models, opts = [], []
-    for accelerate in (False, True):
-        torch.manual_seed(0)
-        model = _Tied()
-        fully_shard(model, mesh=mesh_1d())
-        if accelerate:
-            dtdispatch.accelerate(model)
-        models.append(model)
-        opts.append(torch.optim.AdamW(model.parameters(), lr=0.05))
-    stock, fast = models
-    assert fast.head.weight is fast.embed.weight
-    gen = torch.Generator().manual_seed(21 + rank)  # each rank its own batch (data parallel)
-    ids, target = (
-        torch.randint(0, VOCAB, (2, 5), generator=gen),
-        torch.randint(0, VOCAB, (10,), generator=gen),
-    )
-    for _ in range(3):
-        losses = []
-        for model, opt in zip(models, opts, strict=True):
-            opt.zero_grad()
-            loss = F.cross_entropy(model(ids).flatten(0, 1), target)
-            loss.backward()
-            opt.step()
-            losses.append(loss)
-        assert torch.equal(losses[0], losses[1])
-    for p, q in zip(stock.parameters(), fast.parameters(), strict=True):
-        assert type(q) is FastDTensor and _same_local(p, q)
-    (model_s, optim_s), (model_f, optim_f) = (
-        get_state_dict(m, o) for m, o in zip(models, opts, strict=True)
-    )
-    assert list(model_f) == list(model_s)
-    for key, value in model_s.items():
-        assert _same_local(value, model_f[key]), key
-    assert optim_f["state"].keys() == optim_s["state"].keys()
-    for key, state in optim_s["state"].items():
-        for name, value in state.items():
-            other = optim_f["state"][key][name]
-            if isinstance(value, DTensor):
-                assert _same_local(value, other), (key, name)
-            else:
-                assert torch.equal(value, other), (key, name)
+    with _variant(impl, above):
+        models, opts = [], []
+        for accelerate in (False, True):
+            torch.manual_seed(0)
+            model = _Tied()
+            fully_shard(model, mesh=mesh_1d())
+            if accelerate:
+                dtdispatch.accelerate(model)
+            models.append(model)
+            opts.append(torch.optim.AdamW(model.parameters(), lr=0.05))
+        stock, fast = models
+        assert fast.head.weight is fast.embed.weight
+        gen = torch.Generator().manual_seed(21 + rank)  # each rank its own batch (data parallel)
+        ids, target = (
+            torch.randint(0, VOCAB, (2, 5), generator=gen),
+            torch.randint(0, VOCAB, (10,), generator=gen),
+        )
+        for _ in range(3):
+            losses = []
+            for model, opt in zip(models, opts, strict=True):
+                opt.zero_grad()
+                loss = F.cross_entropy(model(ids).flatten(0, 1), target)
+                loss.backward()
+                opt.step()
+                losses.append(loss)
+            assert torch.equal(losses[0], losses[1])
+        for p, q in zip(stock.parameters(), fast.parameters(), strict=True):
+            assert type(q) is FastDTensor and _same_local(p, q)
+        (model_s, optim_s), (model_f, optim_f) = (
+            get_state_dict(m, o) for m, o in zip(models, opts, strict=True)
+        )
+        assert list(model_f) == list(model_s)
+        for key, value in model_s.items():
+            assert _same_local(value, model_f[key]), key
+        assert optim_f["state"].keys() == optim_s["state"].keys()
+        for key, state in optim_s["state"].items():
+            for name, value in state.items():
+                other = optim_f["state"][key][name]
+                if isinstance(value, DTensor):
+                    assert _same_local(value, other), (key, name)
+                else:
+                    assert torch.equal(value, other), (key, name)
 
 
 # --- to_torch / accelerate with a live optimizer ------------------------------------------------
@@ -311,33 +320,33 @@ def test_to_torch_and_accelerate_keep_a_live_optimizer(
 ) -> None:
     """An optimizer made before ``to_torch`` (or before ``accelerate``) keeps training the model:
     the same losses and parameters as stock at every step."""
-    _variant(impl, above)
-    config = TrainConfig(optimizer="adamw", foreach=True, loss="replicate")
-    stock = Trainer(mesh_1d(), config, accelerate=False)
-    fast = Trainer(mesh_1d(), config, accelerate=True)
-    late = Trainer(mesh_1d(), config, accelerate=False)  # accelerated after its optimizer
-    params = [id(p) for p in fast.model.parameters()]
-    hooked = next(iter(fast.model.parameters()))
-    calls: list[type] = []
-    hooked.register_post_accumulate_grad_hook(lambda p: calls.append(type(p)))
-    for step in range(6):
-        if step == 2:
-            dtdispatch.to_torch(fast.model)
-            dtdispatch.accelerate(late.model)
-            assert [id(p) for p in fast.model.parameters()] == params
-            for model, kind in ((fast.model, DTensor), (late.model, FastDTensor)):
-                for p in model.parameters():
-                    assert type(p) is kind and isinstance(p, nn.Parameter) and p.is_leaf
-                    assert p.grad is None or type(p.grad) is kind
-        if step == 4:
-            dtdispatch.accelerate(fast.model)
-        expected = stock.step()
-        assert torch.equal(fast.step(), expected), step
-        assert torch.equal(late.step(), expected), step
-    assert calls == [FastDTensor] * 2 + [DTensor] * 2 + [FastDTensor] * 2
-    for trainer in (fast, late):
-        for p, q in zip(stock.model.parameters(), trainer.model.parameters(), strict=True):
-            assert type(q) is FastDTensor and _same_local(p, q)
+    with _variant(impl, above):
+        config = TrainConfig(optimizer="adamw", foreach=True, loss="replicate")
+        stock = Trainer(mesh_1d(), config, accelerate=False)
+        fast = Trainer(mesh_1d(), config, accelerate=True)
+        late = Trainer(mesh_1d(), config, accelerate=False)  # accelerated after its optimizer
+        params = [id(p) for p in fast.model.parameters()]
+        hooked = next(iter(fast.model.parameters()))
+        calls: list[type] = []
+        hooked.register_post_accumulate_grad_hook(lambda p: calls.append(type(p)))
+        for step in range(6):
+            if step == 2:
+                dtdispatch.to_torch(fast.model)
+                dtdispatch.accelerate(late.model)
+                assert [id(p) for p in fast.model.parameters()] == params
+                for model, kind in ((fast.model, DTensor), (late.model, FastDTensor)):
+                    for p in model.parameters():
+                        assert type(p) is kind and isinstance(p, nn.Parameter) and p.is_leaf
+                        assert p.grad is None or type(p.grad) is kind
+            if step == 4:
+                dtdispatch.accelerate(fast.model)
+            expected = stock.step()
+            assert torch.equal(fast.step(), expected), step
+            assert torch.equal(late.step(), expected), step
+        assert calls == [FastDTensor] * 2 + [DTensor] * 2 + [FastDTensor] * 2
+        for trainer in (fast, late):
+            for p, q in zip(stock.model.parameters(), trainer.model.parameters(), strict=True):
+                assert type(q) is FastDTensor and _same_local(p, q)
 
 
 # --- pickling -----------------------------------------------------------------------------------
@@ -383,52 +392,52 @@ def _check_loaded(fast: Any, stock: Any, what: str) -> None:
 def test_pickled_parameters_stay_parameters(
     rank: int, world_size: int, impl: str, above: bool
 ) -> None:
-    _variant(impl, above)
-    models = []
-    for accelerate in (False, True):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(DIM, HIDDEN), nn.LayerNorm(HIDDEN))
-        # distribute_module without input/output functions: no hooks, so the module pickles.
-        distribute_module(model, mesh_1d(), _shard_first_weight)
-        model[0].weight.tag = "user attribute"  # instance state is pickled as stock's
-        if accelerate:
-            dtdispatch.accelerate(model)
-        models.append(model)
-    stock, fast = models
-    assert type(fast[0].weight) is FastDTensor
-    for how, trip in _round_trips().items():
-        _check_loaded(trip(fast[0].weight), trip(stock[0].weight), f"{how} parameter")
-        params_f, params_s = trip(list(fast.parameters())), trip(list(stock.parameters()))
-        for f, s in zip(params_f, params_s, strict=True):
-            _check_loaded(f, s, f"{how} parameter list")
-        for keep_vars in (False, True):
-            sd_f = trip(fast.state_dict(keep_vars=keep_vars))
-            sd_s = trip(stock.state_dict(keep_vars=keep_vars))
-            assert list(sd_f) == list(sd_s)
-            for key in sd_s:
-                _check_loaded(sd_f[key], sd_s[key], f"{how} state_dict({keep_vars}) {key}")
-        if how != "torch.save":  # a whole module is not a weights-only object
-            loaded_f, loaded_s = trip(fast), trip(stock)
-            for (name, f), (_, s) in zip(
-                loaded_f.named_parameters(), loaded_s.named_parameters(), strict=True
-            ):
-                _check_loaded(f, s, f"{how} module {name}")
-            # The loaded module trains as the loaded stock one.
-            x = torch.randn(3, DIM, generator=torch.Generator().manual_seed(4))
-            for m in (loaded_f, loaded_s):
-                m(_distribute(x, mesh_1d(), shard=False)).sum().backward()
-            for f, s in zip(loaded_f.parameters(), loaded_s.parameters(), strict=True):
-                assert _same_local(f.grad, s.grad)
-    # Hooks are not pickled; stock warns about them, and so does dtdispatch.
-    for model in (stock, fast):
-        model[0].weight.register_hook(lambda g: g)
-    caught = []
-    for model in (stock, fast):
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always")
-            pickle.dumps(model[0].weight)
-        caught.append(sorted({str(w.category) for w in seen}))
-    assert caught[0] == caught[1] and caught[0]
+    with _variant(impl, above):
+        models = []
+        for accelerate in (False, True):
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Linear(DIM, HIDDEN), nn.LayerNorm(HIDDEN))
+            # distribute_module without input/output functions: no hooks, so the module pickles.
+            distribute_module(model, mesh_1d(), _shard_first_weight)
+            model[0].weight.tag = "user attribute"  # instance state is pickled as stock's
+            if accelerate:
+                dtdispatch.accelerate(model)
+            models.append(model)
+        stock, fast = models
+        assert type(fast[0].weight) is FastDTensor
+        for how, trip in _round_trips().items():
+            _check_loaded(trip(fast[0].weight), trip(stock[0].weight), f"{how} parameter")
+            params_f, params_s = trip(list(fast.parameters())), trip(list(stock.parameters()))
+            for f, s in zip(params_f, params_s, strict=True):
+                _check_loaded(f, s, f"{how} parameter list")
+            for keep_vars in (False, True):
+                sd_f = trip(fast.state_dict(keep_vars=keep_vars))
+                sd_s = trip(stock.state_dict(keep_vars=keep_vars))
+                assert list(sd_f) == list(sd_s)
+                for key in sd_s:
+                    _check_loaded(sd_f[key], sd_s[key], f"{how} state_dict({keep_vars}) {key}")
+            if how != "torch.save":  # a whole module is not a weights-only object
+                loaded_f, loaded_s = trip(fast), trip(stock)
+                for (name, f), (_, s) in zip(
+                    loaded_f.named_parameters(), loaded_s.named_parameters(), strict=True
+                ):
+                    _check_loaded(f, s, f"{how} module {name}")
+                # The loaded module trains as the loaded stock one.
+                x = torch.randn(3, DIM, generator=torch.Generator().manual_seed(4))
+                for m in (loaded_f, loaded_s):
+                    m(_distribute(x, mesh_1d(), shard=False)).sum().backward()
+                for f, s in zip(loaded_f.parameters(), loaded_s.parameters(), strict=True):
+                    assert _same_local(f.grad, s.grad)
+        # Hooks are not pickled; stock warns about them, and so does dtdispatch.
+        for model in (stock, fast):
+            model[0].weight.register_hook(lambda g: g)
+        caught = []
+        for model in (stock, fast):
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                pickle.dumps(model[0].weight)
+            caught.append(sorted({str(w.category) for w in seen}))
+        assert caught[0] == caught[1] and caught[0]
 
 
 def _distribute(t: torch.Tensor, mesh: Any, *, shard: bool) -> DTensor:
