@@ -39,19 +39,49 @@ __all__ = [
 T = TypeVar("T")
 
 
+_RETYPABLE = (DTensor, FastDTensor)
+"""Exact types that ``accelerate`` / ``to_torch`` retype in place: FastDTensor adds no instance
+layout to DTensor (``__slots__ = ()``), so the same object can change between them."""
+
+
+def _convert_tensor(t: DTensor, convert: Any, target: type, done: dict[int, Any]) -> Any:
+    """``t`` as a ``target`` tensor: the same object retyped in place when its type is exactly
+    DTensor or FastDTensor, else (a user's DTensor subclass) a converted object, one per source
+    object (``done``), so that a tensor shared by several modules stays shared."""
+    if type(t) in _RETYPABLE:
+        # NOTE: in place, not a new Parameter: optimizers, tied modules, hooks, the autograd
+        # leaf (AccumulateGrad holds this tensor), ``_is_param`` and any state keyed by the object
+        # all keep seeing the same tensor (it is what above._retype does for outputs).
+        t.__class__ = target
+        grad = t.grad
+        if isinstance(grad, DTensor) and type(grad) is not target:
+            if type(grad) in _RETYPABLE:
+                grad.__class__ = target
+            else:
+                t.grad = convert(grad)
+        return t
+    new = done.get(id(t))
+    if new is None:
+        if isinstance(t, nn.Parameter):
+            new = nn.Parameter(convert(t.detach()), requires_grad=t.requires_grad)
+            if t.grad is not None:
+                new.grad = convert(t.grad)
+        else:
+            new = convert(t)
+        done[id(t)] = new
+    return new
+
+
 def _convert_module(module: nn.Module, convert: Any, target: type) -> None:
+    """Make every DTensor parameter and buffer of ``module`` and its submodules a ``target``
+    (``_convert_tensor``), in the same dict entries."""
+    done: dict[int, Any] = {}
     for sub in module.modules():
-        for name, param in list(sub._parameters.items()):
-            # NOTE: a parameter already of the target type is kept (same object), so accelerating
-            # twice does not orphan an optimizer built in between.
-            if isinstance(param, DTensor) and type(param) is not target:
-                new = nn.Parameter(convert(param.detach()), requires_grad=param.requires_grad)
-                if param.grad is not None:
-                    new.grad = convert(param.grad)
-                sub._parameters[name] = new
-        for name, buf in list(sub._buffers.items()):
-            if isinstance(buf, DTensor) and type(buf) is not target:
-                sub._buffers[name] = convert(buf)
+        for entries in (sub._parameters, sub._buffers):
+            for name, value in list(entries.items()):
+                # NOTE: a tensor already of the target type is kept (same object).
+                if isinstance(value, DTensor) and type(value) is not target:
+                    entries[name] = _convert_tensor(value, convert, target, done)
 
 
 _warned_unsupported = False
@@ -61,9 +91,11 @@ def accelerate(x: T) -> T:
     """Opt ``x`` into dtdispatch.
 
     A ``DTensor`` gives a ``FastDTensor`` sharing its local shard and spec (zero-copy;
-    differentiable). An ``nn.Module`` has its DTensor parameters (still ``nn.Parameter``, same
-    ``requires_grad``) and buffers converted in place and is returned. Create optimizers after this
-    call: they hold parameter objects.
+    differentiable). An ``nn.Module`` has its DTensor parameters and buffers retyped in place and
+    is returned: each stays the same object (still an ``nn.Parameter``, same ``requires_grad``,
+    gradient, hooks), so an optimizer made before this call keeps training them and a parameter
+    shared by several modules (tied weights) stays one parameter. A parameter on the meta device
+    stays a FastDTensor through ``to_empty``.
 
     For a module, the whole training step then runs on dtdispatch: the forward (pre-)hooks of
     torch's parallel styles (``parallelize_module``, ``distribute_module``) hand out FastDTensor
@@ -114,9 +146,10 @@ def to_torch(x: T) -> T:
 
     Returns:
         For a DTensor, a plain ``DTensor`` on the same local tensor and spec (``x`` itself if it
-        already is one); for a module, ``x``
-        itself with its DTensor parameters and buffers converted back in place (parameters stay
-        ``nn.Parameter``) and torch's own parallel-style hooks restored.
+        already is one); for a module, ``x`` itself with its DTensor parameters and buffers retyped
+        back in place, as ``accelerate`` does (the same objects: identity, ``nn.Parameter``,
+        gradients, hooks, optimizer state and tied weights are kept), and torch's own
+        parallel-style hooks restored.
 
     Raises:
         TypeError: ``x`` is neither a DTensor nor an ``nn.Module``.

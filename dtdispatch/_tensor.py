@@ -15,6 +15,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.distributed.tensor._redistribute import redistribute_local_tensor
 from torch.distributed.tensor._utils import assert_no_mixed_partial_types
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
+from torch.utils.hooks import warn_if_has_hooks
 
 from dtdispatch import _compat
 
@@ -210,8 +211,15 @@ class FastDTensor(DTensor):
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
         # NOTE: pickles as a stock DTensor plus a rebuild hook, so torch.load never needs to trust a
-        # new global beyond dtdispatch's own function (see _rebuild).
-        return (_rebuild, (as_stock(cast(DTensor, self.detach())), self.requires_grad))
+        # new global beyond dtdispatch's own function (see _rebuild). The stock DTensor carries
+        # this tensor's instance dict (``_is_param`` of a Parameter, user attributes) as stock's
+        # pickle does, and _rebuild puts it back.
+        warn_if_has_hooks(self)  # as stock: hooks are not pickled
+        stock = as_stock(cast(DTensor, self.detach()))
+        state = self.__dict__
+        if state:
+            stock.__dict__.update(state)
+        return (_rebuild, (stock, self.requires_grad))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,8 +646,13 @@ def _fast_grads(result: torch.Tensor) -> torch.Tensor:
 
 
 def _rebuild(stock: DTensor, requires_grad: bool) -> FastDTensor:
+    """Unpickle a FastDTensor: the stock DTensor it was pickled as, its instance dict kept (a
+    Parameter stays one)."""
     prepare_compile()  # unpickling is a way in besides accelerate
     out = _new(FastDTensor, stock._local_tensor, stock._spec, requires_grad=requires_grad)
+    state = stock.__dict__
+    if state:
+        out.__dict__.update(state)
     return out
 
 

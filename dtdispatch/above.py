@@ -33,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from dtdispatch import _compat
 from dtdispatch import cache as _dispatch_cache
+from dtdispatch._bitwise import comparable, same_bits
 from dtdispatch._counted import CountedCache, Registry, add_counts
 from dtdispatch._tensor import FastDTensor
 from dtdispatch.local_results import random_ops
@@ -272,23 +273,16 @@ def _version(t: torch.Tensor) -> int:
 
 
 def _exact_clone(t: torch.Tensor) -> torch.Tensor:
-    """A copy with the same shape, stride, dtype and values (``clone`` may change strides)."""
-    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    """A copy with the same shape, stride, dtype, conjugate and negative bits and stored bits
+    (``clone`` may change strides; ``copy_`` into a fresh tensor would resolve the bits)."""
     with torch.no_grad():
+        if t.is_conj():
+            return _exact_clone(t.conj()).conj()
+        if t.is_neg():
+            return torch._neg_view(_exact_clone(torch._neg_view(t)))
+        out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
         out.copy_(t)
     return out
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal shape, stride, dtype, device and bytes (NaN-safe; -0.0 differs from 0.0)."""
-    if a.shape != b.shape or a.stride() != b.stride() or a.dtype != b.dtype or a.device != b.device:
-        return False
-    if a.numel() == 0:
-        return True
-    return torch.equal(
-        a.detach().contiguous().reshape(-1).view(torch.uint8),
-        b.detach().contiguous().reshape(-1).view(torch.uint8),
-    )
 
 
 def _storage_ptr(t: torch.Tensor) -> int | None:
@@ -353,7 +347,7 @@ def _matches(entry: tuple[int, Any], observed: Any, replayed: Any, clones: list[
         return (
             type(replayed) is torch.Tensor
             and not replayed.requires_grad
-            and _same_bits(observed._local_tensor, replayed)
+            and same_bits(observed._local_tensor, replayed)
         )
     entries = data[1]
     return (
@@ -376,6 +370,19 @@ def _rebuild(a: Any, clones: list[Any], position: list[int]) -> Any:
     return a
 
 
+_BIT_DEPENDENT = frozenset(
+    {torch.resolve_conj, torch.resolve_neg, torch.Tensor.resolve_conj, torch.Tensor.resolve_neg}
+)
+"""Functions that return their argument itself or a fresh tensor depending on its local's
+conjugate / negative bit, which the key does not hold (the spec has no such bit): a plan made on
+one would hand the argument back for the other. Never replayed.
+
+NOTE: the other calls that return an argument as is (``to``, ``contiguous``, ``type_as`` ...) do
+so with either bit (tests/distributed/test_complex_views.py alternates plain and conjugated inputs
+of one key), and a fresh output is computed by the replayed function on the actual locals, bits
+included. Keying the bits would make this list unnecessary."""
+
+
 def _plan(
     func: Any,
     args: tuple[Any, ...],
@@ -386,6 +393,8 @@ def _plan(
     observer: _Observer,
 ) -> ReplayPlan | str:
     """The replay plan of one observed call, or the reason it may not be replayed."""
+    if func in _BIT_DEPENDENT:
+        return "conj/neg bit decides"
     if observer.reason is not None:
         return observer.reason
     if observer.rewritten and _has_shape_values(args, kwargs):
@@ -434,7 +443,7 @@ def _plan(
     for t, (_, clone, _, _, _, local_version), clone_version in zip(
         flat, before, clone_versions, strict=True
     ):
-        if not _same_bits(t._local_tensor, clone):
+        if not same_bits(t._local_tensor, clone):
             return "replay differs"
         if _version(t._local_tensor) - local_version != _version(clone) - clone_version:
             return "replay differs"
@@ -492,6 +501,11 @@ def _miss(
         _flat_fast(a, flat)
     for v in kwargs.values():
         _flat_fast(v, flat)
+    if not all(comparable(t._local_tensor) for t in flat):
+        # NOTE: neither a plan nor a negative entry: a replay could not be verified (no values to
+        # compare), and the key does not tell a meta local from the materialized one it becomes
+        # (see _bitwise.comparable), so any entry would outlive the meta phase.
+        return _stock(func, types, args, kwargs)
     try:
         before = [
             (

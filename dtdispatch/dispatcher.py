@@ -22,6 +22,7 @@ from dtdispatch import _compat
 from dtdispatch import above as _above
 from dtdispatch import cache as _cache
 from dtdispatch import native as _native_pkg
+from dtdispatch._bitwise import comparable
 from dtdispatch._tensor import FastDTensor
 from dtdispatch.local_results import execute, make_plan
 
@@ -92,6 +93,17 @@ def _raise_if_mixed(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any
         )
 
 
+def _readable_locals(op_info: Any) -> bool:
+    """Whether every local tensor of the call has values a plan-time check can compare.
+
+    NOTE: a plan verified without values (a meta local: ``_bitwise.comparable``) lacks its
+    verified shortcuts; the key does not tell a meta local from the materialized one it becomes, so
+    such a plan is used once and not cached, and the first call after materialization plans anew.
+    """
+    leaves = pytree.tree_leaves((op_info.local_args, op_info.local_kwargs))
+    return all(comparable(t) for t in leaves if isinstance(t, torch.Tensor))
+
+
 def slow_path(
     op: OpOverload,
     args: tuple[Any, ...],
@@ -122,7 +134,7 @@ def slow_path(
         return sharding
     cacheable = key is not None and _keys_every_rewritten_value(op, args, sharding)
     new_plan = make_plan(op, op_info, sharding, cacheable=cacheable)
-    if key is not None and cacheable and not _holds_mask(key):
+    if key is not None and cacheable and not _holds_mask(key) and _readable_locals(op_info):
         cache.insert(key, new_plan)
     return execute(new_plan, op, args, kwargs)
 

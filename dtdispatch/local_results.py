@@ -31,6 +31,7 @@ from torch.utils._python_dispatch import (
 
 from dtdispatch import _compat
 from dtdispatch import cache as _cache
+from dtdispatch._bitwise import same_bits
 from dtdispatch._tensor import FastDTensor
 from dtdispatch.cache import EQUAL, INPLACE, NEW, OUT, VIEW, Plan
 
@@ -97,15 +98,6 @@ def _communicates(src: DTensorSpec, dst: DTensorSpec) -> bool:
     )
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s bytes, for a bitwise comparison."""
-    # NOTE: a fresh row-major copy: reshape(-1) keeps a stride of 0 for an expanded one-element
-    # tensor (a backward's expanded ones), and view(uint8) refuses it (found by the fuzzer).
-    if not t.numel():
-        return t
-    return t.reshape(-1).clone(memory_format=torch.contiguous_format).view(torch.uint8)
-
-
 def _local_chunk(
     local: torch.Tensor, src: DTensorSpec, dst: DTensorSpec
 ) -> tuple[int, int, int] | None:
@@ -138,7 +130,7 @@ def _local_chunk(
         candidate.shape == reference.shape
         and candidate.stride() == reference.stride()
         and candidate.dtype == reference.dtype
-        and torch.equal(_bits(candidate), _bits(reference))
+        and same_bits(candidate, reference)
     )
     # NOTE: when in doubt the plan stays on the Python executor (a wrong chunk is a silent wrong
     # result).
@@ -377,7 +369,7 @@ def _same_value(a: object, b: object) -> bool:
 
 
 def _same_output(a: object, b: object, *, view: bool) -> bool:
-    """Bitwise the same result: type, shape, stride, offset, dtype, device, values (and, for
+    """Bitwise the same result: type, storage offset, ``requires_grad``, ``same_bits`` (and, for
     views, the same storage)."""
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         same = (
@@ -390,12 +382,7 @@ def _same_output(a: object, b: object, *, view: bool) -> bool:
             and a.requires_grad == b.requires_grad
             and (not view or a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
         )
-        if not same or a.numel() == 0:
-            return same
-        return torch.equal(
-            a.detach().contiguous().reshape(-1).view(torch.uint8),
-            b.detach().contiguous().reshape(-1).view(torch.uint8),
-        )
+        return same and same_bits(a, b)
     if isinstance(a, (list, tuple)):
         b_seq = cast(Sequence[object], b)
         return (
