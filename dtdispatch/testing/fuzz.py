@@ -58,6 +58,7 @@ __all__ = [
     "NullFunctionMode",
     "Program",
     "check",
+    "features",
     "fuzz",
     "generate",
     "make_input",
@@ -1095,7 +1096,7 @@ _OPS: tuple[tuple[_Op, float], ...] = (
 )
 # Programs that run on the meta device, and that may compile a region (compiling costs seconds).
 _META_RATE = 0.04
-_COMPILE_RATE = 0.02
+_COMPILE_RATE = 0.01
 
 
 def _meshes_for(world_size: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -1506,6 +1507,39 @@ def render(program: Program, *, world_size: int | None = None) -> str:
 # --------------------------------------------------------------------------- the driver
 
 
+_FEATURES: tuple[tuple[str, str], ...] = (
+    ("autocast", "torch.autocast("),
+    ("no_grad", "torch.no_grad()"),
+    ("inference_mode", "torch.inference_mode()"),
+    ("DispatchMode", "DispatchMode()"),
+    ("FunctionMode", "FunctionMode()"),
+    ("CommDebugMode", "CommDebugMode()"),
+    ("conj", "conj"),
+    ("view_as_real/complex", "view_as_"),
+    ("fft", "torch.fft."),
+    ("autograd.grad", "torch.autograd.grad("),
+    ("autograd.backward", "torch.autograd.backward("),
+    ("tied", "tied("),
+    ("implicit_replication", "implicit_replication()"),
+    ("compiled", "compiled("),
+    ("checkpoint", "checkpoint("),
+    ("loss_parallel", "loss_parallel()"),
+)
+
+
+def features(program: Program) -> set[str]:
+    """The drawn features ``program`` uses, by name (for tallies and reports)."""
+    text = "\n".join(program.lines)
+    found = {name for name, needle in _FEATURES if needle in text}
+    if any(inp.dtype == "complex64" for inp in program.inputs) or "view_as_complex" in text:
+        found.add("complex")
+    if any(inp.device == "meta" for inp in program.inputs):
+        found.add("meta")
+    if re.search(r"^with [^:]*no_grad\(\)[^:]*: .*(backward\(|autograd\.grad\()", text, re.M):
+        found.add("autograd entry under no_grad")
+    return found
+
+
 def fuzz(
     seed: int,
     *,
@@ -1514,26 +1548,47 @@ def fuzz(
     impls: Sequence[str] | None = None,
     start: int = 0,
     shrink_s: float = 60.0,
+    compile_share: float = 0.25,
+    tally: dict[str, int] | None = None,
 ) -> tuple[int, list[str]]:
     """Run programs ``start, start+1, ...`` of ``seed`` until ``count`` ran or ``seconds`` passed
     (rank 0's clock decides). Returns (programs run, failure reports with shrunk reproductions).
-    Collective."""
+
+    A program with a compiled region is skipped (counted as run) while compiled programs have
+    taken more than ``compile_share`` of the time so far: compiling costs seconds. ``tally``, when
+    given, counts programs per drawn feature (``features``), the skipped ones under
+    "compiled (skipped)", and the failing ones under "failing: <feature>". Collective."""
     if count is None and seconds is None:
         raise ValueError("fuzz needs count= or seconds= (got neither)")
     from dtdispatch import native
 
     impls = sorted(native.implementations()) if impls is None else list(impls)
-    deadline = None if seconds is None else time.monotonic() + seconds
+    began = time.monotonic()
+    deadline = None if seconds is None else began + seconds
     world = dist.get_world_size()
     failures: list[str] = []
+    compile_s = 0.0
+    tally = {} if tally is None else tally
     index = start
     while count is None or index - start < count:
         if deadline is not None and not _agree(time.monotonic() < deadline):
             break
         program = generate(seed, index, world_size=world, impls=impls)
-        found = failure(program)
-        if found is not None:
-            small = shrink(program, budget_s=shrink_s)
-            failures.append(f"seed {seed} program {index}: {found}\n{render(small)}")
+        drawn = features(program)
         index += 1
+        compiled = "compiled" in drawn
+        if compiled and not _agree(compile_s <= compile_share * (time.monotonic() - began)):
+            tally["compiled (skipped)"] = tally.get("compiled (skipped)", 0) + 1
+            continue
+        for name in drawn:
+            tally[name] = tally.get(name, 0) + 1
+        program_began = time.monotonic()
+        found = failure(program)
+        if compiled:
+            compile_s += time.monotonic() - program_began
+        if found is not None:
+            for name in drawn or {"(none)"}:
+                tally[f"failing: {name}"] = tally.get(f"failing: {name}", 0) + 1
+            small = shrink(program, budget_s=shrink_s)
+            failures.append(f"seed {seed} program {index - 1}: {found}\n{render(small)}")
     return index - start, failures
