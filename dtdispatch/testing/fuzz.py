@@ -692,7 +692,7 @@ def _op_seq(g: _Gen) -> None:
 
 
 def _op_matmul(g: _Gen) -> None:
-    kind = g.rng.choice(["mm", "matmul", "bmm", "addmm", "linear"])
+    kind = g.rng.choice(["mm", "matmul", "bmm", "addmm", "linear", "einsum"])
     dtype = g.rng.choice(["float32", "float32", "float64", "bfloat16"])
 
     def same(shape: tuple[int, ...]) -> Callable[[Any], bool]:
@@ -714,7 +714,15 @@ def _op_matmul(g: _Gen) -> None:
     if kind == "linear":
         w = g.pick_or_new(same((n, k)), lambda: g.new_input((n, k), dtype))
         bias = g.new_input((n,), dtype)
+        if g.rng.random() < 0.4:  # a batch of sequences, as a transformer's projections see
+            a = g.new_input((g.dim_size(), m, k), dtype)
         g.emit(f"{g.fresh()} = F.linear({a}, {w}, {bias})")
+        return
+    if kind == "einsum":
+        x = g.new_input((g.dim_size(), m, k), dtype)
+        w = g.pick_or_new(same((n, k)), lambda: g.new_input((n, k), dtype))
+        form = g.rng.choice(["'bmk,nk->bmn'", "'bmk,nk->bnm'"])
+        g.emit(f"{g.fresh()} = torch.einsum({form}, {x}, {w})")
         return
     b = g.pick_or_new(same((k, n)), lambda: g.new_input((k, n), dtype))
     if kind == "addmm":
@@ -919,6 +927,8 @@ def _body(line: str) -> str:
 
 # The ambient states a call may run under, with weights. A program switches between them from
 # line to line, and repeats lines across them, so a plan made under one is looked up under another.
+_MATMUL = re.compile(r"@|torch\.(mm|bmm|addmm|einsum)\(|F\.linear\(")
+
 _CONTEXTS: tuple[tuple[str, int], ...] = (
     ("torch.no_grad()", 3),
     ("torch.inference_mode()", 2),
@@ -942,8 +952,12 @@ def _op_ambient(g: _Gen) -> None:
     try:
         with g.within(context):
             earlier = _assigned(g)
-            if earlier and g.rng.random() < 0.5:
+            if "autocast" in context:  # what autocast changes: matmuls run in bfloat16
+                earlier = [m for m in earlier if _MATMUL.search(m.group(2))]
+            if earlier and g.rng.random() < 0.7:
                 g.emit(f"{g.fresh()} = {g.rng.choice(earlier).group(2)}")
+            elif "autocast" in context and g.rng.random() < 0.7:
+                _op_matmul(g)
             else:
                 ops, op_weights = zip(*_BASE_OPS, strict=True)
                 g.rng.choices(ops, weights=op_weights)[0](g)
