@@ -23,8 +23,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import re
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -1386,9 +1389,35 @@ def _runs(program: Program) -> Iterator[tuple[str, Callable[[], None], Callable[
     yield "capacity 1", cap1, restore
 
 
+HANG_S = 100.0
+"""A program still running after this many seconds is taken for a deadlock (ranks waiting in
+different collectives): ``failure`` prints it as a script to stderr and exits the process, before
+gloo's own 120 s timeout ends the run without saying which program it was."""
+
+
+def _on_hang(program: Program) -> None:
+    sys.stderr.write(
+        f"dtdispatch fuzz: rank {dist.get_rank()}: a program ran past {HANG_S:.0f} s (ranks "
+        f"deadlocked in different collectives?); exiting. The program:\n{render(program)}\n"
+    )
+    sys.stderr.flush()
+    os._exit(3)
+
+
 def failure(program: Program) -> str | None:
     """Run ``program`` on stock and on dtdispatch (plan, replay, capacity 1); the first difference
-    on any rank as text (the same on every rank), or None. Collective."""
+    on any rank as text (the same on every rank), or None. Collective. A program that hangs
+    (``HANG_S``) ends the process with it printed."""
+    watchdog = threading.Timer(HANG_S, _on_hang, (program,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        return _failure(program)
+    finally:
+        watchdog.cancel()
+
+
+def _failure(program: Program) -> str | None:
     mesh = mesh_for(program.mesh)
     previous = dispatcher.active()
     dispatcher.install(program.impl)
