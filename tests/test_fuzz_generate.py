@@ -1,5 +1,6 @@
 """The fuzz program generator without ranks: reproducible from (seed, index), well-formed on meta
-tensors, and rendered as a script that defines the same program."""
+tensors, drawing every feature, shrinkable, and rendered as a script that defines the same
+program."""
 
 from __future__ import annotations
 
@@ -7,7 +8,19 @@ from typing import Any
 
 import pytest
 
-from dtdispatch.testing.fuzz import EXCLUSIONS, Program, generate, render
+from dtdispatch.testing.fuzz import (
+    _ASSIGNED,
+    _FEATURES,
+    EXCLUSIONS,
+    Input,
+    Program,
+    _body,
+    _candidates,
+    _Gen,
+    features,
+    generate,
+    render,
+)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -37,3 +50,49 @@ def test_render_defines_the_program() -> None:
 def test_exclusions_name_a_reason() -> None:
     for needle, exc_type, why in EXCLUSIONS:
         assert needle and exc_type.endswith("Error") and len(why) > 20
+
+
+def test_generator_draws_every_feature() -> None:
+    """Every drawn feature appears within a fixed prefix (reproducible), and some program runs the
+    same call both under an ambient state and outside it (a plan made in one is looked up in the
+    other)."""
+    wanted = {name for name, _ in _FEATURES} | {"complex", "meta", "autograd entry under no_grad"}
+    seen: set[str] = set()
+    across_states = 0
+    for i in range(400):
+        program = generate(5, i, world_size=2, impls=["native", "python"])
+        seen |= features(program)
+        assigned = [(line, _ASSIGNED.fullmatch(_body(line))) for line in program.lines]
+        plain = {m.group(2) for line, m in assigned if m and not line.startswith("with ")}
+        across_states += sum(
+            m.group(2) in plain for line, m in assigned if m and line.startswith("with ")
+        )
+    assert wanted <= seen, sorted(wanted - seen)
+    assert across_states >= 20
+
+
+def test_lines_that_raise_only_on_meta_are_kept() -> None:
+    """item() and torch.equal need data the generator's meta tensors lack; the lines are drawn."""
+    import random
+
+    g = _Gen(rng=random.Random(0), mesh_shape=(2,), sub_mesh=False)
+    t0 = g.new_input((3,), "float32")
+    assert g.emit(f"t1 = {t0}.sum().item()")
+    assert g.emit(f"t2 = torch.equal({t0}, {t0}.clone())")
+    assert not g.emit(f"t3 = {t0} @ torch.ones(2)")  # a real shape error is still refused
+    assert g.lines == ["t1 = t0.sum().item()", "t2 = torch.equal(t0, t0.clone())"]
+
+
+def test_shrinking_tries_each_call_outside_its_ambient_state() -> None:
+    program = Program(
+        mesh="1d",
+        impl="python",
+        inputs=(Input((2,)),),
+        lines=(
+            "with torch.no_grad(): t1 = t0 * 2",
+            "with CommDebugMode() as cm: t2 = full(t0); t3 = cm.get_comm_counts()",
+        ),
+    )
+    variants = {c.lines for c in _candidates(program)}
+    assert ("t1 = t0 * 2", program.lines[1]) in variants
+    assert (program.lines[0], "t2 = full(t0)") in variants

@@ -21,9 +21,13 @@ ranks with the same arguments.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import random
 import re
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -33,12 +37,19 @@ import torch
 import torch.distributed as dist
 import torch.distributed.tensor._random as dt_random
 import torch.nn.functional as F
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.debug import CommDebugMode
+from torch.distributed.tensor.experimental import implicit_replication
+from torch.distributed.tensor.parallel import loss_parallel
 from torch.distributed.tensor.placement_types import Placement
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import checkpoint
 
 import dtdispatch
-from dtdispatch import FastDTensor, dispatcher
+from dtdispatch import FastDTensor, _tensor, dispatcher
 from dtdispatch import cache as _cache
 from dtdispatch.testing import _meshes
 
@@ -46,8 +57,11 @@ __all__ = [
     "AVOIDED",
     "EXCLUSIONS",
     "Input",
+    "NullDispatchMode",
+    "NullFunctionMode",
     "Program",
     "check",
+    "features",
     "fuzz",
     "generate",
     "make_input",
@@ -62,8 +76,10 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "int64": torch.int64,
     "bool": torch.bool,
+    "complex64": torch.complex64,
 }
 _FLOATS = ("float32", "float64", "bfloat16")
+_GRADABLE = (*_FLOATS, "complex64")  # dtypes an input may require grad in
 
 # Known, documented places where dtdispatch may differ from stock: (substring of stock's exception
 # message, its type name, why). A program whose stock run raises such an exception on any rank is
@@ -73,8 +89,7 @@ EXCLUSIONS: tuple[tuple[str, str, str], ...] = (
         "MaskBuffer has been materialized with conflicting data",
         "RuntimeError",
         "stock's cached _MaskPartial shares one mask buffer per cache entry and raises 'MaskBuffer "
-        "has been materialized with conflicting data'; dtdispatch gives each call its own mask "
-        "(issue 11 part 1)",
+        "has been materialized with conflicting data'; dtdispatch gives each call its own mask",
     ),
 )
 
@@ -93,6 +108,12 @@ AVOIDED: tuple[tuple[str, str], ...] = (
         "tensor) loops forever",
     ),
     (
+        "torch.equal of meta-device DTensors on a sub-mesh",
+        "stock's equal all-reduces its result over the whole world, on non-participating ranks "
+        "too; on the meta device the participating ranks raise (no data) before reaching it, so "
+        "the collectives of the ranks no longer match",
+    ),
+    (
         "max(dim) / argmax on a sub-mesh",
         "torch's custom handlers for them run the local kernel on non-participating ranks too, "
         "whose local tensor is empty, and raise there only (IndexError) while participating ranks "
@@ -105,8 +126,9 @@ AVOIDED: tuple[tuple[str, str], ...] = (
 class Input:
     """One input tensor: global shape, dtype name, placement codes per mesh dim ("S<d>", "R", "P"
     for Partial sum, "Pmax" for Partial max), whether it is a leaf requiring grad, whether its
-    layout is column-major in the last two dims, the data seed, and for int64 the exclusive upper
-    bound of its values."""
+    layout is column-major in the last two dims, the data seed, for int64 the exclusive upper
+    bound of its values, and its device ("cpu", or "meta": local shards without data, as a model
+    built on the meta device has)."""
 
     shape: tuple[int, ...]
     dtype: str = "float32"
@@ -115,6 +137,7 @@ class Input:
     noncontig: bool = False
     seed: int = 0
     high: int = 8
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -164,7 +187,9 @@ def _col_major(t: torch.Tensor) -> torch.Tensor:
 def _global_value(inp: Input) -> torch.Tensor:
     gen = torch.Generator().manual_seed(inp.seed)
     dtype = _DTYPES[inp.dtype]
-    if dtype.is_floating_point:
+    if dtype.is_complex:
+        value = torch.randn(inp.shape, generator=gen, dtype=dtype)
+    elif dtype.is_floating_point:
         value = torch.randn(inp.shape, generator=gen).to(dtype)
     else:
         value = torch.randint(0, inp.high, inp.shape, generator=gen).to(dtype)
@@ -176,7 +201,7 @@ def make_input(cls: type[DTensor], mesh: DeviceMesh, inp: Input) -> DTensor:
 
     Partial: rank coordinate c adds sum(c) to its addend, so the addends differ per rank.
     """
-    value = _global_value(inp)
+    value = _global_value(inp).to(inp.device)
     codes = list(inp.placements)
     shard_codes = ["R" if c.startswith("P") else c for c in codes]
     base = distribute_tensor(value, mesh, _placements(shard_codes), src_data_rank=None)
@@ -210,12 +235,88 @@ def _full_dt(t: DTensor) -> torch.Tensor:
     return t.full_tensor()
 
 
-def _namespace(redist: Callable[..., Any], full: Callable[..., Any]) -> dict[str, Any]:
-    return {"torch": torch, "F": F, "redist": redist, "full": full}
+class NullDispatchMode(TorchDispatchMode):  # type: ignore[no-untyped-call]  # torch: untyped __init_subclass__
+    """A TorchDispatchMode that runs every call unchanged (a program's ``DispatchMode()``)."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
+class NullFunctionMode(TorchFunctionMode):
+    """A TorchFunctionMode that runs every call unchanged (a program's ``FunctionMode()``)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
+def _tied(fast: bool) -> Callable[[DTensor, DTensor], list[Any]]:
+    """A program's ``tied(w, idx)``: a module whose embedding and head share one Parameter (a
+    copy of ``w``, as Hugging Face ties an LM head to the input embedding), accelerated on the
+    dtdispatch side as a user would (built from stock DTensors), then a forward, a backward and one
+    SGD step. Returns the output, the shared gradient, both weights after the step and whether
+    they are still one object."""
+
+    def tied(w: DTensor, idx: DTensor) -> list[Any]:
+        value = w.detach().clone()
+        shared = nn.Parameter(dtdispatch.to_torch(value) if fast else value)
+        model = nn.Module()
+        model.emb = nn.Embedding(w.shape[0], w.shape[1], device="meta")
+        model.head = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        model.emb.weight = shared
+        model.head.weight = shared
+        if fast:
+            dtdispatch.accelerate(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        out = model.head(model.emb(idx))
+        out.float().sum().backward()
+        opt.step()
+        emb, head = model.emb.weight, model.head.weight
+        return [out, emb.grad, emb.detach(), head.detach(), emb is head]
+
+    return tied
+
+
+def _tied_meta(w: torch.Tensor, idx: torch.Tensor) -> list[Any]:
+    return [F.linear(F.embedding(idx, w), w), w.clone(), w.clone(), w.clone(), True]
+
+
+def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A program's ``compiled(fn)``: ``fn`` under torch.compile (aot_eager, the backend that
+    keeps eager numerics, so bits compare with stock)."""
+    return torch.compile(fn, backend="aot_eager")
+
+
+def _namespace(**helpers: Any) -> dict[str, Any]:
+    return {
+        "torch": torch,
+        "F": F,
+        "nn": nn,
+        "checkpoint": checkpoint,
+        "implicit_replication": implicit_replication,
+        "loss_parallel": loss_parallel,
+        "CommDebugMode": CommDebugMode,
+        "DispatchMode": NullDispatchMode,
+        "FunctionMode": NullFunctionMode,
+        **helpers,
+    }
+
+
+def _real_namespace(fast: bool) -> dict[str, Any]:
+    return _namespace(
+        redist=_redist_dt, full=_full_dt, tied=_tied(fast), compiled=_compiled, cpu="cpu"
+    )
 
 
 def _meta_namespace() -> dict[str, Any]:
-    return _namespace(lambda t, codes: t.clone(), lambda t: t.clone())
+    # NOTE: ``cpu`` is "meta" here: a line materializing a meta input (``device=cpu``) stays on the
+    # meta device the generator checks lines on.
+    return _namespace(
+        redist=lambda t, codes: t.clone(),
+        full=lambda t: t.clone(),
+        tied=_tied_meta,
+        compiled=lambda fn: fn,
+        cpu="meta",
+    )
 
 
 # --------------------------------------------------------------------------- the generator
@@ -239,6 +340,11 @@ class _Gen:
     ns: dict[str, Any] = field(default_factory=_meta_namespace)
     count: int = 0
     input_names: list[str] = field(default_factory=list)
+    meta_device: bool = False  # every input on the meta device
+    allow_compile: bool = False  # this program may draw a compiled region
+    context: str | None = None  # ``emit`` runs lines under ``with <context>:``
+    suffix: str = ""  # ``emit`` appends this to a line run under ``context``
+    done: bool = False  # a line expected to raise was emitted: nothing after it would run
 
     def fresh(self) -> str:
         name = f"t{self.count}"
@@ -246,7 +352,7 @@ class _Gen:
         return name
 
     def dtype(self) -> str:
-        return self.rng.choices(list(_DTYPES), weights=[10, 2, 2, 1, 0])[0]
+        return self.rng.choices(list(_DTYPES), weights=[10, 2, 2, 1, 0, 1])[0]
 
     def dim_size(self) -> int:
         return self.rng.choice([1, 2, 3, 4, 5, 6, 8])
@@ -257,8 +363,10 @@ class _Gen:
 
     def codes(self, ndim: int, dtype: str) -> tuple[str, ...]:
         options = ["R", "R"] + [f"S{d}" for d in range(ndim)] * 2
+        if dtype in _GRADABLE:
+            options += ["P", "P"]
         if dtype in _FLOATS:
-            options += ["P", "P", "Pmax"]
+            options += ["Pmax"]
         return tuple(self.rng.choice(options) for _ in self.mesh_shape)
 
     def never_empty(self, t: Any) -> bool:
@@ -277,7 +385,7 @@ class _Gen:
     ) -> str:
         shape = self.shape() if shape is None else shape
         dtype = self.dtype() if dtype is None else dtype
-        floating = dtype in _FLOATS
+        floating = dtype in _GRADABLE
         inp = Input(
             shape=shape,
             dtype=dtype,
@@ -286,6 +394,7 @@ class _Gen:
             noncontig=len(shape) >= 2 and self.rng.random() < 0.2,
             seed=self.rng.randrange(1 << 30),
             high=high,
+            device="meta" if self.meta_device else "cpu",
         )
         name = self.fresh()
         self.inputs.append(inp)
@@ -309,14 +418,42 @@ class _Gen:
             return repr(self.rng.choice([-2, -1, 2, 3]))
         return repr(round(self.rng.uniform(-2.0, 2.0), 3) or 0.5)
 
-    def emit(self, line: str) -> bool:
-        """Run ``line`` on the meta namespace; keep it when it succeeds."""
+    @contextlib.contextmanager
+    def within(self, context: str | None) -> Iterator[None]:
+        """Lines emitted inside run under ``context`` too (nested in the current one)."""
+        outer = self.context
+        if context is not None:
+            self.context = context if outer is None else f"{outer}, {context}"
+        try:
+            yield
+        finally:
+            self.context = outer
+
+    def emit(self, line: str, *, may_raise: bool = False) -> bool:
+        """Run ``line`` (under ``with <context>:`` when set) on the meta namespace; keep it when it
+        succeeds, or raises only because meta tensors have no data (``item``, ``equal``). With
+        ``may_raise`` a line that raises is kept as the program's last (what raises is compared
+        too)."""
+        if self.done:
+            return False
+        if self.context is not None:
+            line = f"with {self.context}: {line}{self.suffix}"
         before = dict(self.ns)
         try:
-            exec(compile(line, "<fuzz>", "exec"), self.ns)
-        except Exception:
+            # Factories in a line (a mask, a plain operand) make meta tensors here, CPU ones on
+            # the ranks.
+            with torch.device("meta"):
+                exec(compile(line, "<fuzz>", "exec"), self.ns)
+        except Exception as exc:
             self.ns.clear()
             self.ns.update(before)
+            if _meta_only(exc):
+                self.lines.append(line)
+                return True
+            if may_raise:
+                self.lines.append(line)
+                self.done = True
+                return True
             return False
         known = {v.name for v in self.vals}
         fresh = [v for n, v in self.ns.items() if n not in before and isinstance(v, torch.Tensor)]
@@ -328,7 +465,7 @@ class _Gen:
         for name, value in self.ns.items():
             if name.startswith("t") and name[1:].isdigit() and name not in known:
                 if isinstance(value, torch.Tensor):
-                    kind = "plain" if line.startswith(f"{name} = full(") else "dt"
+                    kind = "plain" if f"{name} = full(" in line else "dt"
                     self.vals.append(_Val(name, value, kind))
                 elif isinstance(value, (list, tuple)) and all(
                     isinstance(x, torch.Tensor) for x in value
@@ -337,8 +474,22 @@ class _Gen:
         return True
 
 
+def _meta_only(exc: Exception) -> bool:
+    """``exc`` is raised on meta tensors only: the op needs data (``item``, ``equal``)."""
+    text = str(exc)
+    return "meta tensors" in text or "Meta tensors" in text
+
+
 def _fp(t: Any) -> bool:
     return isinstance(t, torch.Tensor) and t.dtype.is_floating_point
+
+
+def _cx(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.dtype.is_complex
+
+
+def _grad_dtype(t: Any) -> bool:
+    return _fp(t) or _cx(t)
 
 
 def _nd(n: int) -> Callable[[Any], bool]:
@@ -544,7 +695,7 @@ def _op_seq(g: _Gen) -> None:
 
 
 def _op_matmul(g: _Gen) -> None:
-    kind = g.rng.choice(["mm", "matmul", "bmm", "addmm", "linear"])
+    kind = g.rng.choice(["mm", "matmul", "bmm", "addmm", "linear", "einsum"])
     dtype = g.rng.choice(["float32", "float32", "float64", "bfloat16"])
 
     def same(shape: tuple[int, ...]) -> Callable[[Any], bool]:
@@ -566,7 +717,15 @@ def _op_matmul(g: _Gen) -> None:
     if kind == "linear":
         w = g.pick_or_new(same((n, k)), lambda: g.new_input((n, k), dtype))
         bias = g.new_input((n,), dtype)
+        if g.rng.random() < 0.4:  # a batch of sequences, as a transformer's projections see
+            a = g.new_input((g.dim_size(), m, k), dtype)
         g.emit(f"{g.fresh()} = F.linear({a}, {w}, {bias})")
+        return
+    if kind == "einsum":
+        x = g.new_input((g.dim_size(), m, k), dtype)
+        w = g.pick_or_new(same((n, k)), lambda: g.new_input((n, k), dtype))
+        form = g.rng.choice(["'bmk,nk->bmn'", "'bmk,nk->bnm'"])
+        g.emit(f"{g.fresh()} = torch.einsum({form}, {x}, {w})")
         return
     b = g.pick_or_new(same((k, n)), lambda: g.new_input((k, n), dtype))
     if kind == "addmm":
@@ -700,8 +859,11 @@ def _op_convert(g: _Gen) -> None:
             "full({a})",
             "{a}.detach()",
             "{a}.detach().requires_grad_()" if _fp(g.ns[a]) else "{a}.detach()",
-            "torch.equal({a}, {a}.clone())",
+            # see AVOIDED
+            "{a}.clone()" if g.meta_device and g.sub_mesh else "torch.equal({a}, {a}.clone())",
             "{a}.sum().item()",
+            "torch.zeros_like({a}, device=cpu)",  # materializes a meta input
+            "torch.empty_like({a}, device=cpu).fill_({s})",
         ]
     )
     g.emit(f"{g.fresh()} = " + form.format(a=a, s=g.scalar()))
@@ -720,7 +882,14 @@ def _op_nn(g: _Gen) -> None:
         g.emit(f"{g.fresh()} = F.layer_norm({a}, ({last},), {w}, {b})")
     elif kind == "cross_entropy" and t.ndim == 2:
         target = g.new_input((t.shape[0],), "int64", high=last)
-        g.emit(f"{g.fresh()} = F.cross_entropy({a}, {target})")
+        if g.rng.random() < 0.4:
+            # torch's vocab-parallel loss (its handlers are registered when the context is entered)
+            if g.rng.random() < 0.5:
+                target = f"full({target})"
+            with g.within("loss_parallel()"):
+                g.emit(f"{g.fresh()} = F.cross_entropy({a}, {target})")
+        else:
+            g.emit(f"{g.fresh()} = F.cross_entropy({a}, {target})")
     else:
         b = _broadcast_partner_same(g, a)
         g.emit(f"{g.fresh()} = F.mse_loss({a}, {b})")
@@ -744,7 +913,178 @@ def _op_repeat(g: _Gen) -> None:
         g.emit(f"{g.fresh()} = " + line.split(" = ", 1)[1])
 
 
-_OPS: tuple[tuple[_Op, int], ...] = (
+_ASSIGNED = re.compile(r"(t\d+) = (.*)")
+
+
+def _assigned(g: _Gen) -> list[re.Match[str]]:
+    """Earlier plain assignments (no ``with``): (name, right-hand side)."""
+    return [m for m in map(_ASSIGNED.fullmatch, g.lines) if m is not None]
+
+
+def _body(line: str) -> str:
+    """``line`` without its ``with <context>:`` prefix and its suffix statements."""
+    if line.startswith("with "):
+        line = line.split(": ", 1)[1]
+    return line.split("; ", 1)[0]
+
+
+# The ambient states a call may run under, with weights. A program switches between them from
+# line to line, and repeats lines across them, so a plan made under one is looked up under another.
+_MATMUL = re.compile(r"@|torch\.(mm|bmm|addmm|einsum)\(|F\.linear\(")
+
+_CONTEXTS: tuple[tuple[str, int], ...] = (
+    ("torch.no_grad()", 3),
+    ("torch.inference_mode()", 2),
+    ("torch.autocast('cpu', dtype=torch.bfloat16)", 3),
+    ("torch.autocast('cpu', dtype=torch.bfloat16), torch.no_grad()", 1),
+    ("DispatchMode()", 1),
+    ("FunctionMode()", 1),
+    ("CommDebugMode() as cm", 1),
+)
+
+
+def _op_ambient(g: _Gen) -> None:
+    """A call under another ambient state (grad mode, inference mode, autocast, a torch mode):
+    an earlier line again or a new op; then maybe the same call again outside it, and an in-place
+    op outside inference mode on an inference tensor (which raises)."""
+    contexts, weights = zip(*_CONTEXTS, strict=True)
+    context = g.rng.choices(contexts, weights=weights)[0]
+    # CommDebugMode: the counts of the collectives the call ran are a value compared like others.
+    g.suffix = f"; {g.fresh()} = cm.get_comm_counts()" if " as cm" in context else ""
+    before = len(g.lines)
+    try:
+        with g.within(context):
+            earlier = _assigned(g)
+            if "autocast" in context:  # what autocast changes: matmuls run in bfloat16
+                earlier = [m for m in earlier if _MATMUL.search(m.group(2))]
+            if earlier and g.rng.random() < 0.7:
+                g.emit(f"{g.fresh()} = {g.rng.choice(earlier).group(2)}")
+            elif "autocast" in context and g.rng.random() < 0.7:
+                _op_matmul(g)
+            else:
+                ops, op_weights = zip(*_BASE_OPS, strict=True)
+                g.rng.choices(ops, weights=op_weights)[0](g)
+    finally:
+        g.suffix = ""
+    if len(g.lines) == before:
+        return
+    body = _ASSIGNED.fullmatch(_body(g.lines[-1]))
+    if body is None:
+        return
+    if g.rng.random() < 0.5:
+        g.emit(f"{g.fresh()} = {body.group(2)}")
+    if "inference_mode" in context and g.rng.random() < 0.3:
+        op = g.rng.choice(["add_(1)", "mul_(2)", "zero_()"])
+        g.emit(f"{g.fresh()} = {body.group(1)}.{op}", may_raise=True)
+
+
+def _op_complex(g: _Gen) -> None:
+    """Complex values: conjugate views, view_as_real/complex, complex products (rotary
+    embeddings), FFTs."""
+    kind = g.rng.choice(["unary", "binary", "binary", "rotary", "view_as_complex", "ihfft"])
+    if kind in ("rotary", "view_as_complex", "ihfft"):
+        half = g.rng.choice([1, 2, 3])
+        shape = (g.dim_size(), 2 * half)
+        x = g.pick_or_new(
+            lambda u: tuple(u.shape) == shape and u.dtype == torch.float32,
+            lambda: g.new_input(shape, "float32"),
+            0.5,
+        )
+        if kind == "rotary":
+            f = g.new_input((half,), "complex64")
+            g.emit(
+                f"{g.fresh()} = torch.view_as_real("
+                f"torch.view_as_complex({x}.reshape({shape[0]}, {half}, 2)) * {f}).flatten(-2)"
+            )
+        elif kind == "view_as_complex":
+            g.emit(f"{g.fresh()} = torch.view_as_complex({x}.reshape({shape[0]}, {half}, 2))")
+        else:
+            g.emit(f"{g.fresh()} = torch.fft.ihfft({x})")
+        return
+    c = g.pick_or_new(_cx, lambda: g.new_input(dtype="complex64"), 0.4)
+    if kind == "unary":
+        form = g.rng.choice(
+            [
+                "{c}.conj()",
+                "{c}.conj().resolve_conj()",
+                "torch.conj_physical({c})",
+                "{c}.conj().neg()",
+                "torch.view_as_real({c})",
+                "{c}.real",
+                "{c}.imag",
+                "{c}.abs()",
+                "torch.angle({c})",
+                "torch.fft.fft({c})",
+                "torch.fft.ifft({c})",
+                "torch.fft.hfft({c})",
+            ]
+        )
+        g.emit(f"{g.fresh()} = " + form.format(c=c))
+        return
+    d = _broadcast_partner(g, c)
+    form = g.rng.choice(["{c} * {d}", "{c} * {d}.conj()", "{c}.conj() + {d}", "{c}.conj() * {d}"])
+    g.emit(f"{g.fresh()} = " + form.format(c=c, d=d))
+
+
+def _plain_operand(g: _Gen, shape: tuple[int, ...], dtype: str) -> str:
+    """A plain tensor expression of ``shape`` (what ``implicit_replication`` admits)."""
+    numel = math.prod(shape)
+    return g.rng.choice(
+        [
+            f"torch.ones({shape}, dtype=torch.{dtype})",
+            f"torch.full({shape}, {g.scalar()}, dtype=torch.{dtype})",
+            f"torch.arange({numel}, dtype=torch.{dtype}).reshape({shape})",
+        ]
+    )
+
+
+def _op_implicit(g: _Gen) -> None:
+    """DTensors with plain tensors under ``implicit_replication()`` (an attention mask added to
+    scores); in programs that allow it, inside a ``torch.compile`` region (once per program)."""
+    a = g.pick_or_new(_fp_nd(1), lambda: g.new_input(dtype="float32"), 0.3)
+    t = g.ns[a]
+    dtype = str(t.dtype).removeprefix("torch.")
+    if t.ndim == 2 and g.rng.random() < 0.4:
+        b = _broadcast_partner_same(g, a)
+        mask = f"torch.triu(torch.full(({t.shape[0]}, {t.shape[0]}), -1e4, dtype=torch.{dtype}), 1)"
+        body = f"{a} @ {b}.mT + {mask}"
+    else:
+        keep = g.rng.randint(1, t.ndim)
+        plain = _plain_operand(g, tuple(t.shape)[-keep:], dtype)
+        body = g.rng.choice(["{a} + {p}", "{a} * {p}", "{p} - {a}", "({a} + {p}).sum()"])
+        body = body.format(a=a, p=plain)
+    if g.allow_compile:
+        g.allow_compile = False
+        names = ", ".join(dict.fromkeys(_NAME.findall(body)))
+        body = f"compiled(lambda {names}: {body})({names})"
+    context = g.rng.choice(
+        ["implicit_replication()"] * 3 + ["implicit_replication(), torch.no_grad()"]
+    )
+    with g.within(context):
+        g.emit(f"{g.fresh()} = {body}")
+
+
+def _op_checkpoint(g: _Gen) -> None:
+    """An earlier call again inside activation checkpointing (reentrant or not)."""
+    earlier = [m for m in _assigned(g) if _NAME.search(m.group(2))]
+    if earlier:
+        rhs = g.rng.choice(earlier).group(2)
+        names = ", ".join(dict.fromkeys(_NAME.findall(rhs)))
+        reentrant = g.rng.choice([True, False])
+        g.emit(
+            f"{g.fresh()} = checkpoint(lambda {names}: {rhs}, {names}, use_reentrant={reentrant})"
+        )
+
+
+def _op_tied(g: _Gen) -> None:
+    """A module with an embedding and a head sharing one Parameter, trained one step (``tied``)."""
+    vocab = g.rng.choice([4, 6, 8])
+    w = g.new_input((vocab, g.dim_size()), "float32", grad=False)
+    idx = g.new_input((g.rng.choice([2, 3, 4]),), "int64", high=vocab)
+    g.emit(f"{g.fresh()} = tied({w}, {idx})")
+
+
+_BASE_OPS: tuple[tuple[_Op, float], ...] = (
     (_op_nn, 1),
     (_op_embedding, 1),
     (_op_repeat, 2),
@@ -762,7 +1102,18 @@ _OPS: tuple[tuple[_Op, int], ...] = (
     (_op_redistribute, 2),
     (_op_random, 1),
     (_op_convert, 2),
+    (_op_complex, 2),
+    (_op_implicit, 1),
 )
+_OPS: tuple[tuple[_Op, float], ...] = (
+    *_BASE_OPS,
+    (_op_ambient, 6),
+    (_op_checkpoint, 1),
+    (_op_tied, 0.5),
+)
+# Programs that run on the meta device, and that may compile a region (compiling costs seconds).
+_META_RATE = 0.04
+_COMPILE_RATE = 0.01
 
 
 def _meshes_for(world_size: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -783,10 +1134,15 @@ def generate(seed: int, index: int, *, world_size: int, impls: Sequence[str]) ->
     rng = random.Random(f"dtdispatch-fuzz:{seed}:{index}:{world_size}")
     mesh, mesh_shape = rng.choice(_meshes_for(world_size))
     g = _Gen(rng=rng, mesh_shape=mesh_shape, sub_mesh=mesh.startswith("sub:"))
+    g.meta_device = rng.random() < _META_RATE
+    g.allow_compile = rng.random() < _COMPILE_RATE
     for _ in range(rng.choice([1, 1, 2])):
         g.new_input()
     ops, weights = zip(*_OPS, strict=True)
-    for _ in range(rng.randint(2, 8)):
+    steps = rng.randint(2, 8)
+    for step in range(steps):
+        if g.allow_compile and step == steps // 2:
+            _op_implicit(g)
         rng.choices(ops, weights=weights)[0](g)
     _add_backward(g)
     return _renumber(
@@ -798,13 +1154,40 @@ def generate(seed: int, index: int, *, world_size: int, impls: Sequence[str]) ->
 
 
 def _add_backward(g: _Gen) -> None:
+    """A backward through one or two values: ``.backward()``, ``torch.autograd.backward`` or
+    ``torch.autograd.grad``, sometimes called with grad mode off (as reentrant checkpointing does)
+    or inside ``loss_parallel`` when the program used it."""
     if g.rng.random() < 0.3:
         return
-    grads = [v.name for v in g.vals if v.kind == "dt" and _fp(v.meta) and v.meta.requires_grad]
+    grads = [
+        v.name for v in g.vals if v.kind == "dt" and _grad_dtype(v.meta) and v.meta.requires_grad
+    ]
     if not grads:
         return
     chosen = g.rng.sample(grads, min(len(grads), g.rng.choice([1, 2])))
-    g.emit("(" + " + ".join(f"{n}.float().sum()" for n in chosen) + ").backward()")
+    loss = " + ".join(f"{n}.abs().sum()" if _cx(g.ns[n]) else f"{n}.float().sum()" for n in chosen)
+    entry = g.rng.choices(["backward", "autograd.backward", "grad"], weights=[6, 1, 2])[0]
+    contexts = []
+    if g.rng.random() < 0.25:
+        contexts.append("torch.no_grad()")
+    if any("loss_parallel" in line for line in g.lines) and g.rng.random() < 0.5:
+        contexts.append("loss_parallel()")
+    leaves = [n for n in g.input_names if g.ns[n].requires_grad]
+    if entry == "backward" and not contexts:
+        g.emit(f"({loss}).backward()")
+        return
+    total = g.fresh()
+    if not g.emit(f"{total} = {loss}"):
+        return
+    if entry == "grad" and leaves:
+        chosen_leaves = ", ".join(g.rng.sample(leaves, min(len(leaves), g.rng.choice([1, 2]))))
+        call = f"{g.fresh()} = torch.autograd.grad({total}, [{chosen_leaves}], allow_unused=True)"
+    elif entry == "autograd.backward":
+        call = f"torch.autograd.backward({total})"
+    else:
+        call = f"{total}.backward()"
+    with g.within(", ".join(contexts) or None):
+        g.emit(call)
 
 
 _NAME = re.compile(r"\bt\d+\b")
@@ -848,7 +1231,15 @@ def _any_rank(flag: bool) -> bool:
 
 
 def _run(program: Program, cls: type[DTensor], mesh: DeviceMesh) -> _Outcome:
-    ns = _namespace(_redist_dt, _full_dt)
+    fast = cls is not DTensor
+    ns = _real_namespace(fast)
+    if any("compiled(" in line for line in program.lines):
+        import torch._dynamo as dynamo
+
+        # Each run compiles afresh (the lines' code objects are new anyway); reset frees the last.
+        dynamo.reset()
+        if fast:
+            _tensor.prepare_compile()
     for i, inp in enumerate(program.inputs):
         ns[f"t{i}"] = make_input(cls, mesh, inp)
     torch.manual_seed(program.rng_seed)
@@ -865,7 +1256,8 @@ def _run(program: Program, cls: type[DTensor], mesh: DeviceMesh) -> _Outcome:
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    # A fresh row-major copy: a "contiguous" tensor may still have odd strides on size-1 dims.
+    # A fresh row-major copy: a "contiguous" tensor may still have odd strides on size-1 dims; the
+    # copy also resolves conjugate and negative bits (compared separately, _compare_meta).
     flat = torch.empty(t.shape, dtype=t.dtype).copy_(t.detach()).reshape(-1)
     return flat.view(torch.uint8) if t.numel() else flat
 
@@ -886,7 +1278,7 @@ def _compare(stock: Any, fast: Any, where: str) -> None:
         if not isinstance(fast, torch.Tensor) or isinstance(fast, DTensor):
             raise AssertionError(f"{where}: expected a plain tensor, got {type(fast).__name__}")
         _compare_meta(stock, fast, where)
-        if not torch.equal(_bits(stock), _bits(fast)):
+        if stock.device.type != "meta" and not torch.equal(_bits(stock), _bits(fast)):
             raise AssertionError(f"{where}: values differ:\n{fast}\nstock:\n{stock}")
     elif isinstance(stock, (list, tuple)):
         if type(stock) is not type(fast) or len(stock) != len(fast):
@@ -903,11 +1295,27 @@ def _placements_key(t: DTensor) -> tuple[tuple[type, str], ...]:
     return tuple((type(p), repr(p)) for p in t.placements)
 
 
+def _tensor_meta(t: torch.Tensor) -> tuple[Any, ...]:
+    return (
+        tuple(t.shape),
+        t.stride(),
+        t.dtype,
+        t.device.type,
+        t.requires_grad,
+        t.is_conj(),
+        t.is_neg(),
+        t.is_inference(),
+        t._is_view(),
+    )
+
+
 def _compare_meta(stock: torch.Tensor, fast: torch.Tensor, where: str) -> None:
-    got = (tuple(fast.shape), fast.stride(), fast.dtype, fast.requires_grad)
-    want = (tuple(stock.shape), stock.stride(), stock.dtype, stock.requires_grad)
+    got, want = _tensor_meta(fast), _tensor_meta(stock)
     if got != want:
-        raise AssertionError(f"{where}: shape/stride/dtype/requires_grad {got} != stock {want}")
+        raise AssertionError(
+            f"{where}: shape/stride/dtype/device/requires_grad/conj/neg/inference/view "
+            f"{got} != stock {want}"
+        )
 
 
 def _names(ns: dict[str, Any]) -> list[str]:
@@ -981,9 +1389,35 @@ def _runs(program: Program) -> Iterator[tuple[str, Callable[[], None], Callable[
     yield "capacity 1", cap1, restore
 
 
+HANG_S = 100.0
+"""A program still running after this many seconds is taken for a deadlock (ranks waiting in
+different collectives): ``failure`` prints it as a script to stderr and exits the process, before
+gloo's own 120 s timeout ends the run without saying which program it was."""
+
+
+def _on_hang(program: Program) -> None:
+    sys.stderr.write(
+        f"dtdispatch fuzz: rank {dist.get_rank()}: a program ran past {HANG_S:.0f} s (ranks "
+        f"deadlocked in different collectives?); exiting. The program:\n{render(program)}\n"
+    )
+    sys.stderr.flush()
+    os._exit(3)
+
+
 def failure(program: Program) -> str | None:
     """Run ``program`` on stock and on dtdispatch (plan, replay, capacity 1); the first difference
-    on any rank as text (the same on every rank), or None. Collective."""
+    on any rank as text (the same on every rank), or None. Collective. A program that hangs
+    (``HANG_S``) ends the process with it printed."""
+    watchdog = threading.Timer(HANG_S, _on_hang, (program,))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        return _failure(program)
+    finally:
+        watchdog.cancel()
+
+
+def _failure(program: Program) -> str | None:
     mesh = mesh_for(program.mesh)
     previous = dispatcher.active()
     dispatcher.install(program.impl)
@@ -1025,6 +1459,9 @@ def check(program: Program) -> None:
 # --------------------------------------------------------------------------- shrinking
 
 
+_AVOIDED_OPS = re.compile(r"\.(amax|max|argmax)\(")
+
+
 def _candidates(program: Program) -> Iterator[Program]:
     """Smaller or simpler variants of ``program``, the most aggressive first."""
     lines = program.lines
@@ -1034,16 +1471,26 @@ def _candidates(program: Program) -> Iterator[Program]:
         for start in range(0, n, chunk):
             yield replace(program, lines=lines[:start] + lines[start + chunk :])
         chunk //= 2
+    for k, line in enumerate(lines):
+        if line.startswith("with "):  # the same call outside its ambient state
+            yield replace(program, lines=(*lines[:k], _body(line), *lines[k + 1 :]))
+    # NOTE: smaller shapes can leave a shard empty, where what AVOIDED lists makes stock itself
+    # deadlock or run mismatched collectives; the generator drew those ops on never-empty shards.
+    empty_shard_hazard = any(_AVOIDED_OPS.search(line) for line in lines)
     for i, inp in enumerate(program.inputs):
         simpler = [
+            replace(inp, device="cpu"),
             replace(inp, requires_grad=False),
             replace(inp, noncontig=False),
             replace(inp, placements=("R",) * len(inp.placements)),
             replace(inp, placements=tuple("P" if c == "Pmax" else c for c in inp.placements)),
             replace(inp, dtype="float32") if inp.dtype in _FLOATS else inp,
-            replace(inp, shape=tuple(min(s, 4) for s in inp.shape)),
-            replace(inp, shape=tuple(min(s, 2) for s in inp.shape)),
         ]
+        if not empty_shard_hazard:
+            simpler += [
+                replace(inp, shape=tuple(min(s, 4) for s in inp.shape)),
+                replace(inp, shape=tuple(min(s, 2) for s in inp.shape)),
+            ]
         for code_i, code in enumerate(inp.placements):
             if code != "R":
                 codes = list(inp.placements)
@@ -1112,6 +1559,39 @@ def render(program: Program, *, world_size: int | None = None) -> str:
 # --------------------------------------------------------------------------- the driver
 
 
+_FEATURES: tuple[tuple[str, str], ...] = (
+    ("autocast", "torch.autocast("),
+    ("no_grad", "torch.no_grad()"),
+    ("inference_mode", "torch.inference_mode()"),
+    ("DispatchMode", "DispatchMode()"),
+    ("FunctionMode", "FunctionMode()"),
+    ("CommDebugMode", "CommDebugMode()"),
+    ("conj", "conj"),
+    ("view_as_real/complex", "view_as_"),
+    ("fft", "torch.fft."),
+    ("autograd.grad", "torch.autograd.grad("),
+    ("autograd.backward", "torch.autograd.backward("),
+    ("tied", "tied("),
+    ("implicit_replication", "implicit_replication()"),
+    ("compiled", "compiled("),
+    ("checkpoint", "checkpoint("),
+    ("loss_parallel", "loss_parallel()"),
+)
+
+
+def features(program: Program) -> set[str]:
+    """The drawn features ``program`` uses, by name (for tallies and reports)."""
+    text = "\n".join(program.lines)
+    found = {name for name, needle in _FEATURES if needle in text}
+    if any(inp.dtype == "complex64" for inp in program.inputs) or "view_as_complex" in text:
+        found.add("complex")
+    if any(inp.device == "meta" for inp in program.inputs):
+        found.add("meta")
+    if re.search(r"^with [^:]*no_grad\(\)[^:]*: .*(backward\(|autograd\.grad\()", text, re.M):
+        found.add("autograd entry under no_grad")
+    return found
+
+
 def fuzz(
     seed: int,
     *,
@@ -1120,26 +1600,47 @@ def fuzz(
     impls: Sequence[str] | None = None,
     start: int = 0,
     shrink_s: float = 60.0,
+    compile_share: float = 0.25,
+    tally: dict[str, int] | None = None,
 ) -> tuple[int, list[str]]:
     """Run programs ``start, start+1, ...`` of ``seed`` until ``count`` ran or ``seconds`` passed
     (rank 0's clock decides). Returns (programs run, failure reports with shrunk reproductions).
-    Collective."""
+
+    A program with a compiled region is skipped (counted as run) while compiled programs have
+    taken more than ``compile_share`` of the time so far: compiling costs seconds. ``tally``, when
+    given, counts programs per drawn feature (``features``), the skipped ones under
+    "compiled (skipped)", and the failing ones under "failing: <feature>". Collective."""
     if count is None and seconds is None:
         raise ValueError("fuzz needs count= or seconds= (got neither)")
     from dtdispatch import native
 
     impls = sorted(native.implementations()) if impls is None else list(impls)
-    deadline = None if seconds is None else time.monotonic() + seconds
+    began = time.monotonic()
+    deadline = None if seconds is None else began + seconds
     world = dist.get_world_size()
     failures: list[str] = []
+    compile_s = 0.0
+    tally = {} if tally is None else tally
     index = start
     while count is None or index - start < count:
         if deadline is not None and not _agree(time.monotonic() < deadline):
             break
         program = generate(seed, index, world_size=world, impls=impls)
-        found = failure(program)
-        if found is not None:
-            small = shrink(program, budget_s=shrink_s)
-            failures.append(f"seed {seed} program {index}: {found}\n{render(small)}")
+        drawn = features(program)
         index += 1
+        compiled = "compiled" in drawn
+        if compiled and not _agree(compile_s <= compile_share * (time.monotonic() - began)):
+            tally["compiled (skipped)"] = tally.get("compiled (skipped)", 0) + 1
+            continue
+        for name in drawn:
+            tally[name] = tally.get(name, 0) + 1
+        program_began = time.monotonic()
+        found = failure(program)
+        if compiled:
+            compile_s += time.monotonic() - program_began
+        if found is not None:
+            for name in drawn or {"(none)"}:
+                tally[f"failing: {name}"] = tally.get(f"failing: {name}", 0) + 1
+            small = shrink(program, budget_s=shrink_s)
+            failures.append(f"seed {seed} program {index - 1}: {found}\n{render(small)}")
     return index - start, failures
