@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_unary
 
 import dtdispatch
 from dtdispatch import FastDTensor, dispatcher, native
@@ -148,6 +149,14 @@ def test_autocast_state_is_keyed(rank: int, world_size: int, impl: str, above: b
 # -- default dtype ----------------------------------------------------------------------------
 
 
+def _scaled(t: torch.Tensor) -> torch.Tensor:
+    """A user composite with a factory inside: ``torch.tensor(2.5)`` takes the default dtype,
+    and an integer tensor times it takes that dtype too."""
+    if has_torch_function_unary(t):
+        return handle_torch_function(_scaled, (t,), t)  # type: ignore[no-any-return]
+    return t * torch.tensor(2.5)
+
+
 @pytest.mark.parametrize(("impl", "above"), MODES, ids=IDS)
 @pytest.mark.distributed(world_size=2)
 def test_default_dtype_is_keyed(rank: int, world_size: int, impl: str, above: bool) -> None:
@@ -156,8 +165,42 @@ def test_default_dtype_is_keyed(rank: int, world_size: int, impl: str, above: bo
     si, i = _pair(torch.arange(64).reshape(8, 8), [Shard(0)])
     states = [_plain, lambda: _default_dtype(torch.float64), lambda: _default_dtype(torch.float16)]
     with torch.no_grad():
+        _alternate(states, _scaled, si, i)
         _alternate(states, lambda t: t / 2, si, i)
         _alternate(states, lambda t: torch.true_divide(t, t), si, i)
+
+
+# -- conj and neg bits --------------------------------------------------------------------------
+
+
+def _flagged(t: Any, conj: bool, neg: bool) -> Any:
+    """A wrapper of ``t``'s local (a copy) with its own conj/neg bits set.
+    NOTE: set directly: stock DTensor raises NotImplementedError for ``_neg_view``."""
+    out = torch.Tensor._dtensor__new__(
+        type(t), t._local_tensor.clone(), t._spec, requires_grad=False
+    )
+    torch._C._set_conj(out, conj)
+    torch._C._set_neg(out, neg)
+    return out
+
+
+@pytest.mark.parametrize(("impl", "above"), MODES, ids=IDS)
+@pytest.mark.distributed(world_size=2)
+def test_conj_and_neg_bits_are_keyed(rank: int, world_size: int, impl: str, above: bool) -> None:
+    """``resolve_conj``/``resolve_neg`` return the argument itself when its bit is clear, a new
+    tensor when it is set: a plan made on one must not answer the other."""
+    _install(impl, above)
+    sx, x = _pair(_values(8, 8).to(torch.complex64), [Shard(0)])
+    for conj, neg in ((True, False), (False, True), (True, True)):
+        sf, f = _flagged(sx, conj, neg), _flagged(x, conj, neg)
+        for fn in (lambda t: t.resolve_conj(), lambda t: t.resolve_neg(), lambda t: t * 2):
+            for _ in range(2):
+                for stock, fast in ((sx, x), (sf, f), (sx, x)):
+                    with torch.no_grad():
+                        expected, got = _outcome(lambda: fn(stock)), _outcome(lambda: fn(fast))
+                    _same_outcome(got, expected)
+                    if expected[0] == "ok":
+                        assert (got[1] is fast) == (expected[1] is stock)
 
 
 # -- inference tensors --------------------------------------------------------------------------
@@ -377,3 +420,25 @@ def test_backward_under_no_grad_through_a_tp_block_matches_stock(
             sloss.backward()
             floss.backward()
         _same_grads(fast, stock)
+
+
+def _keep_grad(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """A user composite that sets a gradient: autograd state no replay on the locals would set."""
+    if has_torch_function((t, g)):
+        return handle_torch_function(_keep_grad, (t, g), t, g)  # type: ignore[no-any-return]
+    t.grad = g
+    return g * 2
+
+
+@pytest.mark.parametrize(("impl", "above"), MODES, ids=IDS)
+@pytest.mark.distributed(world_size=2)
+def test_composites_that_change_autograd_state_never_replay(
+    rank: int, world_size: int, impl: str, above: bool
+) -> None:
+    _install(impl, above)
+    for _ in range(3):
+        sw, w = _pair(_values(8, 8), [Shard(0)], requires_grad=True)
+        sg, g = _pair(_values(8, 8, seed=1), [Shard(0)])
+        with torch.no_grad():
+            _same(_keep_grad(w, g), _keep_grad(sw, sg))
+        assert w.grad is g and sw.grad is sg
