@@ -476,8 +476,6 @@ def _describe(
             # later in-place op with a grad-requiring operand raise, which a fresh tensor would
             # not. Under inference mode no view is tracked, so those calls still replay there.
             return None, "view output"
-        if result.is_conj() or result.is_neg():
-            return None, "conj/neg output"
         ptr = _storage_ptr(result._local_tensor)
         if ptr is None or None in storages:
             return None, "unreadable storage"
