@@ -442,3 +442,23 @@ def test_composites_that_change_autograd_state_never_replay(
         with torch.no_grad():
             _same(_keep_grad(w, g), _keep_grad(sw, sg))
         assert w.grad is g and sw.grad is sg
+
+
+def _by_requires_grad(t: torch.Tensor) -> torch.Tensor:
+    """A user composite that branches on ``requires_grad`` (as torch's checkpoint does)."""
+    if has_torch_function_unary(t):
+        return handle_torch_function(_by_requires_grad, (t,), t)  # type: ignore[no-any-return]
+    return t * 2 if t.requires_grad else t * 3
+
+
+@pytest.mark.parametrize(("impl", "above"), MODES, ids=IDS)
+@pytest.mark.distributed(world_size=2)
+def test_requires_grad_is_keyed(rank: int, world_size: int, impl: str, above: bool) -> None:
+    """With grad mode off a grad-requiring argument replays, so its flag must be in the key: a
+    composite may read it."""
+    _install(impl, above)
+    pairs = [_pair(_values(8, 8), [Shard(0)]), _pair(_values(8, 8), [Shard(0)], requires_grad=True)]
+    with torch.no_grad():
+        for _ in range(2):
+            for stock, fast in (*pairs, *reversed(pairs)):
+                _same(_by_requires_grad(fast), _by_requires_grad(stock))
