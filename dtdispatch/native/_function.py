@@ -175,9 +175,7 @@ def torch_function(
     # NOTE: reading requires_grad on a FastDTensor would re-enter this handler; torch function is
     # off for subclasses while the key is built.
     with c["disable_subclass"]():
-        key_list, scalars = build_key(
-            func, args, kwargs, grad, inference, default_dtype, autocast
-        )
+        key_list, scalars = build_key(func, args, kwargs, grad, inference, default_dtype, autocast)
     if isinstance(key_list, str):
         return _step_aside(cache, func, types, args, kwargs, key_list)
     key = tuple(key_list)

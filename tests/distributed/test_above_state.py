@@ -78,11 +78,11 @@ def _same(fast: Any, stock: Any) -> None:
     assert torch.equal(_bits(fl), _bits(sl))
 
 
-def _outcome(fn: Callable[[], Any]) -> tuple[str, Any]:
-    """("ok", result) or ("raised", exception type)."""
+def _outcome(fn: Callable[..., Any], *args: Any) -> tuple[str, Any]:
+    """("ok", fn(*args)) or ("raised", exception type)."""
     try:
-        return "ok", fn()
-    except Exception as e:  # noqa: BLE001 - the type is compared with stock's
+        return "ok", fn(*args)
+    except Exception as e:
         return "raised", type(e)
 
 
@@ -119,9 +119,9 @@ def _alternate(
     for _ in range(2):
         for state in (*states, *reversed(states)):
             with state():
-                expected = _outcome(lambda: fn(stock_arg))
+                expected = _outcome(fn, stock_arg)
             with state():
-                got = _outcome(lambda: fn(fast_arg))
+                got = _outcome(fn, fast_arg)
             _same_outcome(got, expected)
 
 
@@ -197,7 +197,7 @@ def test_conj_and_neg_bits_are_keyed(rank: int, world_size: int, impl: str, abov
             for _ in range(2):
                 for stock, fast in ((sx, x), (sf, f), (sx, x)):
                     with torch.no_grad():
-                        expected, got = _outcome(lambda: fn(stock)), _outcome(lambda: fn(fast))
+                        expected, got = _outcome(fn, stock), _outcome(fn, fast)
                     _same_outcome(got, expected)
                     if expected[0] == "ok":
                         assert (got[1] is fast) == (expected[1] is stock)
@@ -225,8 +225,8 @@ def test_inference_tensors_are_keyed(rank: int, world_size: int, impl: str, abov
                         lambda t: t * 2,
                         lambda t: torch.add(t, t, out=t),
                     ):
-                        expected = _outcome(lambda: fn(stock))
-                        _same_outcome(_outcome(lambda: fn(fast)), expected)
+                        expected = _outcome(fn, stock)
+                        _same_outcome(_outcome(fn, fast), expected)
 
 
 # -- views made under no_grad -------------------------------------------------------------------
@@ -256,7 +256,7 @@ def test_views_made_under_no_grad_match_stock(
                 expected, got = fn(sx, sw), fn(x, w)
             _same(got, expected)
             assert got._is_view() == expected._is_view(), name
-            _same_outcome(_outcome(lambda: got.add_(g)), _outcome(lambda: expected.add_(sg)))
+            _same_outcome(_outcome(got.add_, g), _outcome(expected.add_, sg))
 
 
 # -- autograd entry points ----------------------------------------------------------------------
@@ -290,13 +290,13 @@ def test_autograd_entry_points_under_no_grad_match_stock(
         for _ in range(3):
             stock_loss, fast_loss = _graph(sa, sw), _graph(a, w)
             with torch.no_grad():
-                expected, got = _outcome(lambda: fn(stock_loss, sw)), _outcome(lambda: fn(fast_loss, w))
+                expected, got = _outcome(fn, stock_loss, sw), _outcome(fn, fast_loss, w)
             _same_outcome(got, expected)
             assert (w.grad is None) == (sw.grad is None), name
             if sw.grad is not None:
                 _same(w.grad, sw.grad)
-    stats = dtdispatch.stats()["above"]
-    assert not any(v["hits"] for k, v in stats["per_func"].items() if "backward" in k or k == "grad")
+    per_func = dtdispatch.stats()["above"]["per_func"]
+    assert not any(v["hits"] for k, v in per_func.items() if "backward" in k or k == "grad")
 
 
 AUTOGRAD_STATE: dict[str, Callable[[Any], Any]] = {
@@ -322,7 +322,7 @@ def test_calls_that_change_autograd_state_match_stock(
                 if not leaf:
                     sw, w = sw * 2, w * 2
                 with torch.no_grad():
-                    _same_outcome(_outcome(lambda: fn(w)), _outcome(lambda: fn(sw)))
+                    _same_outcome(_outcome(fn, w), _outcome(fn, sw))
                 assert w.requires_grad == sw.requires_grad and w.is_leaf == sw.is_leaf, name
                 assert (w.grad_fn is None) == (sw.grad_fn is None), name
                 assert w.retains_grad == sw.retains_grad, name
