@@ -161,13 +161,24 @@ def _scaled(t: torch.Tensor) -> torch.Tensor:
 @pytest.mark.distributed(world_size=2)
 def test_default_dtype_is_keyed(rank: int, world_size: int, impl: str, above: bool) -> None:
     """A factory inside a composite takes the default dtype, and the output's spec with it.
-    NOTE: not ``int_tensor / 2``: torch's own sharding cache keys that op without the default
-    dtype, so stock's output spec there depends on which default dtype its cache saw first."""
+    NOTE: compared with plain tensors: stock's output spec here depends on which default dtype
+    torch's own caches saw first (they key a plain 0-d argument without its dtype), even with
+    its sharding-propagation caches emptied."""
     _install(impl, above)
     si, i = _pair(torch.arange(64).reshape(8, 8), [Shard(0)])
     states = [_plain, lambda: _default_dtype(torch.float64), lambda: _default_dtype(torch.float16)]
     with torch.no_grad():
-        _alternate(states, _scaled, si, i)
+        for _ in range(2):
+            for state in (*states, *reversed(states)):
+                with state():
+                    expected = _scaled(si._local_tensor)  # plain tensors
+                    got = _scaled(i)
+                assert type(got) is FastDTensor and got.placements == si.placements
+                assert got._spec.tensor_meta.dtype == expected.dtype
+                assert got.dtype == expected.dtype
+                local = got._local_tensor
+                assert local.dtype == expected.dtype and local.stride() == expected.stride()
+                assert torch.equal(_bits(local), _bits(expected))
 
 
 # -- conj and neg bits --------------------------------------------------------------------------
