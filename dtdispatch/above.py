@@ -40,8 +40,10 @@ from dtdispatch.local_results import random_ops
 from dtdispatch.native._function import OUT_ARG, OUT_NEW, OUT_NONE, OUT_SEQ
 
 __all__ = [
+    "AUTOGRAD_ENTRY_POINTS",
     "AboveCache",
     "ReplayPlan",
+    "autocast_state",
     "miss",
     "passthrough",
     "registry",
@@ -69,6 +71,59 @@ is
 stock behaviour)."""
 
 _RANDOM_OPS = random_ops()
+
+_AUTOCAST_DEVICES = tuple(torch._C._autocast_supported_devices())
+
+
+def autocast_state() -> tuple[tuple[str, torch.dtype], ...]:
+    """(device type, autocast dtype) for each device type with autocast on: what decides the
+    dtypes autocast casts to. The key holds it only while some autocast is on (else None).
+    NOTE: the autocast cache flag is left out: it decides whether a cast weight is reused, never
+    its bits."""
+    return tuple(
+        (d, torch.get_autocast_dtype(d)) for d in _AUTOCAST_DEVICES if torch.is_autocast_enabled(d)
+    )
+
+
+def _autograd_entry_points() -> set[Any]:
+    """Funcs that run the autograd engine or change autograd state: never replayed, never
+    observed (a miss runs them as stock does and writes a negative entry)."""
+    tensor = torch.Tensor
+    funcs: set[Any] = {
+        tensor.backward,
+        tensor.register_hook,
+        tensor.register_post_accumulate_grad_hook,
+        tensor.retain_grad,
+        tensor.requires_grad_,
+        tensor.detach_,
+        torch.autograd.backward,
+        torch.autograd.grad,
+    }
+    for name in ("grad", "_grad", "requires_grad", "data", "grad_fn", "_backward_hooks"):
+        descriptor = getattr(tensor, name, None)
+        for method in ("__set__", "__delete__"):
+            bound = getattr(descriptor, method, None)
+            if bound is not None:
+                funcs.add(bound)
+    return funcs
+
+
+AUTOGRAD_ENTRY_POINTS = _autograd_entry_points()
+"""See ``_autograd_entry_point``; a denylist known to be incomplete, so a miss also replays only
+what the observed call proves harmless to autograd (``_plan``)."""
+
+
+def _autograd_entry_point(func: Any) -> bool:
+    """Whether ``func`` is an autograd entry point or mutates autograd state: listed, from
+    ``torch.autograd``, or an attribute setter."""
+    try:
+        if func in AUTOGRAD_ENTRY_POINTS:
+            return True
+    except TypeError:  # unhashable func: judged by the rest
+        pass
+    module = getattr(func, "__module__", None) or ""
+    name = getattr(func, "__name__", None) or ""
+    return module.startswith("torch.autograd") or name in ("__set__", "__delete__")
 
 
 class ReplayPlan(NamedTuple):
@@ -178,6 +233,9 @@ class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]
         # Replicate -> Shard) the dispatch plans took.
         self.chunks: list[tuple[Any, int, int, int]] = []
         self.fast_ops = 0
+        # An op dispatched under another graph task than the call's: the call ran the autograd
+        # engine (a backward inside a composite), which a replay on the locals would not.
+        self.graph_task = torch._C._current_graph_task_id()
 
     def _block(self, reason: str) -> None:
         if self.reason is None:
@@ -192,6 +250,8 @@ class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]
     ) -> Any:
         kwargs = kwargs or {}
         self.ops += 1
+        if torch._C._current_graph_task_id() != self.graph_task:
+            self._block("autograd engine")
         if func._schema.is_mutable:
             self.mutates = True
         if func in _RANDOM_OPS:
@@ -265,6 +325,21 @@ def _flat_fast(a: Any, flat: list[FastDTensor]) -> None:
             _flat_fast(e, flat)
 
 
+def _autograd_state(t: torch.Tensor) -> tuple[Any, ...]:
+    """What autograd holds for ``t`` besides ``requires_grad``: its node, hooks, whether it
+    retains its grad, and the grad itself (read only where it may exist: reading a non-leaf's
+    ``grad`` warns)."""
+    retains = t.retains_grad
+    grad = t.grad if t.is_leaf or retains else None
+    hooks = t._backward_hooks
+    return (t.grad_fn, tuple(hooks) if hooks else (), retains, grad)
+
+
+def _same_autograd_state(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """The same node and grad tensor objects, the same hook handles and flag."""
+    return a[0] is b[0] and a[1] == b[1] and a[2] == b[2] and a[3] is b[3]
+
+
 def _version(t: torch.Tensor) -> int:
     try:
         return t._version
@@ -310,15 +385,17 @@ def _describe(
     if type(result) is FastDTensor:
         if result.requires_grad:
             return None, "output requires grad"
+        if result._is_view():
+            # NOTE: also a view of a temporary the call made itself (F.linear on a 3-D input ends
+            # with a view of its addmm result; einsum): made under no_grad, stock's view makes a
+            # later in-place op with a grad-requiring operand raise, which a fresh tensor would
+            # not. Under inference mode no view is tracked, so those calls still replay there.
+            return None, "view output"
         ptr = _storage_ptr(result._local_tensor)
         if ptr is None or None in storages:
             return None, "unreadable storage"
         if ptr in storages:
             return None, "view output"
-        # NOTE: a view of a temporary the call made itself (F.linear on a 3-D input ends with a
-        # view of its addmm result) shares storage and version counter with nothing the caller
-        # can reach; only ``_is_view()``/``_base`` tell it from the fresh tensor a replay returns.
-        # A view of an argument (above) keeps stock's aliasing only on the dispatch path.
         if _version(result) != 0:
             return None, "output version"
         return (OUT_NEW, result._spec), ""
@@ -389,6 +466,7 @@ def _plan(
     kwargs: dict[str, Any],
     flat: list[FastDTensor],
     before: list[tuple[Any, ...]],
+    autograd_before: list[tuple[Any, ...]],
     result: Any,
     observer: _Observer,
 ) -> ReplayPlan | str:
@@ -413,11 +491,13 @@ def _plan(
     if entry is None:
         return reason
     bumps = []
-    for index, (t, (local, _, spec, requires_grad, version, _)) in enumerate(
-        zip(flat, before, strict=True)
+    for index, (t, (local, _, spec, requires_grad, version, _), autograd) in enumerate(
+        zip(flat, before, autograd_before, strict=True)
     ):
         if t._local_tensor is not local or t._spec != spec or t.requires_grad != requires_grad:
             return "argument metadata changed"
+        if not _same_autograd_state(_autograd_state(t), autograd):
+            return "autograd state changed"
         delta = _version(t) - version
         if delta:
             bumps.append((index, delta))
@@ -496,6 +576,11 @@ def _miss(
     key: tuple[object, ...],
     structure: list[object] | None,
 ) -> Any:
+    if _autograd_entry_point(func):
+        # NOTE: not observed either: the engine may run this call's backward (reentrant
+        # checkpointing) on tensors the observer would refuse to forward.
+        cache.insert(key, "autograd entry point")
+        return _stock(func, types, args, kwargs)
     flat: list[FastDTensor] = []
     for a in args:
         _flat_fast(a, flat)
@@ -522,6 +607,7 @@ def _miss(
         # Locals that cannot be copied exactly (meta, wrapper subclasses ...): never replayed.
         cache.insert(key, "unreadable storage")
         return _stock(func, types, args, kwargs)
+    autograd_before = [_autograd_state(t) for t in flat]
     observer = _Observer()
     with observer:
         result = _stock(func, types, args, kwargs)
@@ -529,7 +615,7 @@ def _miss(
         passthrough[func] = True
         cache.entries.pop(key, None)
         return result
-    value = _plan(func, args, kwargs, flat, before, result, observer)
+    value = _plan(func, args, kwargs, flat, before, autograd_before, result, observer)
     cache.insert(key, value)
     if structure is not None:
         structure_key = tuple(structure)
@@ -595,6 +681,9 @@ def config() -> dict[str, Any]:
         "dispatch_modes": torch._C._len_torch_dispatch_stack,
         "grad_enabled": torch.is_grad_enabled,
         "inference": torch.is_inference_mode_enabled,
+        "default_dtype": torch.get_default_dtype,
+        "any_autocast": torch._C._is_any_autocast_enabled,
+        "autocast_state": autocast_state,
         "disable_subclass": torch._C.DisableTorchFunctionSubclass,
         "increment_version": torch._C._increment_version,
         "explicit_local": _compat.explicit_redistribution_local,

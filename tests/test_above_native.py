@@ -47,6 +47,16 @@ def _dt(mesh: DeviceMesh, placement: Any, shape: tuple[int, ...] = (8, 8)) -> An
 def test_build_key_matches_the_twin(mesh: DeviceMesh) -> None:
     x, r = _dt(mesh, Shard(0)), _dt(mesh, Replicate())
     r.requires_grad_()
+    with torch.inference_mode():
+        inf = _dt(mesh, Shard(0))
+    flagged = []
+    for conj, neg in ((True, False), (False, True), (True, True)):
+        f = torch.Tensor._dtensor__new__(
+            type(x), x._local_tensor.to(torch.complex64), x._spec, requires_grad=False
+        )
+        torch._C._set_conj(f, conj)
+        torch._C._set_neg(f, neg)
+        flagged.append(f)
     calls: list[tuple[Any, tuple[Any, ...], dict[str, Any]]] = [
         (torch.add, (x, x), {}),
         (torch.add, (x, 2), {"alpha": 2.0}),
@@ -58,17 +68,37 @@ def test_build_key_matches_the_twin(mesh: DeviceMesh) -> None:
         (torch.Tensor.relu, (r,), {}),  # requires grad: a reason under grad mode
         (torch.add, (x, torch.ones(8, 8)), {}),  # a plain tensor: a reason
         (torch.add, (x, 1 + 2j), {}),
+        (torch.Tensor.add_, (inf, 1), {}),  # an inference tensor
+        *((torch.Tensor.resolve_conj, (f,), {}) for f in flagged),  # conj/neg bits
     ]
     assert _function_c is not None
     _function.configure(above.config())
+    ambient = [(torch.float32, None), (torch.float64, None)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ambient.append(_function.ambient())
+    assert ambient[-1] == (torch.float32, (("cpu", torch.bfloat16),))
+    keys = set()
     for grad in (False, True):
         for inference in (False, True):
-            for func, args, kwargs in calls:
-                twin = _function.build_key(func, args, kwargs, grad, inference)
-                ours = _function_c.build_key(func, args, kwargs, grad, inference)
-                assert ours == twin, (func, args, kwargs, grad)
-                if not isinstance(twin[0], str):
-                    assert hash(tuple(ours[0])) == hash(tuple(twin[0]))
+            for default_dtype, autocast in ambient:
+                for func, args, kwargs in calls:
+                    state = (grad, inference, default_dtype, autocast)
+                    twin = _function.build_key(func, args, kwargs, *state)
+                    ours = _function_c.build_key(func, args, kwargs, *state)
+                    assert ours == twin, (func, args, kwargs, state)
+                    if not isinstance(twin[0], str):
+                        assert hash(tuple(ours[0])) == hash(tuple(twin[0]))
+                        keys.add(tuple(twin[0]))
+    # Every state and flag above is in the key: no two of these calls share one.
+    assert len(keys) == sum(
+        1
+        for grad in (False, True)
+        for _ in (False, True)
+        for _ in ambient
+        for _, args, _ in calls
+        if not (grad and any(getattr(a, "requires_grad", False) for a in args))
+        and not any(type(a) is torch.Tensor for a in args)
+    )
 
 
 def _rss_bytes() -> int:
@@ -99,6 +129,23 @@ def _workloads(mesh: DeviceMesh) -> dict[str, tuple[Callable[[], Any], list[Any]
 
         return run
 
+    def autocast(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return fn()
+
+        return run
+
+    def inference(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> Any:
+            with torch.inference_mode():
+                return fn()
+
+        return run
+
+    with torch.inference_mode():
+        inf = _dt(mesh, Shard(0))
+    touched.append(inf)
     return {
         "replay (new output)": (no_grad(lambda: x + x), touched),
         "replay with a Python scalar": (no_grad(lambda: x * 2.5), touched),
@@ -108,6 +155,8 @@ def _workloads(mesh: DeviceMesh) -> dict[str, tuple[Callable[[], Any], list[Any]
         "replay in-place (version bump)": (no_grad(lambda: inplace.mul_(1.0)), touched),
         "replay with a local chunk (S0 + R)": (no_grad(lambda: x + r), touched),
         "replay out=": (no_grad(lambda: torch.add(x, x, out=out)), touched),
+        "replay under autocast": (autocast(no_grad(lambda: x + x)), touched),
+        "replay on an inference tensor": (inference(lambda: inf + inf), touched),
         "negative entry (view)": (no_grad(lambda: x.t()), touched),
         "step-varying scalar": (no_grad(varying), touched),
         "step aside (autograd needed)": (lambda: grad_x.relu(), touched),
@@ -124,6 +173,8 @@ WORKLOADS = [
     "replay in-place (version bump)",
     "replay with a local chunk (S0 + R)",
     "replay out=",
+    "replay under autocast",
+    "replay on an inference tensor",
     "negative entry (view)",
     "step-varying scalar",
     "step aside (autograd needed)",

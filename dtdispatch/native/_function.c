@@ -2,7 +2,7 @@
  * dtdispatch.native._function_c: the C hot path above dispatch (FastDTensor.__torch_function__,
  * ARCHITECTURE "The path above dispatch").
  *
- * The specification is Python: dtdispatch/native/_function.py (``configure``, ``build_key``,
+ * The specification is Python: dtdispatch/native/_function.py (``configure``, ``ambient``, ``build_key``,
  * ``_entry``, ``_unwrap``, ``torch_function``, ``_step_aside``, ``_output``). Every block below names
  * the Python block it mirrors; change both together. CPython C API only: no torch headers. Everything
  * torch-specific (types, the disabled implementation, mode and grad queries, guards, markers) is taken
@@ -52,13 +52,14 @@ static void drop_error(SavedError e)
 /* Module state: mirrors _function._config. */
 static PyObject *c_fast_type, *c_tensor_type, *c_new, *c_disabled, *c_passthrough, *c_thread_cache,
     *c_miss, *c_is_compiling, *c_tf_mode, *c_dispatch_modes, *c_grad_enabled, *c_inference,
-    *c_disable_subclass, *c_increment_version, *c_below_autograd, *c_kw_marker, *c_value_marker,
+    *c_default_dtype, *c_any_autocast, *c_autocast_state, *c_disable_subclass, *c_increment_version, *c_below_autograd, *c_kw_marker, *c_value_marker,
     *c_structure_marker, *c_explicit_local;
 
 static PyObject *s_requires_grad, *s_spec, *s_local_tensor, *s_entries, *s_per_func, *s_negative,
     *s_stepped_aside, *s_move_to_end, *s_enter, *s_exit, *s_memo_key,
     *s_mode_or_compiling, *s_unhashable, *s_kwnames_rg, *s_args, *s_kwargs, *small_one, *s_active,
-    *s_narrow, *s_clone, *s_explicit, *s_compiling_flag, *c_compiler_module;
+    *s_narrow, *s_clone, *s_explicit, *s_compiling_flag, *c_compiler_module, *s_is_inference, *s_is_conj,
+    *s_is_neg;
 
 /* Output entry kinds: mirrors _function.OUT_*. */
 enum { OUT_NEW = 0, OUT_ARG = 1, OUT_NONE = 2, OUT_SEQ = 3 };
@@ -79,6 +80,9 @@ static struct {
     {"dispatch_modes", &c_dispatch_modes},
     {"grad_enabled", &c_grad_enabled},
     {"inference", &c_inference},
+    {"default_dtype", &c_default_dtype},
+    {"any_autocast", &c_any_autocast},
+    {"autocast_state", &c_autocast_state},
     {"disable_subclass", &c_disable_subclass},
     {"increment_version", &c_increment_version},
     {"below_autograd", &c_below_autograd},
@@ -234,13 +238,25 @@ static PyObject *step_aside(PyObject *memo, PyObject *func, PyObject *types, PyO
 /* Key: mirrors _function.build_key / _entry.                                                        */
 /* ------------------------------------------------------------------------------------------------ */
 
+/* a.name() as a truth value: 1, 0, or -1 on error. */
+static int call_flag(PyObject *a, PyObject *name)
+{
+    PyObject *argv[1] = {a};
+    PyObject *r = PyObject_VectorcallMethod(name, argv, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    if (r == NULL)
+        return -1;
+    int v = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return v;
+}
+
 /* Append one argument's entry. Returns 0, -1 on error, or 1 with *reason set (a new reference to a
  * str: step aside). */
 static int entry(PyObject *a, PyObject *key, PyObject *scalars, int grad, PyObject **reason)
 {
     PyTypeObject *t = Py_TYPE(a);
     if ((PyObject *)t == c_fast_type) {
-        /* Block: FastDTensor -> (fast_type, spec, requires_grad); autograd needed -> step aside. */
+        /* Block: FastDTensor -> (fast_type, spec, requires_grad, flags); autograd needed -> step aside. */
         PyObject *rg = PyObject_GetAttr(a, s_requires_grad);
         if (rg == NULL)
             return -1;
@@ -261,6 +277,19 @@ static int entry(PyObject *a, PyObject *key, PyObject *scalars, int grad, PyObje
                      : 0;
         Py_XDECREF(spec);
         Py_DECREF(rg);
+        if (rc < 0)
+            return -1;
+        /* flags = is_inference() | is_conj() << 1 | is_neg() << 2 (the twin's NOTE says why) */
+        int inf = call_flag(a, s_is_inference);
+        int conj = inf < 0 ? -1 : call_flag(a, s_is_conj);
+        int neg = conj < 0 ? -1 : call_flag(a, s_is_neg);
+        if (neg < 0)
+            return -1;
+        PyObject *flags = PyLong_FromLong(inf | conj << 1 | neg << 2);
+        if (flags == NULL)
+            return -1;
+        rc = PyList_Append(key, flags);
+        Py_DECREF(flags);
         return rc;
     }
     int never_tensor = t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type || t == &PyComplex_Type ||
@@ -326,11 +355,11 @@ static int entry(PyObject *a, PyObject *key, PyObject *scalars, int grad, PyObje
 /* mirrors _function.build_key: 0 with *key_out, *scalars_out set; 1 with *key_out a reason str; -1. The
  * caller holds the DisableTorchFunctionSubclass guard. */
 static int build_key_impl(PyObject *func, PyObject *args, PyObject *kwargs, int grad, int inference,
-                          PyObject **key_out, PyObject **scalars_out)
+                          PyObject *default_dtype, PyObject *autocast, PyObject **key_out, PyObject **scalars_out)
 {
     *key_out = *scalars_out = NULL;
     PyObject *nargs = PyLong_FromSsize_t(PyTuple_GET_SIZE(args));
-    PyObject *key = nargs ? PyList_New(4) : NULL;
+    PyObject *key = nargs ? PyList_New(6) : NULL;
     PyObject *scalars = key ? PyList_New(0) : NULL;
     PyObject *reason = NULL;
     if (scalars == NULL) {
@@ -341,7 +370,9 @@ static int build_key_impl(PyObject *func, PyObject *args, PyObject *kwargs, int 
     PyList_SET_ITEM(key, 0, Py_NewRef(func));
     PyList_SET_ITEM(key, 1, Py_NewRef(grad ? Py_True : Py_False));
     PyList_SET_ITEM(key, 2, Py_NewRef(inference ? Py_True : Py_False));
-    PyList_SET_ITEM(key, 3, nargs);
+    PyList_SET_ITEM(key, 3, Py_NewRef(default_dtype));
+    PyList_SET_ITEM(key, 4, Py_NewRef(autocast));
+    PyList_SET_ITEM(key, 5, nargs);
     int rc = 0;
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args) && rc == 0; i++)
         rc = entry(PyTuple_GET_ITEM(args, i), key, scalars, grad, &reason);
@@ -412,12 +443,13 @@ static int query_compiling(void)
     return query(c_is_compiling);
 }
 
-/* build_key(func, args, kwargs, grad, inference): mirrors _function.build_key (for the differential
- * tests; the hot path calls build_key_impl under the guard). */
+/* build_key(func, args, kwargs, grad, inference, default_dtype, autocast): mirrors _function.build_key
+ * (for the differential tests; the hot path calls build_key_impl under the guard). */
 static PyObject *fn_build_key(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t nargs)
 {
-    if (nargs != 5 || !PyTuple_Check(argv[1]) || (argv[2] != Py_None && !PyDict_Check(argv[2]))) {
-        PyErr_SetString(PyExc_TypeError, "build_key(func, args: tuple, kwargs: dict, grad, inference)");
+    if (nargs != 7 || !PyTuple_Check(argv[1]) || (argv[2] != Py_None && !PyDict_Check(argv[2]))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "build_key(func, args: tuple, kwargs: dict, grad, inference, default_dtype, autocast)");
         return NULL;
     }
     if (!configured())
@@ -435,7 +467,8 @@ static PyObject *fn_build_key(PyObject *Py_UNUSED(module), PyObject *const *argv
     }
     Py_DECREF(entered);
     PyObject *key, *scalars;
-    int rc = build_key_impl(argv[0], argv[1], argv[2] == Py_None ? NULL : argv[2], grad, inference, &key, &scalars);
+    int rc = build_key_impl(argv[0], argv[1], argv[2] == Py_None ? NULL : argv[2], grad, inference, argv[5], argv[6],
+                            &key, &scalars);
     SavedError exc = save_error();
     PyObject *exited = PyObject_CallMethod(guard, "__exit__", "OOO", Py_None, Py_None, Py_None);
     Py_DECREF(guard);
@@ -820,12 +853,26 @@ static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const 
     int grad = query(c_grad_enabled), inference = grad >= 0 ? query(c_inference) : 0;
     if (grad < 0 || inference < 0)
         goto out_memo;
-    PyObject *entered = PyObject_CallNoArgs(PyTuple_GET_ITEM(memo, M_ENTER));
-    if (entered == NULL)
+    /* mirrors _function.ambient: (default dtype, autocast state or None) */
+    PyObject *default_dtype = PyObject_CallNoArgs(c_default_dtype), *autocast = NULL;
+    if (default_dtype == NULL)
         goto out_memo;
+    int any_autocast = query(c_any_autocast);
+    if (any_autocast < 0 || (autocast = any_autocast ? PyObject_CallNoArgs(c_autocast_state) : Py_NewRef(Py_None)) == NULL) {
+        Py_DECREF(default_dtype);
+        goto out_memo;
+    }
+    PyObject *entered = PyObject_CallNoArgs(PyTuple_GET_ITEM(memo, M_ENTER));
+    if (entered == NULL) {
+        Py_DECREF(default_dtype);
+        Py_DECREF(autocast);
+        goto out_memo;
+    }
     Py_DECREF(entered);
     PyObject *key_list, *scalars;
-    int krc = build_key_impl(func, args, kwargs, grad, inference, &key_list, &scalars);
+    int krc = build_key_impl(func, args, kwargs, grad, inference, default_dtype, autocast, &key_list, &scalars);
+    Py_DECREF(default_dtype);
+    Py_DECREF(autocast);
     {
         SavedError exc = save_error();
         PyObject *exit_args[3] = {Py_None, Py_None, Py_None};
@@ -972,7 +1019,8 @@ static PyMethodDef methods[] = {
     {"configure", (PyCFunction)fn_configure, METH_O,
      "configure(config: dict) -> None\n\nHand over what the hot path needs (see _function.configure)."},
     {"build_key", (PyCFunction)(void (*)(void))fn_build_key, METH_FASTCALL,
-     "build_key(func, args, kwargs, grad, inference) -> (key list | reason, scalar positions)"},
+     "build_key(func, args, kwargs, grad, inference, default_dtype, autocast) -> (key list | reason, scalar "
+     "positions)"},
     {"torch_function", (PyCFunction)(void (*)(void))fn_torch_function, METH_FASTCALL | METH_KEYWORDS,
      "FastDTensor.__torch_function__ (installed as a classmethod): see _function.torch_function."},
     {NULL, NULL, 0, NULL},
@@ -1012,6 +1060,9 @@ PyMODINIT_FUNC PyInit__function_c(void)
     INTERN(s_explicit, "explicit redistribution context");
     INTERN(s_args, "args");
     INTERN(s_kwargs, "kwargs");
+    INTERN(s_is_inference, "is_inference");
+    INTERN(s_is_conj, "is_conj");
+    INTERN(s_is_neg, "is_neg");
     if ((s_kwnames_rg = Py_BuildValue("(s)", "requires_grad")) == NULL || (small_one = PyLong_FromLong(1)) == NULL)
         return NULL;
     HashedKeyType.tp_base = &PyTuple_Type;

@@ -8,6 +8,10 @@
   tracing, a torch function or dispatch mode active, autograd needed (grad mode on and a
   FastDTensor argument requires grad), or no key (an unhashable value, a tensor that is not a
   FastDTensor);
+- the key holds every ambient state and tensor flag that decides the result or what raises
+  (ARCHITECTURE 'What the key above dispatch holds'): grad and inference mode, the default dtype,
+  autocast per device type, each FastDTensor's spec, ``requires_grad``, inference-ness and
+  conj/neg bits;
 - hit on a replay plan: call ``func`` on the local tensors, wrap outputs with the recorded specs;
 - hit on a negative entry (a reason string): stock behaviour, counted by reason;
 - miss: ``above.miss`` (Python only) runs the call through the dispatch path, observes it and
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["build_key", "configure", "torch_function"]
+__all__ = ["ambient", "build_key", "configure", "torch_function"]
 
 _config: dict[str, Any] = {}
 
@@ -39,24 +43,40 @@ def configure(config: dict[str, Any]) -> None:
     ``tensor_type``, ``new``, ``disabled`` (``torch._C._disabled_torch_function_impl``),
     ``passthrough`` (dict: func -> True), ``thread_cache`` (``above.thread_cache``), ``miss``
     (``above.miss``), ``is_compiling``, ``tf_mode``, ``dispatch_modes``, ``grad_enabled``,
-    ``inference``, ``disable_subclass``, ``increment_version``, ``explicit_local``,
+    ``inference``, ``default_dtype``, ``any_autocast``, ``autocast_state``, ``disable_subclass``,
+    ``increment_version``, ``explicit_local``,
     ``below_autograd`` (a guard class), ``kw_marker``, ``value_marker``, ``structure_marker``."""
     _config.update(config)
 
 
+def ambient() -> tuple[Any, Any]:
+    """(default dtype, autocast state): the ambient state a key holds besides grad and inference
+    mode. The autocast state is None while no device type has autocast on (one cheap query), else
+    ``above.autocast_state()``."""
+    c = _config
+    return c["default_dtype"](), c["autocast_state"]() if c["any_autocast"]() else None
+
+
 def build_key(
-    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], grad: bool, inference: bool
+    func: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    grad: bool,
+    inference: bool,
+    default_dtype: Any,
+    autocast: Any,
 ) -> tuple[list[object] | str, list[int]]:
     """The flat key of one call (as a list) and the positions of its Python-scalar values, or a
     reason string (step aside) and [].
 
-    Layout: func, grad, inference, len(args), then per argument: FastDTensor -> (fast_type, spec,
-    requires_grad); list/tuple -> (type, len, elements...); slice -> (slice, start, stop, step
-    entries); anything else -> (type, value) (so 2, 2.0 and True differ); then, when kwargs are
-    given, the kw marker and (name, entry) per kwarg in call order. Hashability is checked at
-    lookup.
+    Layout: func, grad, inference, default dtype, autocast state (see ``ambient``), len(args),
+    then per argument: FastDTensor -> (fast_type, spec, requires_grad, flags) with flags =
+    inference tensor | conj bit << 1 | neg bit << 2; list/tuple -> (type, len, elements...);
+    slice -> (slice, start, stop, step entries); anything else -> (type, value) (so 2, 2.0 and
+    True differ); then, when kwargs are given, the kw marker and (name, entry) per kwarg in call
+    order. Hashability is checked at lookup.
     """
-    key: list[object] = [func, grad, inference, len(args)]
+    key: list[object] = [func, grad, inference, default_dtype, autocast, len(args)]
     scalars: list[int] = []
     for a in args:
         reason = _entry(a, key, scalars, grad)
@@ -86,6 +106,10 @@ def _entry(a: Any, key: list[object], scalars: list[int], grad: bool) -> str | N
         key.append(t)
         key.append(a._spec)
         key.append(requires_grad)
+        # NOTE: the wrapper's own flags, which its spec does not hold: torch checks them above
+        # dispatch (in-place on an inference tensor outside inference mode raises) and the
+        # conj/neg fallbacks read them before the call reaches the locals.
+        key.append(a.is_inference() | a.is_conj() << 1 | a.is_neg() << 2)
         return None
     if isinstance(a, c["tensor_type"]):
         return "foreign tensor"
@@ -147,10 +171,12 @@ def torch_function(
         return _step_aside(cache, func, types, args, kwargs, "mode or compiling")
     # Block: key.
     grad = c["grad_enabled"]()
+    inference = c["inference"]()
+    default_dtype, autocast = ambient()
     # NOTE: reading requires_grad on a FastDTensor would re-enter this handler; torch function is
     # off for subclasses while the key is built.
     with c["disable_subclass"]():
-        key_list, scalars = build_key(func, args, kwargs, grad, c["inference"]())
+        key_list, scalars = build_key(func, args, kwargs, grad, inference, default_dtype, autocast)
     if isinstance(key_list, str):
         return _step_aside(cache, func, types, args, kwargs, key_list)
     key = tuple(key_list)

@@ -9,7 +9,13 @@ def configure(config: dict[str, Any]) -> None:
     """Hand over what the hot path needs (``_function.configure``)."""
 
 def build_key(
-    func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], grad: bool, inference: bool
+    func: Any,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    grad: bool,
+    inference: bool,
+    default_dtype: Any,
+    autocast: Any,
 ) -> tuple[list[object] | str, list[int]]:
     """The flat key of one call and its scalar positions, or (reason, []): see
     ``_function.build_key``."""
