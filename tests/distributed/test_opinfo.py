@@ -41,6 +41,7 @@ def test_opinfo(rank: int, world_size: int, n: int, op_id: str) -> None:
                 "failures": [{"dtype": str(x.dtype), "where": x.where, "message": x.message,
                               "known": x.known.reason if x.known else None}
                              for x in report.failures],
+                "deviations": report.deviations,
             }) + "\n")
     assert report.counts["samples"] + report.counts["sample not wrappable"] > 0, (
         f"{op_id}: no sample ran")
