@@ -50,15 +50,19 @@ test: $(STAMP)
 
 # The whole OpInfo database against stock DTensor (tests/distributed/test_opinfo.py, world sizes 1
 # and 2, both implementations, the path above dispatch on and off, forward and backward): per
-# (op, dtype) OPINFO_SAMPLES samples, per sample OPINFO_SHARDINGS shardings. Each op's report goes
-# to OPINFO_LOG (JSON lines); the summary per failure class is printed at the end.
+# (op, dtype) OPINFO_SAMPLES samples, per sample OPINFO_SHARDINGS shardings; OPINFO_DTYPES (comma-
+# separated, empty: every dtype of dtdispatch.testing.opinfo.DTYPES), OPINFO_FROM (an op id: resume
+# there). Each op's report goes to OPINFO_LOG (JSON lines, appended: remove it for a fresh run);
+# the summary per failure class is printed at the end.
 OPINFO_LOG ?= opinfo.jsonl
-OPINFO_SAMPLES ?= 2
-OPINFO_SHARDINGS ?= 3
+OPINFO_SAMPLES ?= 1
+OPINFO_SHARDINGS ?= 2
+OPINFO_DTYPES ?=
+OPINFO_FROM ?=
 opinfo: $(STAMP)
-	rm -f $(OPINFO_LOG)
 	DTDISPATCH_OPINFO=all DTDISPATCH_OPINFO_LOG=$(abspath $(OPINFO_LOG)) \
 	  DTDISPATCH_OPINFO_SAMPLES=$(OPINFO_SAMPLES) DTDISPATCH_OPINFO_SHARDINGS=$(OPINFO_SHARDINGS) \
+	  DTDISPATCH_OPINFO_DTYPES=$(OPINFO_DTYPES) DTDISPATCH_OPINFO_FROM=$(OPINFO_FROM) \
 	  $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests/distributed/test_opinfo.py; \
 	  rc=$$?; $(PY) -m dtdispatch.testing.opinfo $(OPINFO_LOG); exit $$rc
 

@@ -545,16 +545,21 @@ def _known(op_id: str, dtype: torch.dtype, message: str) -> Known | None:
     return None
 
 
-def run_op(op_id: str, mesh: DeviceMesh, *, dtypes: Sequence[torch.dtype] | None = None,
+def run_op(op_id: str | Any, mesh: DeviceMesh, *, dtypes: Sequence[torch.dtype] | None = None,
            max_samples: int = 4, max_shardings: int = 4,
            configs: Sequence[tuple[str, bool]] | None = None,
            backward: bool = True, log: Callable[[str], None] | None = None) -> Report:
     """Run one op of ``op_db`` on stock and dtdispatch; every difference lands in the report.
 
     Call on every rank of ``mesh`` in the same order (the calls communicate). Leaves dtdispatch
-    installed with the default implementation and the path above dispatch on.
+    installed with the default implementation and the path above dispatch on. ``op_id`` may also
+    be an OpInfo-like object (``op``, ``sample_inputs``, ``supported_dtypes``,
+    ``supported_backward_dtypes``, ``supports_autograd``, ``name``, ``variant_test_name``).
     """
-    op = _op_db()[op_id]
+    if isinstance(op_id, str):
+        op = _op_db()[op_id]
+    else:
+        op, op_id = op_id, _op_id(op_id)
     configs = list(CONFIGS if configs is None else configs)
     impls = sorted({impl for impl, _ in configs})
     report = Report(op_id)
@@ -597,13 +602,22 @@ def run_op(op_id: str, mesh: DeviceMesh, *, dtypes: Sequence[torch.dtype] | None
 
 def selection() -> tuple[list[str], dict[str, Any]]:
     """The ops and ``run_op`` options: the fixed CI sample, or with ``DTDISPATCH_OPINFO=all`` the
-    whole database (``DTDISPATCH_OPINFO_SAMPLES`` / ``_SHARDINGS`` override the caps)."""
-    full = os.environ.get("DTDISPATCH_OPINFO", "") == "all"
+    whole database. ``DTDISPATCH_OPINFO_SAMPLES`` / ``_SHARDINGS`` override the caps,
+    ``DTDISPATCH_OPINFO_DTYPES`` (comma-separated names, e.g. ``float32,int64``) the dtypes,
+    ``DTDISPATCH_OPINFO_FROM`` (an op id) starts the database there (to resume a run)."""
+    env = os.environ.get
+    full = env("DTDISPATCH_OPINFO", "") == "all"
     ops = all_op_ids() if full else list(CI_OPS)
-    opts = {
-        "max_samples": int(os.environ.get("DTDISPATCH_OPINFO_SAMPLES", 4 if full else 2)),
-        "max_shardings": int(os.environ.get("DTDISPATCH_OPINFO_SHARDINGS", 4 if full else 3)),
+    start = env("DTDISPATCH_OPINFO_FROM")
+    if start:
+        ops = ops[ops.index(start):]
+    opts: dict[str, Any] = {
+        "max_samples": int(env("DTDISPATCH_OPINFO_SAMPLES", 1)),
+        "max_shardings": int(env("DTDISPATCH_OPINFO_SHARDINGS", 2)),
     }
+    names = env("DTDISPATCH_OPINFO_DTYPES")
+    if names:
+        opts["dtypes"] = [getattr(torch, n.strip()) for n in names.split(",")]
     return ops, opts
 
 
@@ -624,8 +638,8 @@ def summarize(lines: Sequence[str]) -> str:
         ops.add(r["op"])
         dtypes.update(r["dtypes"])
         counts.update({f"{k} (ws{r['ws']})": v for k, v in r["counts"].items()})
-        for d in r.get("deviations", []):
-            deviation_ops[r["op"]] += 1
+        if r.get("deviations"):
+            deviation_ops[r["op"]] += len(r["deviations"])
         for f in r["failures"]:
             first = f["message"].splitlines()[0] if f["message"] else ""
             text = re.sub(r"^sample \d+ \[[^\]]*\] ws\d+ ", "", first)
