@@ -131,8 +131,13 @@ def _local_chunk(
     length, offset = _compat.local_shard_size_and_offset(
         local.size(dim), src.mesh.size(mesh_dim), coordinate[mesh_dim]
     )
-    candidate = local.narrow(dim, offset, length).clone()
     reference = redistribute_local_tensor(local, src, dst)
+    if reference is local:
+        # NOTE: torch hands this very tensor back (the mesh dim has size 1), so an op that mutates
+        # the argument (native_batch_norm's running stats) writes through to it; a chunk copy would
+        # drop the write. The Python executor runs torch's redistribution, which keeps that.
+        return None
+    candidate = local.narrow(dim, offset, length).clone()
     same = (
         candidate.shape == reference.shape
         and candidate.stride() == reference.stride()
