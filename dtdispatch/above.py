@@ -296,10 +296,16 @@ class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]
             self._block("random op")
         elif not plan.participating:
             self._block("non-participating rank")
-        elif plan.communicates or (
-            plan.chunks is None
-            and plan.transforms is not None
-            and any(t is not None for t in plan.transforms)
+        elif (
+            plan.communicates
+            or (
+                plan.chunks is None
+                and plan.transforms is not None
+                and any(t is not None for t in plan.transforms)
+            )
+            # A chunk of length None is the local itself (local_results._local_chunk): the replay
+            # on local copies below cannot keep what an op writes through it.
+            or any(length is None for *_, length in plan.chunks or ())
         ):
             self._block("redistribution")
         elif not plan.fast:
@@ -310,6 +316,7 @@ class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]
                 self.rewritten = True
             self.fast_ops += 1
             for index, dim, offset, length in plan.chunks or ():
+                assert length is not None  # blocked above
                 self.chunks.append((args[index], dim, offset, length))
 
 
