@@ -21,10 +21,13 @@ exception type where stock raises. Random ops run under the same seed with a fre
 both; ops whose result is uninitialized memory are skipped (``SKIPPED``, with the reason).
 
 Where stock is wrong and dtdispatch is right (ARCHITECTURE 'Where dtdispatch differs from stock on
-purpose': stock keys arguments it does not key by value, and replays a spec that disagrees with the
-call), the outcome is checked against plain tensors instead: the sample is accepted only when
-stock's global shape or dtype disagrees with the plain-tensor result and dtdispatch's agrees, with
-values equal to it (``torch.testing.assert_close``).
+purpose'): stock raises because its sharding cache cannot hash a complex scalar, or returns a spec
+whose global shape or dtype disagrees with the call (its key leaves out an argument that decides
+it). There the outcome is checked against the op on plain tensors instead: accepted only when
+dtdispatch's result agrees with it (shapes and dtypes exactly, values with
+``torch.testing.assert_close``) and, where stock returned, stock's global shape or dtype does not.
+
+The first difference of a sharding ends that sharding (its later configurations do not run).
 
 Known failures (``KNOWN_FAILURES``) are tolerated and counted; every other difference fails.
 Every rank builds the same samples from the same seed, so setting up needs no communication.
