@@ -296,16 +296,10 @@ class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]
             self._block("random op")
         elif not plan.participating:
             self._block("non-participating rank")
-        elif (
-            plan.communicates
-            or (
-                plan.chunks is None
-                and plan.transforms is not None
-                and any(t is not None for t in plan.transforms)
-            )
-            # A chunk of length None is the local itself (local_results._local_chunk): the replay
-            # on local copies below cannot keep what an op writes through it.
-            or any(length is None for *_, length in plan.chunks or ())
+        elif plan.communicates or (
+            plan.chunks is None
+            and plan.transforms is not None
+            and any(t is not None for t in plan.transforms)
         ):
             self._block("redistribution")
         elif not plan.fast:
@@ -316,7 +310,11 @@ class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]
                 self.rewritten = True
             self.fast_ops += 1
             for index, dim, offset, length in plan.chunks or ():
-                assert length is not None  # blocked above
+                if length is None:
+                    # The local itself (a size-1 mesh dim, local_results._local_chunk): replayed as
+                    # a full-length chunk. NOTE: the plan-time replay below compares the in-place
+                    # effects, so a call that writes through that argument is refused.
+                    length = args[index]._local_tensor.size(dim)
                 self.chunks.append((args[index], dim, offset, length))
 
 
