@@ -19,7 +19,7 @@ BUILD_INPUTS := pyproject.toml setup.py $(wildcard dtdispatch/native/*.c dtdispa
 TORCH_COMPAT ?= 2.14.1 2.15.0
 COMPAT_DIR ?= .compat
 
-.PHONY: install demo fuzz test lint clean compat compat-one clients clients-venvs clients-venv-one
+.PHONY: install demo fuzz test lint clean compat compat-one clients clients-venvs clients-venv-one opinfo
 
 install: $(STAMP)
 
@@ -47,6 +47,24 @@ fuzz: $(STAMP)
 # The whole suite. No -n: the multi-rank tests already keep both cores busy (see docs/TESTING.md).
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+
+# The whole OpInfo database against stock DTensor (tests/distributed/test_opinfo.py, world sizes 1
+# and 2, both implementations, the path above dispatch on and off, forward and backward): per
+# (op, dtype) OPINFO_SAMPLES samples, per sample OPINFO_SHARDINGS shardings; OPINFO_DTYPES (comma-
+# separated, empty: every dtype of dtdispatch.testing.opinfo.DTYPES), OPINFO_FROM (an op id: resume
+# there). Each op's report goes to OPINFO_LOG (JSON lines, appended: remove it for a fresh run);
+# the summary per failure class is printed at the end.
+OPINFO_LOG ?= opinfo.jsonl
+OPINFO_SAMPLES ?= 1
+OPINFO_SHARDINGS ?= 2
+OPINFO_DTYPES ?=
+OPINFO_FROM ?=
+opinfo: $(STAMP)
+	DTDISPATCH_OPINFO=all DTDISPATCH_OPINFO_LOG=$(abspath $(OPINFO_LOG)) \
+	  DTDISPATCH_OPINFO_SAMPLES=$(OPINFO_SAMPLES) DTDISPATCH_OPINFO_SHARDINGS=$(OPINFO_SHARDINGS) \
+	  DTDISPATCH_OPINFO_DTYPES=$(OPINFO_DTYPES) DTDISPATCH_OPINFO_FROM=$(OPINFO_FROM) \
+	  $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests/distributed/test_opinfo.py; \
+	  rc=$$?; $(PY) -m dtdispatch.testing.opinfo $(OPINFO_LOG); exit $$rc
 
 # Each version: venv, torch==V (skipped when it is already there), dtdispatch in editable mode from
 # this checkout (redone when the checkout or its build inputs change: the stamp holds both), the

@@ -292,6 +292,11 @@ class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]
                 self.rewritten = True
             self.fast_ops += 1
             for index, dim, offset, length in plan.chunks or ():
+                if length is None:
+                    # The local itself (a size-1 mesh dim, local_results._local_chunk): replayed as
+                    # a full-length chunk. NOTE: the plan-time replay below compares the in-place
+                    # effects, so a call that writes through that argument is refused.
+                    length = args[index]._local_tensor.size(dim)
                 self.chunks.append((args[index], dim, offset, length))
 
 

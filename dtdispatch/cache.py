@@ -235,7 +235,7 @@ class Plan:
     reason: str
     out_names: tuple[str, ...]
     """OUT plans: the ``out=`` argument names in schema order (their specs are ``output_spec``)."""
-    chunks: tuple[tuple[int, int, int, int], ...] | None
+    chunks: tuple[tuple[int, int, int, int | None], ...] | None
     """Communication-free transforms the native path replays: (argument index, dim, offset,
     length), each ``local.narrow(dim, offset, length).clone()`` — verified equal to torch's
     redistribution when planned."""

@@ -100,7 +100,7 @@ def _communicates(src: DTensorSpec, dst: DTensorSpec) -> bool:
 
 def _local_chunk(
     local: torch.Tensor, src: DTensorSpec, dst: DTensorSpec
-) -> tuple[int, int, int] | None:
+) -> tuple[int, int, int | None] | None:
     """(dim, offset, length) when src -> dst is one Replicate -> Shard(d) step that torch runs as
     a local chunk, verified against torch's ``redistribute_local_tensor`` on this very tensor;
     else None."""
@@ -124,8 +124,13 @@ def _local_chunk(
     length, offset = _compat.local_shard_size_and_offset(
         local.size(dim), src.mesh.size(mesh_dim), coordinate[mesh_dim]
     )
-    candidate = local.narrow(dim, offset, length).clone()
     reference = redistribute_local_tensor(local, src, dst)
+    if reference is local:
+        # NOTE: torch hands this very tensor back (the mesh dim has size 1): length None replays
+        # it as is. A copy would drop what an op writes through it (native_batch_norm's running
+        # stats, which its schema does not even mark as mutated).
+        return (dim, 0, None)
+    candidate = local.narrow(dim, offset, length).clone()
     same = (
         candidate.shape == reference.shape
         and candidate.stride() == reference.stride()
@@ -148,7 +153,7 @@ def make_plan(
     rewritten: tuple[object, ...] | None = None
     op_call = op
     communicates = False
-    chunks: tuple[tuple[int, int, int, int], ...] | None = None
+    chunks: tuple[tuple[int, int, int, int | None], ...] | None = None
     if sharding.needs_redistribute:
         schema = sharding.redistribute_schema
         if schema is None:
@@ -180,7 +185,9 @@ def make_plan(
                     (
                         i,
                         _local_chunk(
-                            cast(torch.Tensor, op_info.local_args[i]), cast(DTensorSpec, current), t
+                            cast(torch.Tensor, op_info.local_args[i]),
+                            cast(DTensorSpec, current),
+                            t,
                         ),
                     )
                     for i, (current, t) in enumerate(
@@ -189,7 +196,9 @@ def make_plan(
                     if t is not None
                 ]
                 if all(chunk is not None for _, chunk in found):
-                    chunks = tuple((i, *cast(tuple[int, int, int], chunk)) for i, chunk in found)
+                    chunks = tuple(
+                        (i, *cast(tuple[int, int, int | None], chunk)) for i, chunk in found
+                    )
         if sharding.use_val_from_redistribute_schema:
             # Non-tensor positions take the rewritten values (e.g. a sharded view's local shape);
             # extra values the rewrite appends come after the original positions.
@@ -321,7 +330,7 @@ def _fresh_masks(plan: Plan) -> Plan:
 def _replay_locals(
     local_args: list[Any],
     rewritten: tuple[object, ...] | None,
-    chunks: tuple[tuple[int, int, int, int], ...] | None,
+    chunks: tuple[tuple[int, int, int, int | None], ...] | None,
 ) -> list[Any]:
     """The positional arguments the native path hands the local op for this call (the unwrap block
     of ``_native.dispatch``, from torch's already unwrapped ``local_args``)."""
@@ -331,7 +340,8 @@ def _replay_locals(
         ]
         local_args.extend(rewritten[len(local_args) :])
     for index, dim, offset, length in chunks or ():
-        local_args[index] = local_args[index].narrow(dim, offset, length).clone()
+        if length is not None:  # None: torch hands the local itself back (_local_chunk)
+            local_args[index] = local_args[index].narrow(dim, offset, length).clone()
     return local_args
 
 

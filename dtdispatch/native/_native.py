@@ -83,8 +83,10 @@ def dispatch(
         local.extend(rewritten[len(args) :])
     if chunks is not None:
         # Communication-free redistribution (Replicate -> Shard): the plan's verified local chunk.
+        # Length None: torch hands the local itself back (a size-1 mesh dim), so it is used as is.
         for index, dim, offset, length in chunks:
-            local[index] = local[index].narrow(dim, offset, length).clone()
+            if length is not None:
+                local[index] = local[index].narrow(dim, offset, length).clone()
     # Block: local op.
     if kwargs:
         local_kwargs = {

@@ -1610,7 +1610,8 @@ static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv,
     }
     if (chunks != Py_None) {
         /* Communication-free redistribution (Replicate -> Shard): the plan's verified local chunk.
-         * for index, dim, offset, length in chunks: local[index] = local[index].narrow(dim, offset, length).clone() */
+         * for index, dim, offset, length in chunks:
+         *     if length is not None: local[index] = local[index].narrow(dim, offset, length).clone() */
         PyObject *chunk_seq = PySequence_Fast(chunks, "chunks must be iterable");
         if (chunk_seq == NULL)
             goto done;
@@ -1623,6 +1624,11 @@ static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv,
                              PySequence_Fast_GET_SIZE(entry) > 4 ? "too many" : "not enough",
                              PySequence_Fast_GET_SIZE(entry));
                 Py_CLEAR(entry);
+            }
+            if (entry != NULL && PySequence_Fast_GET_ITEM(entry, 3) == Py_None) {
+                /* Length None: torch hands the local itself back; keep it. */
+                Py_DECREF(entry);
+                continue;
             }
             if (entry != NULL && local_index(PySequence_Fast_GET_ITEM(entry, 0), local.len - 1, &index) == 0) {
                 PyObject **e = PySequence_Fast_ITEMS(entry);
