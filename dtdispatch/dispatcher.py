@@ -28,7 +28,6 @@ from dtdispatch.local_results import execute, make_plan
 __all__ = ["install", "slow_path"]
 
 _op_dispatcher = DTensor._op_dispatcher
-_custom_handlers = _op_dispatcher._custom_op_handlers
 
 
 def _to_fast(result: object) -> object:
@@ -108,7 +107,9 @@ def slow_path(
         # The decision is cached; only its execution needs Python (no new sharding propagation).
         return execute(plan, op, args, kwargs)
     if reason == "custom handler":
-        return _to_fast(_custom_handlers[op](op, args, kwargs))
+        # NOTE: the live table (ARCHITECTURE 'The paths a call can take'): loss_parallel() and
+        # context parallel change it at run time.
+        return _to_fast(_op_dispatcher._custom_op_handlers[op](op, args, kwargs))
     if reason == "no key":
         _raise_if_mixed(op, args, kwargs)
     op_info = _op_dispatcher.unwrap_to_op_info(op, args, kwargs)
@@ -149,7 +150,7 @@ def install(name: str, *, above: bool | None = None) -> None:
     module.configure(
         {
             "slow_path": slow_path,
-            "custom_ops": frozenset(_custom_handlers),
+            "op_dispatcher": _op_dispatcher,
             "dtensor_type": DTensor,
             "tensor_type": torch.Tensor,
             "fast_type": FastDTensor,
