@@ -1,5 +1,5 @@
-"""The torch internals dtdispatch reads whose names moved between the supported releases
-(2.11-2.13).
+"""The torch internals dtdispatch reads whose names or behaviour differ between the supported
+releases (2.11-2.15).
 
 NOTE: every lookup of a private torch name that is not in all supported releases goes through here,
 so the version differences sit in one place and the rest of the code reads as if only torch 2.13
@@ -73,16 +73,51 @@ local_shard_size_and_offset: Callable[..., Any] = (
     getattr(Shard, "local_shard_size_and_offset", None) or Shard._local_shard_size_and_offset
 )
 
-_TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+def _calls_subclass_dispatch() -> bool:
+    """Whether this torch calls a DTensor subclass's own ``__torch_dispatch__``, found by calling
+    one aten op (``alias``, on a 1-element meta local) on a minimal subclass whose override records
+    the call and raises.
 
-# NOTE: from torch 2.13, torch's C++ sends an op on a DTensor subclass that overrides
-# __torch_dispatch__ to that override (``is_dtensor`` in python_arg_parser.cpp). torch 2.11 (checked
-# on the GPU machine and with its wheel on CPU) sends every DTensor subclass to its own C++ path:
-# FastDTensor's __torch_dispatch__ is never called and outputs come back as stock DTensors. Its
-# __torch_function__ still runs, so there dtdispatch works above dispatch only (DESIGN §12):
-# replayed calls stay on dtdispatch, everything else takes torch's path and its fresh outputs are
-# retyped as FastDTensors (``above.stock_call``).
-SUBCLASS_DISPATCH = _TORCH_VERSION >= (2, 13)
+    NOTE: decided by behaviour, not by version number: torch 2.12.1 and 2.13 call the override
+    (``is_dtensor`` in python_arg_parser.cpp), torch 2.11 sends every DTensor subclass to its own
+    C++ path. The probe needs no process group: its mesh is never initialised, so a torch that
+    takes its own path fails on it (caught) before anything could run, and the answer is False.
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+
+    called: list[object] = []
+
+    class _Probe(DTensor):
+        @classmethod
+        def __torch_dispatch__(  # type: ignore[override]
+            cls, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            called.append(func)
+            raise NotImplementedError("dtdispatch subclass-dispatch probe")
+
+    try:
+        local = torch.empty(1, device="meta")
+        spec = DTensorSpec(
+            DeviceMesh.__new__(DeviceMesh),
+            (Replicate(),),
+            tensor_meta=TensorMeta(local.shape, local.stride(), local.dtype),
+        )
+        probe = torch.Tensor._dtensor__new__(_Probe, local, spec, requires_grad=False)
+        torch.ops.aten.alias.default(probe)
+    except Exception:
+        pass
+    return bool(called)
+
+
+# NOTE: when torch calls a DTensor subclass's __torch_dispatch__ (measured above), FastDTensor's
+# override runs below autograd. Otherwise (torch 2.11, checked on the GPU machine and with its wheel
+# on CPU) FastDTensor's __torch_dispatch__ is never called and outputs come back as stock DTensors.
+# Its __torch_function__ still runs, so there dtdispatch works above dispatch only (ARCHITECTURE
+# 'torch versions'): replayed calls stay on dtdispatch, everything else takes torch's path and its
+# fresh outputs are retyped as FastDTensors (``above.stock_call``).
+SUBCLASS_DISPATCH = _calls_subclass_dispatch()
 
 
 def unsupported_reason(above_active: bool) -> str | None:

@@ -18,8 +18,9 @@ _config: dict[str, Any] = {}
 
 
 def configure(config: dict[str, Any]) -> None:
-    """Hand over what the hot path needs, resolved once: ``slow_path``, ``op_dispatcher`` (torch's
-    ``DTensor._op_dispatcher``: its ``_custom_op_handlers`` are read on every call), ``dtensor_type``, ``fast_type``, ``new`` (``torch.Tensor._dtensor__new__``),
+    """Hand over what the hot path needs, resolved once: ``slow_path``, ``op_dispatcher``
+    (torch's ``DTensor._op_dispatcher``: its ``_custom_op_handlers`` are read on every call),
+    ``dtensor_type``, ``fast_type``, ``new`` (``torch.Tensor._dtensor__new__``),
     ``torch_function_mode_enabled`` (``torch._C._is_torch_function_mode_enabled``) ..."""
     _config.update(config)
 
