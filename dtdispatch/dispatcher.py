@@ -6,8 +6,10 @@ The native entry (``native._speedups.dispatch`` or its twin) is FastDTensor's
 
 from __future__ import annotations
 
+import inspect
 import os
-from types import ModuleType
+import sys
+from types import FrameType, ModuleType
 from typing import Any
 
 import torch
@@ -15,7 +17,9 @@ from torch._ops import OpOverload
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor._op_schema import OutputSharding
+from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.placement_types import _MaskPartial
+from torch.utils import _python_dispatch
 from torch.utils import _pytree as pytree
 
 from dtdispatch import _compat
@@ -91,6 +95,37 @@ def _raise_if_mixed(op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any
         )
 
 
+# NOTE: unwrapped: torch decorates the handler (torch._disable_dynamo).
+_COMM_MODE_DISPATCH_CODE = inspect.unwrap(CommDebugMode.__torch_dispatch__).__code__
+_COMM_MODE_FRAMES = 8
+"""How far up from ``slow_path`` a CommDebugMode handler may sit: its ``func(*args, **kwargs)``,
+``OpOverload.__call__``, the twin's ``dispatch`` (the C one has no frame), with room to spare."""
+
+
+def _stashed_comm_mode() -> CommDebugMode | None:
+    """The CommDebugMode whose ``__torch_dispatch__`` is running this call, else None.
+
+    torch's CommDebugMode hands a call on to DTensor (returns NotImplemented, so DTensor dispatches
+    with the mode active and the mode counts its collectives) only when ``type is DTensor`` for one
+    of the call's types; for a FastDTensor it runs ``func(*args, **kwargs)`` itself, with itself
+    taken off the mode stack while it does, so the collectives of an implicit redistribution on
+    the dispatch path would not reach it. NOTE: found from the frames, because that is the only
+    place the taken-off mode is visible; the module flag keeps the common case (no mode entered
+    anywhere) at one attribute read.
+    """
+    if not _python_dispatch._is_in_torch_dispatch_mode:
+        return None
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(_COMM_MODE_FRAMES):
+        if frame is None:
+            return None
+        if frame.f_code is _COMM_MODE_DISPATCH_CODE:
+            mode = frame.f_locals.get("self")
+            return mode if isinstance(mode, CommDebugMode) else None
+        frame = frame.f_back
+    return None
+
+
 def slow_path(
     op: OpOverload,
     args: tuple[Any, ...],
@@ -100,7 +135,30 @@ def slow_path(
     plan: Any,
 ) -> object:
     """Handle one call the native path handed over. ``plan`` is set on a hit whose plan is not
-    ``fast``."""
+    ``fast``.
+
+    Under ``CommDebugMode`` (torch's, counting collectives), the mode is put back on the stack
+    while the call runs, as stock DTensor's dispatch runs with it active: the collectives of the
+    call's redistributions (and of custom handlers) are counted as on stock. Plans the native
+    path replays itself never communicate."""
+    mode = _stashed_comm_mode()
+    if mode is None:
+        return _slow_path(op, args, kwargs, reason, key, plan)
+    _python_dispatch._push_mode(mode)
+    try:
+        return _slow_path(op, args, kwargs, reason, key, plan)
+    finally:
+        _python_dispatch._pop_mode()
+
+
+def _slow_path(
+    op: OpOverload,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    reason: str,
+    key: tuple[object, ...] | None,
+    plan: Any,
+) -> object:
     cache = _cache.thread_cache()
     cache.count_bailout(op, reason)
     if plan is not None:
