@@ -28,6 +28,7 @@ __all__ = [
     "run_dtensor_rng_op",
     "single_dim_schema_infos",
     "single_dim_strategy_funcs",
+    "skip_dynamo_frames",
     "unsupported_reason",
 ]
 
@@ -118,6 +119,31 @@ def _calls_subclass_dispatch() -> bool:
 # 'torch versions'): replayed calls stay on dtdispatch, everything else takes torch's path and its
 # fresh outputs are retyped as FastDTensors (``above.stock_call``).
 SUBCLASS_DISPATCH = _calls_subclass_dispatch()
+
+
+def skip_dynamo_frames(*functions: Callable[..., Any]) -> bool:
+    """Make Dynamo run these functions, and every frame they call, uncompiled; False when this
+    torch has no way to say so (then nothing changes).
+
+    NOTE: torch's DTensor dispatch is C++ (and its Python helpers live in torch's own files);
+    dtdispatch's entry points are Python frames that Dynamo intercepts like user code wherever it
+    runs eager code under its frame hook: after a graph break (``implicit_replication()`` is one),
+    in the part of a compiled function that falls back to eager. Compiling them there traces the
+    dispatch machinery itself on fake tensors (unhashable SymInts in a key, data-dependent guards
+    on version counters ...). A per-code execution strategy (skip this frame and, recursively,
+    everything it calls) costs nothing per call, unlike ``torch.compiler.disable``'s wrapper; it
+    is what Dynamo itself sets on code that hits its recompile limit.
+    """
+    eval_frame = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+    set_strategy = getattr(eval_frame, "set_code_exec_strategy", None)
+    strategy_type = getattr(eval_frame, "_FrameExecStrategy", None)
+    action = getattr(eval_frame, "_FrameAction", None)
+    if set_strategy is None or strategy_type is None or action is None:
+        return False
+    strategy = strategy_type(action.SKIP, action.SKIP)
+    for function in functions:
+        set_strategy(function.__code__, strategy)
+    return True
 
 
 def unsupported_reason(above_active: bool) -> str | None:

@@ -247,4 +247,16 @@ def active_function() -> str:
     return _active_function
 
 
+# The Python entry points that torch (FastDTensor's handlers) or the C hot paths call: Dynamo must
+# never compile them, nor what they call (see _compat.skip_dynamo_frames).
+_compat.skip_dynamo_frames(
+    slow_path,
+    _above.miss,
+    _above.stock_call,
+    _above.thread_cache,
+    _cache.thread_cache,
+    _native_pkg.implementations()["python"].dispatch,
+    _native_pkg.function_implementations()["python"].torch_function,
+)
+
 install(_native_pkg.DEFAULT)
