@@ -19,9 +19,11 @@ from torch.distributed.tensor import DTensor, Shard
 
 __all__ = [
     "SUBCLASS_DISPATCH",
+    "TO_LOCAL_KEEPS_PARAM",
     "ExplicitRedistributionContext",
     "explicit_redistribution_local",
     "format_implicit_redistribution_msg",
+    "is_compiling",
     "is_shard_like",
     "local_shard_size_and_offset",
     "nested_redistribute",
@@ -119,6 +121,26 @@ def _calls_subclass_dispatch() -> bool:
 # 'torch versions'): replayed calls stay on dtdispatch, everything else takes torch's path and its
 # fresh outputs are retyped as FastDTensors (``above.stock_call``).
 SUBCLASS_DISPATCH = _calls_subclass_dispatch()
+
+
+TO_LOCAL_KEEPS_PARAM = "_is_param" in DTensor.to_local.__code__.co_names
+"""Whether stock's ``to_local`` of a Parameter(DTensor) returns a Parameter (torch gh-166156, in
+2.13 and later; not in 2.12): read from what stock's method looks at, not from a version number."""
+
+if hasattr(torch.compiler, "_compile_session_context"):
+    is_compiling: Callable[[], bool] = torch.compiler.is_compiling
+else:
+    from torch._guards import CompileContext as _CompileContext
+
+    def is_compiling() -> bool:
+        """``torch.compiler.is_compiling()``, or a Dynamo compile in progress.
+
+        NOTE: from torch 2.13 Dynamo holds ``torch.compiler.is_compiling()`` True for a whole
+        compile session, so code it runs without tracing it (FastDTensor's handlers on fake
+        tensors while Dynamo wraps a traced output, AOTAutograd's tracing) sees it. Before, the
+        flag is only set for export; the compile context Dynamo enters says the same thing.
+        """
+        return torch.compiler.is_compiling() or _CompileContext.try_get() is not None
 
 
 def skip_dynamo_frames(*functions: Callable[..., Any]) -> bool:

@@ -675,7 +675,7 @@ def config() -> dict[str, Any]:
         "passthrough": passthrough,
         "thread_cache": thread_cache,
         "miss": miss,
-        "is_compiling": torch.compiler.is_compiling,
+        "is_compiling": _compat.is_compiling,
         "tf_mode": torch._C._is_torch_function_mode_enabled,
         "dispatch_modes": torch._C._len_torch_dispatch_stack,
         "grad_enabled": torch.is_grad_enabled,
