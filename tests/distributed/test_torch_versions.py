@@ -19,6 +19,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 import dtdispatch
+from dtdispatch import dispatcher, native
 from dtdispatch.testing import mesh_1d
 
 
@@ -61,6 +62,8 @@ def test_training_matches_stock(rank: int, world_size: int) -> None:
 
 @pytest.mark.distributed(world_size=2)
 def test_no_grad_ops_replay_and_stay_fast(rank: int, world_size: int) -> None:
+    dispatcher.install(native.DEFAULT)  # the defaults: earlier tests on these ranks may change them
+    dtdispatch.clear_cache()
     mesh = mesh_1d()
     full = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
     stock = distribute_tensor(full, mesh, [Shard(0)])
