@@ -109,7 +109,11 @@ class FastDTensor(DTensor):
             local = self._local_tensor
             result = local.view_as(local)
         # Stock's gh-166156: the local tensor of a Parameter(DTensor) is a Parameter too.
-        if getattr(self, "_is_param", False) and not getattr(result, "_is_param", False):
+        if (
+            _compat.TO_LOCAL_KEEPS_PARAM
+            and getattr(self, "_is_param", False)
+            and not getattr(result, "_is_param", False)
+        ):
             if result is self._local_tensor:
                 result = result.view_as(result)
             result._is_param = True

@@ -71,6 +71,7 @@ is
 stock behaviour)."""
 
 _RANDOM_OPS = random_ops()
+_op_dispatcher = DTensor._op_dispatcher
 
 _AUTOCAST_DEVICES = tuple(torch._C._autocast_supported_devices())
 
@@ -129,7 +130,8 @@ def _autograd_entry_point(func: Any) -> bool:
 class ReplayPlan(NamedTuple):
     """How to replay one key on the locals. ``out`` is an output entry (see ``native._function``);
     ``bumps`` holds (flat FastDTensor argument index, version delta) for arguments modified in
-    place. NOTE: a tuple, so the C path reads its fields by index (out, bumps, below)."""
+    place. NOTE: a tuple, so the C path reads its fields by index (out, bumps, below, chunks,
+    ops)."""
 
     out: tuple[int, Any]
     bumps: tuple[tuple[int, int], ...]
@@ -139,6 +141,11 @@ class ReplayPlan(NamedTuple):
     chunks: tuple[tuple[int, int, int, int], ...] | None
     """(flat index, dim, offset, length): that argument's local is replaced by
     ``local.narrow(dim, offset, length).clone()``, the dispatch plan's verified local chunk."""
+    ops: tuple[tuple[Any, int], ...]
+    """(aten op, its hash) of every op the observed call dispatched on FastDTensors. NOTE: torch's
+    custom op handlers are read live (``loss_parallel()`` adds some on entering its context), and a
+    handled op skips sharding propagation: the plan is replayed only while none of these ops has a
+    handler. The hash is stored so the C path tests membership without calling ``__hash__``."""
 
 
 def _empty_totals() -> dict[str, Any]:
@@ -236,6 +243,8 @@ class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]
         # An op dispatched under another graph task than the call's: the call ran the autograd
         # engine (a backward inside a composite), which a replay on the locals would not.
         self.graph_task = torch._C._current_graph_task_id()
+        # The distinct aten ops dispatched on FastDTensors, in first-seen order.
+        self.dispatched: dict[Any, None] = {}
 
     def _block(self, reason: str) -> None:
         if self.reason is None:
@@ -261,6 +270,11 @@ class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]
             self._block("foreign tensor op")
             return NotImplemented
         if types:
+            self.dispatched[func] = None
+            if func in _op_dispatcher._custom_op_handlers:
+                # torch's handler decides (no sharding propagation, no dispatch plan): a plan cached
+                # for this key while the op had no handler says nothing about this call.
+                self._block("custom handler")
             result = FastDTensor.__torch_dispatch__(func, types, args, kwargs)  # type: ignore[no-untyped-call]
             self._check_plan(func, args, kwargs)
         else:
@@ -532,7 +546,13 @@ def _plan(
             return "replay differs"
         if _version(t._local_tensor) - local_version != _version(clone) - clone_version:
             return "replay differs"
-    return ReplayPlan(out=entry, bumps=tuple(bumps), below=observer.mutates, chunks=chunks)
+    return ReplayPlan(
+        out=entry,
+        bumps=tuple(bumps),
+        below=observer.mutates,
+        chunks=chunks,
+        ops=tuple((op, hash(op)) for op in observer.dispatched),
+    )
 
 
 def _public_chunks(
@@ -681,7 +701,7 @@ def config() -> dict[str, Any]:
         "passthrough": passthrough,
         "thread_cache": thread_cache,
         "miss": miss,
-        "is_compiling": torch.compiler.is_compiling,
+        "is_compiling": _compat.is_compiling,
         "tf_mode": torch._C._is_torch_function_mode_enabled,
         "dispatch_modes": torch._C._len_torch_dispatch_stack,
         "grad_enabled": torch.is_grad_enabled,
@@ -692,6 +712,7 @@ def config() -> dict[str, Any]:
         "disable_subclass": torch._C.DisableTorchFunctionSubclass,
         "increment_version": torch._C._increment_version,
         "explicit_local": _compat.explicit_redistribution_local,
+        "op_dispatcher": _op_dispatcher,
         "below_autograd": torch._C._AutoDispatchBelowADInplaceOrView,
         "kw_marker": KW_MARKER,
         "value_marker": VALUE_MARKER,

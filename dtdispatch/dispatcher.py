@@ -6,8 +6,10 @@ The native entry (``native._speedups.dispatch`` or its twin) is FastDTensor's
 
 from __future__ import annotations
 
+import inspect
 import os
-from types import ModuleType
+import sys
+from types import FrameType, ModuleType
 from typing import Any
 
 import torch
@@ -15,7 +17,9 @@ from torch._ops import OpOverload
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor._op_schema import OutputSharding
+from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.placement_types import _MaskPartial
+from torch.utils import _python_dispatch
 from torch.utils import _pytree as pytree
 
 from dtdispatch import _compat
@@ -29,7 +33,6 @@ from dtdispatch.local_results import execute, make_plan
 __all__ = ["install", "slow_path"]
 
 _op_dispatcher = DTensor._op_dispatcher
-_custom_handlers = _op_dispatcher._custom_op_handlers
 
 
 def _to_fast(result: object) -> object:
@@ -104,6 +107,37 @@ def _readable_locals(op_info: Any) -> bool:
     return all(comparable(t) for t in leaves if isinstance(t, torch.Tensor))
 
 
+# NOTE: unwrapped: torch decorates the handler (torch._disable_dynamo).
+_COMM_MODE_DISPATCH_CODE = inspect.unwrap(CommDebugMode.__torch_dispatch__).__code__
+_COMM_MODE_FRAMES = 8
+"""How far up from ``slow_path`` a CommDebugMode handler may sit: its ``func(*args, **kwargs)``,
+``OpOverload.__call__``, the twin's ``dispatch`` (the C one has no frame), with room to spare."""
+
+
+def _stashed_comm_mode() -> CommDebugMode | None:
+    """The CommDebugMode whose ``__torch_dispatch__`` is running this call, else None.
+
+    torch's CommDebugMode hands a call on to DTensor (returns NotImplemented, so DTensor dispatches
+    with the mode active and the mode counts its collectives) only when ``type is DTensor`` for one
+    of the call's types; for a FastDTensor it runs ``func(*args, **kwargs)`` itself, with itself
+    taken off the mode stack while it does, so the collectives of an implicit redistribution on
+    the dispatch path would not reach it. NOTE: found from the frames, because that is the only
+    place the taken-off mode is visible; the module flag keeps the common case (no mode entered
+    anywhere) at one attribute read.
+    """
+    if not _python_dispatch._is_in_torch_dispatch_mode:
+        return None
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(_COMM_MODE_FRAMES):
+        if frame is None:
+            return None
+        if frame.f_code is _COMM_MODE_DISPATCH_CODE:
+            mode = frame.f_locals.get("self")
+            return mode if isinstance(mode, CommDebugMode) else None
+        frame = frame.f_back
+    return None
+
+
 def slow_path(
     op: OpOverload,
     args: tuple[Any, ...],
@@ -113,14 +147,39 @@ def slow_path(
     plan: Any,
 ) -> object:
     """Handle one call the native path handed over. ``plan`` is set on a hit whose plan is not
-    ``fast``."""
+    ``fast``.
+
+    Under ``CommDebugMode`` (torch's, counting collectives), the mode is put back on the stack
+    while the call runs, as stock DTensor's dispatch runs with it active: the collectives of the
+    call's redistributions (and of custom handlers) are counted as on stock. Plans the native
+    path replays itself never communicate."""
+    mode = _stashed_comm_mode()
+    if mode is None:
+        return _slow_path(op, args, kwargs, reason, key, plan)
+    _python_dispatch._push_mode(mode)
+    try:
+        return _slow_path(op, args, kwargs, reason, key, plan)
+    finally:
+        _python_dispatch._pop_mode()
+
+
+def _slow_path(
+    op: OpOverload,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    reason: str,
+    key: tuple[object, ...] | None,
+    plan: Any,
+) -> object:
     cache = _cache.thread_cache()
     cache.count_bailout(op, reason)
     if plan is not None:
         # The decision is cached; only its execution needs Python (no new sharding propagation).
         return execute(plan, op, args, kwargs)
     if reason == "custom handler":
-        return _to_fast(_custom_handlers[op](op, args, kwargs))
+        # NOTE: the live table (ARCHITECTURE 'The paths a call can take'): loss_parallel() and
+        # context parallel change it at run time.
+        return _to_fast(_op_dispatcher._custom_op_handlers[op](op, args, kwargs))
     if reason == "no key":
         _raise_if_mixed(op, args, kwargs)
     op_info = _op_dispatcher.unwrap_to_op_info(op, args, kwargs)
@@ -162,7 +221,7 @@ def install(name: str, *, above: bool | None = None) -> None:
     module.configure(
         {
             "slow_path": slow_path,
-            "custom_ops": frozenset(_custom_handlers),
+            "op_dispatcher": _op_dispatcher,
             "dtensor_type": DTensor,
             "tensor_type": torch.Tensor,
             "fast_type": FastDTensor,
@@ -201,5 +260,17 @@ def active_function() -> str:
     "off")."""
     return _active_function
 
+
+# The Python entry points that torch (FastDTensor's handlers) or the C hot paths call: Dynamo must
+# never compile them, nor what they call (see _compat.skip_dynamo_frames).
+_compat.skip_dynamo_frames(
+    slow_path,
+    _above.miss,
+    _above.stock_call,
+    _above.thread_cache,
+    _cache.thread_cache,
+    _native_pkg.implementations()["python"].dispatch,
+    _native_pkg.function_implementations()["python"].torch_function,
+)
 
 install(_native_pkg.DEFAULT)

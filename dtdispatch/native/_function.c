@@ -52,14 +52,15 @@ static void drop_error(SavedError e)
 /* Module state: mirrors _function._config. */
 static PyObject *c_fast_type, *c_tensor_type, *c_new, *c_disabled, *c_passthrough, *c_thread_cache,
     *c_miss, *c_is_compiling, *c_tf_mode, *c_dispatch_modes, *c_grad_enabled, *c_inference,
-    *c_default_dtype, *c_any_autocast, *c_autocast_state, *c_disable_subclass, *c_increment_version, *c_below_autograd, *c_kw_marker, *c_value_marker,
-    *c_structure_marker, *c_explicit_local;
+    *c_default_dtype, *c_any_autocast, *c_autocast_state, *c_disable_subclass, *c_increment_version,
+    *c_below_autograd, *c_kw_marker, *c_value_marker, *c_structure_marker, *c_explicit_local,
+    *c_op_dispatcher;
 
 static PyObject *s_requires_grad, *s_spec, *s_local_tensor, *s_entries, *s_per_func, *s_negative,
     *s_stepped_aside, *s_move_to_end, *s_enter, *s_exit, *s_memo_key,
     *s_mode_or_compiling, *s_unhashable, *s_kwnames_rg, *s_args, *s_kwargs, *small_one, *s_active,
     *s_narrow, *s_clone, *s_explicit, *s_compiling_flag, *c_compiler_module, *s_is_inference, *s_is_conj,
-    *s_is_neg;
+    *s_is_neg, *s_custom_op_handlers, *s_custom_handler;
 
 /* Output entry kinds: mirrors _function.OUT_*. */
 enum { OUT_NEW = 0, OUT_ARG = 1, OUT_NONE = 2, OUT_SEQ = 3 };
@@ -90,6 +91,7 @@ static struct {
     {"value_marker", &c_value_marker},
     {"structure_marker", &c_structure_marker},
     {"explicit_local", &c_explicit_local},
+    {"op_dispatcher", &c_op_dispatcher},
 };
 #define N_CONFIG ((Py_ssize_t)(sizeof(config_names) / sizeof(config_names[0])))
 
@@ -651,8 +653,47 @@ static PyObject *call_local(PyObject *func, PyObject *local_args, PyObject *loca
     return result;
 }
 
+/* Block: custom handlers. 1 when one of ops ((op, hash) pairs: ReplayPlan.ops) is in
+ * op_dispatcher._custom_op_handlers now, 0 when none is, -1 on error. */
+static int plan_ops_handled(PyObject *ops)
+{
+    if (!PyTuple_Check(ops)) {
+        PyErr_SetString(PyExc_TypeError, "ReplayPlan.ops must be a tuple");
+        return -1;
+    }
+    PyObject *handlers = PyObject_GetAttr(c_op_dispatcher, s_custom_op_handlers);
+    if (handlers == NULL)
+        return -1;
+    int found = 0;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(ops) && found == 0; i++) {
+        PyObject *pair = PyTuple_GET_ITEM(ops, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
+            PyErr_SetString(PyExc_TypeError, "ReplayPlan.ops must hold (op, hash) pairs");
+            found = -1;
+            break;
+        }
+        PyObject *op = PyTuple_GET_ITEM(pair, 0);
+        if (PyDict_CheckExact(handlers)) {
+            Py_hash_t h = PyLong_AsSsize_t(PyTuple_GET_ITEM(pair, 1));
+            if (h == -1 && PyErr_Occurred()) {
+                found = -1;
+                break;
+            }
+            if (dtd_dict_get_known_hash(handlers, op, h) != NULL)
+                found = 1;
+            else if (PyErr_Occurred())
+                found = -1;
+        }
+        else {
+            found = PySequence_Contains(handlers, op);
+        }
+    }
+    Py_DECREF(handlers);
+    return found;
+}
+
 /* Block: replay on the locals (mirrors the twin's "replay on the locals" and "wrap outputs"). The caller
- * has checked that plan is a 4-tuple and, for a plan with chunks, that no explicit-redistribution
+ * has checked that plan is a 5-tuple and, for a plan with chunks, that no explicit-redistribution
  * context is active. */
 static PyObject *replay(PyObject *plan, PyObject *func, PyObject *args, PyObject *kwargs)
 {
@@ -976,14 +1017,24 @@ static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const 
         Py_DECREF(plan);
         goto out_key;
     }
-    if (bump(counters, 0) < 0) {
-        Py_DECREF(plan);
-        goto out_key;
-    }
-    /* ReplayPlan is a NamedTuple (out, bumps, below, chunks). */
-    if (!PyTuple_Check(plan) || PyTuple_GET_SIZE(plan) != 4) {
+    /* ReplayPlan is a NamedTuple (out, bumps, below, chunks, ops). */
+    if (!PyTuple_Check(plan) || PyTuple_GET_SIZE(plan) != 5) {
         Py_DECREF(plan);
         PyErr_SetString(PyExc_TypeError, "a replay plan must be an above.ReplayPlan");
+        goto out_key;
+    }
+    /* Block: custom handlers (read live: see the twin). */
+    {
+        int handled = plan_ops_handled(PyTuple_GET_ITEM(plan, 4));
+        if (handled != 0) {
+            Py_DECREF(plan);
+            if (handled > 0)
+                result = step_aside(memo, func, types, args, kwargs, s_custom_handler);
+            goto out_key;
+        }
+    }
+    if (bump(counters, 0) < 0) {
+        Py_DECREF(plan);
         goto out_key;
     }
     if (PyTuple_GET_ITEM(plan, 3) != Py_None) {
@@ -1042,6 +1093,8 @@ PyMODINIT_FUNC PyInit__function_c(void)
 {
     INTERN(s_requires_grad, "requires_grad");
     INTERN(s_spec, "_spec");
+    INTERN(s_custom_op_handlers, "_custom_op_handlers");
+    INTERN(s_custom_handler, "custom handler");
     INTERN(s_local_tensor, "_local_tensor");
     INTERN(s_entries, "entries");
     INTERN(s_per_func, "per_func");

@@ -45,6 +45,7 @@ def configure(config: dict[str, Any]) -> None:
     (``above.miss``), ``is_compiling``, ``tf_mode``, ``dispatch_modes``, ``grad_enabled``,
     ``inference``, ``default_dtype``, ``any_autocast``, ``autocast_state``, ``disable_subclass``,
     ``increment_version``, ``explicit_local``,
+    ``op_dispatcher`` (torch's ``DTensor._op_dispatcher``, its custom op handlers read live),
     ``below_autograd`` (a guard class), ``kw_marker``, ``value_marker``, ``structure_marker``."""
     _config.update(config)
 
@@ -208,6 +209,12 @@ def torch_function(
         counters[2] += 1
         cache.negative[plan] = cache.negative.get(plan, 0) + 1
         return c["disabled"](func, types, args, kwargs)
+    # Block: custom handlers. NOTE: read live (loss_parallel() adds handlers in its context); a
+    # handled op must reach torch's handler, which the plan, written without it, would skip.
+    handlers = c["op_dispatcher"]._custom_op_handlers
+    for op, _ in plan.ops:
+        if op in handlers:
+            return _step_aside(cache, func, types, args, kwargs, "custom handler")
     counters[0] += 1
     # Block: replay on the locals.
     fast_type = c["fast_type"]

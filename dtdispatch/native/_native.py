@@ -18,7 +18,8 @@ _config: dict[str, Any] = {}
 
 
 def configure(config: dict[str, Any]) -> None:
-    """Hand over what the hot path needs, resolved once: ``slow_path``, ``custom_ops``,
+    """Hand over what the hot path needs, resolved once: ``slow_path``, ``op_dispatcher``
+    (torch's ``DTensor._op_dispatcher``: its ``_custom_op_handlers`` are read on every call),
     ``dtensor_type``, ``fast_type``, ``new`` (``torch.Tensor._dtensor__new__``),
     ``torch_function_mode_enabled`` (``torch._C._is_torch_function_mode_enabled``) ..."""
     _config.update(config)
@@ -34,8 +35,12 @@ def dispatch(
     c = _config
     if kwargs is None:
         kwargs = {}
-    # Block: custom handlers (torch runs these before any sharding logic).
-    if func in c["custom_ops"]:
+    # Block: custom handlers (torch runs these before any sharding logic). NOTE: read live, never
+    # snapshotted: loss_parallel() adds its handlers on entering the context and removes them on
+    # leaving it, context parallel replaces the whole dict, and users register handlers after
+    # import. Handled ops are never cached, and this check comes before the cache lookup, so a plan
+    # made while an op had no handler is never replayed while it has one.
+    if func in c["op_dispatcher"]._custom_op_handlers:
         return c["slow_path"](func, args, kwargs, "custom handler", None, None)
     # Block: key.
     key = build_key(func, args, kwargs)

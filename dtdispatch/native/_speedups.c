@@ -57,8 +57,7 @@
 /* mirrors _native._config: what configure() receives from dispatcher.install() (NULL: never given; the use
  * site raises the twin's KeyError). */
 static PyObject *cfg_slow_path;      /* c["slow_path"] */
-static PyObject *cfg_custom_ops;     /* c["custom_ops"] (a frozenset in practice) */
-static PyObject *cfg_custom_dict;    /* cfg_custom_ops as {op: None} (known-hash lookups), or NULL */
+static PyObject *cfg_op_dispatcher;  /* c["op_dispatcher"]: its _custom_op_handlers are read per call */
 static PyObject *cfg_dtensor_type;   /* c["dtensor_type"] */
 static PyObject *cfg_tensor_type;    /* c["tensor_type"] */
 static PyObject *cfg_fast_type;      /* c["fast_type"] */
@@ -109,7 +108,7 @@ static PyObject *s_local_tensor, *s_spec, *s_tensor_meta, *s_shape, *s_entries, 
     *s_dtype, *s_get, *s_op_counters, *s_static_argnum, *s_static_kwargkey, *s_class, *s_call_dunder,
     *s_hash_dunder, *s_hash_attr, *s_value_free_ops, *s_chunks, *s_needs_pytree, *s_rewritten_args, *s_kind,
     *s_out_names, *s_alias_pairs, *s_local_call, *s_active, *s_narrow, *s_clone, *s_tc_key, *s_custom_handler, *s_no_key,
-    *s_miss, *s_explicit_reason;
+    *s_miss, *s_custom_op_handlers, *s_explicit_reason;
 
 /* ------------------------------------------------------------------------------------------------------ */
 /* Small helpers                                                                                            */
@@ -1076,16 +1075,7 @@ static PyObject *sp_configure(PyObject *Py_UNUSED(module), PyObject *const *args
     PyObject *config = PyObject_CallOneArg((PyObject *)&PyDict_Type, arg);
     if (config == NULL)
         return NULL;
-    PyObject *custom = PyDict_GetItemString(config, "custom_ops");
-    if (custom != NULL) {
-        PyObject *as_dict = NULL;
-        if (PyFrozenSet_CheckExact(custom) && (as_dict = frozenset_as_dict(custom)) == NULL) {
-            Py_DECREF(config);
-            return NULL;
-        }
-        Py_XSETREF(cfg_custom_ops, Py_NewRef(custom));
-        Py_XSETREF(cfg_custom_dict, as_dict);
-    }
+    take_config(config, "op_dispatcher", &cfg_op_dispatcher);
     take_config(config, "slow_path", &cfg_slow_path);
     take_config(config, "dtensor_type", &cfg_dtensor_type);
     take_config(config, "tensor_type", &cfg_tensor_type);
@@ -1424,14 +1414,19 @@ static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv,
     if (load_cache_names() < 0)
         goto done;
 
-    /* Block: custom handlers (torch runs these before any sharding logic).
-     * if func in c["custom_ops"]: return c["slow_path"](func, args, kwargs, "custom handler", None, None) */
-    if (cfg(cfg_custom_ops, "custom_ops") == NULL)
+    /* Block: custom handlers (torch runs these before any sharding logic). NOTE: read live (see the twin).
+     * if func in c["op_dispatcher"]._custom_op_handlers:
+     *     return c["slow_path"](func, args, kwargs, "custom handler", None, None) */
+    if (cfg(cfg_op_dispatcher, "op_dispatcher") == NULL)
         goto done;
     Py_hash_t h = op_hash(func);
     if (h == -1)
-        goto done; /* ``func in c["custom_ops"]`` raises the same TypeError */
-    int custom = contains_op(cfg_custom_ops, cfg_custom_dict, func, h);
+        goto done; /* ``func in handlers`` raises the same TypeError */
+    PyObject *handlers = PyObject_GetAttr(cfg_op_dispatcher, s_custom_op_handlers);
+    if (handlers == NULL)
+        goto done;
+    int custom = contains_op(handlers, PyDict_CheckExact(handlers) ? handlers : NULL, func, h);
+    Py_DECREF(handlers);
     if (custom < 0)
         goto done;
     if (custom) {
@@ -1944,6 +1939,7 @@ PyMODINIT_FUNC PyInit__speedups(void)
     INTERN(s_custom_handler, "custom handler");
     INTERN(s_no_key, "no key");
     INTERN(s_miss, "miss");
+    INTERN(s_custom_op_handlers, "_custom_op_handlers");
     INTERN(s_explicit_reason, "explicit redistribution context");
     if ((small_one = PyLong_FromLong(1)) == NULL || (small_zero = PyLong_FromLong(0)) == NULL ||
         (empty_tuple = PyTuple_New(0)) == NULL)

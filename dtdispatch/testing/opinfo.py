@@ -117,16 +117,6 @@ class Known:
 # keeps checking; delete an entry as soon as its cause is fixed (``DTDISPATCH_OPINFO_STRICT=1``
 # ignores this list, to see what is left).
 KNOWN_FAILURES: list[Known] = [
-    Known(".*", r"view is not supported for conjugate view tensors",
-          "plan-time byte comparisons view a conj-bit tensor as bytes (complex backward, conj, "
-          "fft): the shared bitwise-equality helper for plan-time comparisons removes it"),
-    Known(".*", r"above=on forward (plan|replay) output.*_is_view\(\) False != stock True",
-          "the path above dispatch replays an output that is a view on stock as a fresh tensor "
-          "(README 'Above dispatch'): view-ness must enter its key or refuse the replay"),
-    Known(".*", r"must be 1 to view \w+ as Byte",
-          "plan-time byte comparisons (contiguous().reshape(-1).view(uint8)) refuse a tensor "
-          "whose flattened view keeps a stride other than 1 (a one-element strided slice): the "
-          "shared bitwise-equality helper removes it"),
     Known("_unsafe_masked_index",
           r"dtdispatch raised NotImplementedError.*stock raised RuntimeError: unhashable type",
           "torch registers no sharding strategy for it (both raise NotImplementedError on every "

@@ -18,6 +18,7 @@ import torch
 import torch._dynamo
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import dtdispatch
@@ -208,3 +209,103 @@ def test_compiled_fast_dtensor_methods(rank: int, world_size: int, impl: str) ->
     assert torch.equal(results[True][0], results[False][0])
     assert torch.equal(results[True][1], results[False][1])
     assert results[True][2] is FastDTensor
+
+
+class _MaskedAttention(nn.Module):
+    """One attention head pair, heads sharded (colwise q/k/v, rowwise output); the causal mask is
+    a plain tensor added to DTensor scores under ``implicit_replication``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(8, 8, bias=False)
+        self.k = nn.Linear(8, 8, bias=False)
+        self.v = nn.Linear(8, 8, bias=False)
+        self.o = nn.Linear(8, 8, bias=False)
+        self.register_buffer("mask", torch.triu(torch.full((4, 4), float("-inf")), 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, s, 2, 4).transpose(1, 2)
+
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
+        with implicit_replication():
+            scores = q @ k.transpose(-2, -1) / 2.0 + self.mask
+        out = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(b, s, 8)
+        return self.o(out)
+
+
+def _attention_training(*, fast: bool, steps: int = 3) -> list[tuple[torch.Tensor, ...]]:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    colwise = ColwiseParallel(use_local_output=False)
+    plan = {"q": colwise, "k": colwise, "v": colwise, "o": RowwiseParallel()}
+    model: nn.Module = parallelize_module(_MaskedAttention(), mesh_1d(), plan)
+    if fast:
+        model = dtdispatch.accelerate(model)
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    results = []
+    for step in range(steps):
+        x = torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(10 + step))
+        opt.zero_grad()
+        loss = compiled(x).pow(2).mean()
+        loss.backward()
+        opt.step()
+        results.append((
+            loss.detach().clone(),
+            *(p.grad.full_tensor().clone() for p in model.parameters()),  # type: ignore[union-attr]
+            *(p.full_tensor().clone() for p in model.parameters()),  # type: ignore[attr-defined]
+        ))
+    if fast:
+        assert {type(p) for p in model.parameters()} == {FastDTensor}
+    return results
+
+
+@pytest.mark.parametrize("above", [True, False], ids=["above_on", "above_off"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.distributed(world_size=2, timeout=240)
+def test_compiled_attention_with_implicit_replication(
+    rank: int, world_size: int, impl: str, above: bool
+) -> None:
+    """torch.compile (aot_eager) around attention whose plain-tensor mask joins DTensor scores
+    under implicit_replication(), trained for three steps: loss, gradients and parameters are
+    stock's bits. (implicit_replication breaks Dynamo's graph, so dtdispatch's own frames run
+    under Dynamo's frame hook: they must never be compiled.)"""
+    dispatcher.install(impl, above=above)
+    stock = _attention_training(fast=False)
+    fast = _attention_training(fast=True)
+    for step, (s, f) in enumerate(zip(stock, fast, strict=True)):
+        for i, (a, b) in enumerate(zip(s, f, strict=True)):
+            assert a.dtype == b.dtype and torch.equal(a, b), (step, i)
+
+
+@pytest.mark.parametrize("above", [True, False], ids=["above_on", "above_off"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.distributed(world_size=2, timeout=180)
+def test_compiled_no_grad_implicit_replication(
+    rank: int, world_size: int, impl: str, above: bool
+) -> None:
+    """A no-grad compiled ``(q + torch.ones(4)).sum()`` under implicit_replication, called three
+    times: stock's placements and bits each time."""
+    dispatcher.install(impl, above=above)
+    value = torch.randn(4, 4, generator=torch.Generator().manual_seed(11))
+
+    def region(q: torch.Tensor) -> torch.Tensor:
+        with implicit_replication():
+            return (q + torch.ones(4)).sum()
+
+    results = {}
+    for fast in (False, True):
+        torch._dynamo.reset()
+        compiled = torch.compile(region, backend="aot_eager")
+        q = distribute_tensor(value, mesh_1d(), [Shard(0)])
+        if fast:
+            q = dtdispatch.accelerate(q)
+        with torch.no_grad():
+            results[fast] = [compiled(q) for _ in range(3)]
+    for s, f in zip(results[False], results[True], strict=True):
+        assert type(f) is FastDTensor and type(s) is DTensor
+        assert f.placements == s.placements and f.shape == s.shape
+        assert torch.equal(f.to_local(), s.to_local())

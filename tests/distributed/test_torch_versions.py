@@ -19,6 +19,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 import dtdispatch
+from dtdispatch import dispatcher, native
 from dtdispatch.testing import mesh_1d
 
 
@@ -61,6 +62,8 @@ def test_training_matches_stock(rank: int, world_size: int) -> None:
 
 @pytest.mark.distributed(world_size=2)
 def test_no_grad_ops_replay_and_stay_fast(rank: int, world_size: int) -> None:
+    dispatcher.install(native.DEFAULT)  # the defaults: earlier tests on these ranks may change them
+    dtdispatch.clear_cache()
     mesh = mesh_1d()
     full = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
     stock = distribute_tensor(full, mesh, [Shard(0)])
@@ -95,3 +98,32 @@ def test_autograd_calls_keep_the_graph(rank: int, world_size: int) -> None:
     assert stock.grad is not None and fast.grad is not None
     assert torch.equal(fast.grad.to_local(), stock.grad.to_local())
     assert fast.grad.placements == stock.grad.placements
+
+
+@pytest.mark.distributed(world_size=1)
+def test_subclass_dispatch_probe_matches_torch(rank: int, world_size: int) -> None:
+    """``_compat.SUBCLASS_DISPATCH`` (decided at import by a probe on an uninitialised mesh) says
+    what this torch does with a DTensor subclass that overrides ``__torch_dispatch__`` on a real
+    mesh: call the override (2.12.1 and later) or take torch's own path (2.11)."""
+    from dtdispatch import _compat
+
+    called: list[object] = []
+
+    class _Recording(DTensor):
+        @classmethod
+        def __torch_dispatch__(  # type: ignore[override]
+            cls, func: object, types: object, args: object = (), kwargs: object = None
+        ) -> object:
+            called.append(func)
+            return NotImplemented
+
+    stock = distribute_tensor(torch.ones(2, 2), mesh_1d(), [Replicate()])
+    sub = torch.Tensor._dtensor__new__(
+        _Recording, stock._local_tensor, stock._spec, requires_grad=False
+    )
+    try:
+        torch.neg(sub)
+    except TypeError:  # the override declined: torch's "Multiple dispatch failed"
+        pass
+    assert bool(called) is _compat.SUBCLASS_DISPATCH
+    assert _compat._calls_subclass_dispatch() is _compat.SUBCLASS_DISPATCH
