@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.placement_types import Placement
 
 from dtdispatch import FastDTensor
+from dtdispatch.testing._bits import bits as _bits
 
 __all__ = ["CASES", "CASES_2D", "Case", "Inp", "run_case"]
 
@@ -99,10 +100,6 @@ def _copy(x: Any, cls: type[DTensor]) -> Any:
     if isinstance(x, torch.Tensor):
         return x.clone()
     return x
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).contiguous().view(torch.uint8) if t.numel() else t
 
 
 def _compare(stock: Any, fast: Any, where: str) -> None:

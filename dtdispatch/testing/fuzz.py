@@ -52,6 +52,7 @@ import dtdispatch
 from dtdispatch import FastDTensor, _tensor, dispatcher
 from dtdispatch import cache as _cache
 from dtdispatch.testing import _meshes
+from dtdispatch.testing._bits import bits as _bits
 
 __all__ = [
     "AVOIDED",
@@ -1253,13 +1254,6 @@ def _run(program: Program, cls: type[DTensor], mesh: DeviceMesh) -> _Outcome:
         if _any_rank(exc is not None):
             return _Outcome(ns, k, exc)
     return _Outcome(ns, None, None)
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    # A fresh row-major copy: a "contiguous" tensor may still have odd strides on size-1 dims; the
-    # copy also resolves conjugate and negative bits (compared separately, _compare_meta).
-    flat = torch.empty(t.shape, dtype=t.dtype).copy_(t.detach()).reshape(-1)
-    return flat.view(torch.uint8) if t.numel() else flat
 
 
 def _compare(stock: Any, fast: Any, where: str) -> None:

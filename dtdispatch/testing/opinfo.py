@@ -53,6 +53,7 @@ from torch.utils import _pytree as pytree
 
 import dtdispatch
 from dtdispatch import FastDTensor, dispatcher, native
+from dtdispatch.testing._bits import bits as _bits
 
 __all__ = [
     "CI_OPS",
@@ -217,11 +218,6 @@ class Mismatch(AssertionError):
 
 # ---------------------------------------------------------------------------------------------
 # Comparison
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().resolve_conj().resolve_neg()
-    return t.contiguous().reshape(-1).view(torch.uint8) if t.numel() else t.reshape(-1)
 
 
 def _same_tensor(stock: torch.Tensor, fast: torch.Tensor, where: str) -> None:
