@@ -310,15 +310,17 @@ def _describe(
     if type(result) is FastDTensor:
         if result.requires_grad:
             return None, "output requires grad"
+        if result._is_view():
+            # NOTE: also a view of a temporary the call made itself (F.linear on a 3-D input ends
+            # with a view of its addmm result; einsum): made under no_grad, stock's view makes a
+            # later in-place op with a grad-requiring operand raise, which a fresh tensor would
+            # not. Under inference mode no view is tracked, so those calls still replay there.
+            return None, "view output"
         ptr = _storage_ptr(result._local_tensor)
         if ptr is None or None in storages:
             return None, "unreadable storage"
         if ptr in storages:
             return None, "view output"
-        # NOTE: a view of a temporary the call made itself (F.linear on a 3-D input ends with a
-        # view of its addmm result) shares storage and version counter with nothing the caller
-        # can reach; only ``_is_view()``/``_base`` tell it from the fresh tensor a replay returns.
-        # A view of an argument (above) keeps stock's aliasing only on the dispatch path.
         if _version(result) != 0:
             return None, "output version"
         return (OUT_NEW, result._spec), ""
