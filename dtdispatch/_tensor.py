@@ -90,7 +90,10 @@ class FastDTensor(DTensor):
         if torch.is_grad_enabled() and self.requires_grad:
             return _apply_redistribute(self, plan, async_op)  # type: ignore[no-any-return]
         local = _run(plan, self._local_tensor, spec, async_op=async_op, explicit=True)
-        return _new(FastDTensor, local, plan.target, requires_grad=False)
+        # NOTE: stock's autograd Function builds its output with the input's requires_grad; grad
+        # mode off clears it, inference mode keeps it.
+        requires_grad = self.requires_grad and torch.is_inference_mode_enabled()
+        return _new(FastDTensor, local, plan.target, requires_grad=requires_grad)
 
     def to_local(self, *, grad_placements: Sequence[Placement] | None = None) -> torch.Tensor:
         """``DTensor.to_local``; its backward hands on a FastDTensor gradient (stock's builds a

@@ -17,8 +17,8 @@ import torch.distributed as dist
 import torch.distributed.tensor._random as dt_random
 from torch._logging import LazyString  # type: ignore[attr-defined]  # re-exported without __all__
 from torch._ops import OpOverload
-from torch.distributed.tensor import DTensor, Shard
-from torch.distributed.tensor._dtensor_spec import DTensorSpec
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
 from torch.distributed.tensor._op_schema import OpInfo, OutputSharding
 from torch.distributed.tensor._random import is_rng_supported_mesh
 from torch.distributed.tensor._redistribute import redistribute_local_tensor
@@ -594,6 +594,17 @@ def _unflatten(flat: list[Any], shape: list[Any]) -> list[Any]:
     return out
 
 
+def _replicate_spec(mesh: Any, tensor: torch.Tensor) -> DTensorSpec:
+    """torch's spec for a plain tensor argument
+    (``OpDispatcher._try_replicate_spec_for_scalar_tensor``, without its checks: the plan was made
+    from this very spec)."""
+    return DTensorSpec(
+        mesh,
+        (Replicate(),) * mesh.ndim,
+        tensor_meta=TensorMeta(shape=tensor.shape, stride=tensor.stride(), dtype=tensor.dtype),
+    )
+
+
 def _local_args(plan: Plan, op: OpOverload, args: tuple[Any, ...]) -> tuple[list[Any], Any]:
     """Flattened positional args with DTensors unwrapped, redistributed and rewritten per the
     plan."""
@@ -618,6 +629,21 @@ def _local_args(plan: Plan, op: OpOverload, args: tuple[Any, ...]) -> tuple[list
                     )
                 tensor = redistribute_local_tensor(tensor, arg._spec, target)
             local.append(tensor)
+        elif (
+            isinstance(arg, torch.Tensor)
+            and transforms is not None
+            and (target := transforms[i]) is not None
+        ):
+            # A plain tensor (one element, or any under implicit replication) is Replicate to
+            # torch, which redistributes it like a DTensor argument (redistribute_local_args).
+            source = _replicate_spec(plan.mesh, arg)
+            if _compat.ExplicitRedistributionContext is not None:
+                _compat.ExplicitRedistributionContext.observe_redistribution(
+                    source,
+                    target,
+                    LazyString(_compat.format_implicit_redistribution_msg, op),  # type: ignore[arg-type]
+                )
+            local.append(redistribute_local_tensor(arg, source, target))
         elif rewritten is not None and not isinstance(arg, torch.Tensor):
             local.append(rewritten[i])
         else:
