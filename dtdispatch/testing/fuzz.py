@@ -96,9 +96,9 @@ EXCLUSIONS: tuple[tuple[str, str, str], ...] = (
         "unhashable type: 'complex'",
         "RuntimeError",
         "stock's sharding cache hashes the scalar arguments it keys and cannot hash a complex one "
-        "(the backward of complex angle, addmm ...); dtdispatch runs the call (ARCHITECTURE "
-        "'Where dtdispatch differs from stock on purpose'; the OpInfo check compares such calls "
-        "with plain tensors)",
+        "(the backward of complex angle, addmm ...); dtdispatch runs the call (see "
+        "ARCHITECTURE 'Where dtdispatch differs from stock on purpose'; the OpInfo check "
+        "compares such calls with plain tensors)",
     ),
 )
 
