@@ -1,6 +1,5 @@
-"""The cache key against torch's own comparison key (ARCHITECTURE "The cache key"), and the declared
-scalar-by-type
-deviation."""
+"""``cache.build_key`` against torch's own comparison key (ARCHITECTURE "The cache key"), and the
+declared scalar-by-type deviation."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Engine behaviour on real ranks: ranks outside the mesh, autograd, telemetry, threads and the
-public API."""
+"""The dispatch path (``dispatcher``) on real ranks: ranks outside the mesh, autograd, telemetry,
+threads and the public API."""
 
 from __future__ import annotations
 
