@@ -466,19 +466,6 @@ def _rebuild(a: Any, clones: list[Any], position: list[int]) -> Any:
     return a
 
 
-_BIT_DEPENDENT = frozenset(
-    {torch.resolve_conj, torch.resolve_neg, torch.Tensor.resolve_conj, torch.Tensor.resolve_neg}
-)
-"""Functions that return their argument itself or a fresh tensor depending on its local's
-conjugate / negative bit, which the key does not hold (the spec has no such bit): a plan made on
-one would hand the argument back for the other. Never replayed.
-
-NOTE: the other calls that return an argument as is (``to``, ``contiguous``, ``type_as`` ...) do
-so with either bit (tests/distributed/test_complex_views.py alternates plain and conjugated inputs
-of one key), and a fresh output is computed by the replayed function on the actual locals, bits
-included. Keying the bits would make this list unnecessary."""
-
-
 def _plan(
     func: Any,
     args: tuple[Any, ...],
@@ -490,8 +477,6 @@ def _plan(
     observer: _Observer,
 ) -> ReplayPlan | str:
     """The replay plan of one observed call, or the reason it may not be replayed."""
-    if func in _BIT_DEPENDENT:
-        return "conj/neg bit decides"
     if observer.reason is not None:
         return observer.reason
     if observer.rewritten and _has_shape_values(args, kwargs):
