@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 PY := $(VENV)/bin/python
 # Reinstall when the build inputs change (the native sources included, once they exist).
 STAMP := $(VENV)/.dtdispatch-installed
-BUILD_INPUTS := pyproject.toml setup.py $(wildcard dtdispatch/native/*.c dtdispatch/native/*.h)
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard dtdispatch/_native/*.c dtdispatch/_native/*.h)
 
 # make compat: the suite on other torch releases, each in a venv of its own, $(COMPAT_DIR)/torch-V,
 # reused when present (also one made by hand with that torch in it). Their Linux wheels are CUDA

@@ -36,7 +36,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import dtdispatch
-from dtdispatch import dispatcher, native
+from dtdispatch import _native as native
+from dtdispatch import dispatcher
 
 Args = dict[str, Any]
 

@@ -15,11 +15,10 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dtdispatch import _compat, _telemetry, _tensor, _training
+from dtdispatch import _compat, _native, _telemetry, _tensor, _training
 from dtdispatch import above as _above
 from dtdispatch import cache as _cache
 from dtdispatch import dispatcher as _dispatcher
-from dtdispatch import native as _native
 from dtdispatch._tensor import FastDTensor, as_fast, as_stock
 from dtdispatch._training import unwrap_hooks, wrap_hooks
 

@@ -1,7 +1,7 @@
 """The path above dispatch: its per-thread plan cache and the miss that writes plans (ARCHITECTURE
 "The path above dispatch").
 
-The hot path is ``native._function.torch_function`` (twin) / ``native._function_c`` (C). On a
+The hot path is ``_native.function.torch_function`` (twin) / ``_native._function`` (C). On a
 miss it calls ``miss``, which runs the call exactly as stock would (torch's disabled
 ``__torch_function__``, then FastDTensor's ``__torch_dispatch__`` below autograd) while observing
 every aten op it dispatches, and then decides once whether the call may be replayed on the local
@@ -35,9 +35,9 @@ from dtdispatch import _compat
 from dtdispatch import cache as _dispatch_cache
 from dtdispatch._bitwise import comparable, same_bits
 from dtdispatch._counted import CountedCache, Registry, add_counts
+from dtdispatch._native.function import OUT_ARG, OUT_NEW, OUT_NONE, OUT_SEQ
 from dtdispatch._tensor import FastDTensor
 from dtdispatch.local_results import random_ops
-from dtdispatch.native._function import OUT_ARG, OUT_NEW, OUT_NONE, OUT_SEQ
 
 __all__ = [
     "AUTOGRAD_ENTRY_POINTS",
@@ -128,7 +128,7 @@ def _autograd_entry_point(func: Any) -> bool:
 
 
 class ReplayPlan(NamedTuple):
-    """How to replay one key on the locals. ``out`` is an output entry (see ``native._function``);
+    """How to replay one key on the locals. ``out`` is an output entry (see ``_native.function``);
     ``bumps`` holds (flat FastDTensor argument index, version delta) for arguments modified in
     place. NOTE: a tuple, so the C path reads its fields by index (out, bumps, below, chunks,
     ops)."""
@@ -335,7 +335,7 @@ def _tensors_only(result: Any) -> bool:
 
 
 def _flat_fast(a: Any, flat: list[FastDTensor]) -> None:
-    """FastDTensors of ``a`` in the hot path's DFS order (``_function._unwrap``)."""
+    """FastDTensors of ``a`` in the hot path's DFS order (``_native.function._unwrap``)."""
     t = type(a)
     if t is FastDTensor:
         flat.append(a)
@@ -677,7 +677,7 @@ autograd), or on torch < 2.13 ``stock_call``."""
 
 
 def config() -> dict[str, Any]:
-    """What ``native._function.configure`` (and its C mirror) receives."""
+    """What ``_native.function.configure`` (and its C mirror) receives."""
     return {
         "fast_type": FastDTensor,
         "tensor_type": torch.Tensor,

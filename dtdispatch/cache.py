@@ -4,7 +4,7 @@ The key rules are ARCHITECTURE "The cache key" (torch 2.13's ``OpSchema`` compar
 declared
 deviations: scalars of ``scalar_value_free_ops`` are keyed by type (coarser), and non-float values
 torch leaves out are keyed by value (finer, see ``_is_float_value``). ``build_key`` is the
-specification that ``native/_speedups.c`` mirrors block by block; change both together.
+specification that ``_native/_dispatch.c`` mirrors block by block; change both together.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ class Plan:
     is) or the target ``DTensorSpec`` to redistribute to. ``rewritten_args`` holds the flattened
     positional values that replace non-tensor arguments (sharded view shapes), or None. ``fast`` is
     True when the native path may run the plan without Python (see
-    ``native._native.fast_dispatch``); otherwise ``reason`` names why not.
+    ``_native.dispatch.dispatch``); otherwise ``reason`` names why not.
     """
 
     op_call: OpOverload

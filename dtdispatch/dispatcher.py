@@ -1,6 +1,6 @@
 """The slow path: ask torch's sharding propagator, write the plan, run it (ARCHITECTURE "Layers").
 
-The native entry (``native._speedups.dispatch`` or its twin) is FastDTensor's
+The native entry (``_native._dispatch.dispatch`` or its twin) is FastDTensor's
 ``__torch_dispatch__``; it calls ``slow_path`` for everything it does not replay itself.
 """
 
@@ -23,9 +23,9 @@ from torch.utils import _python_dispatch
 from torch.utils import _pytree as pytree
 
 from dtdispatch import _compat
+from dtdispatch import _native as _native_pkg
 from dtdispatch import above as _above
 from dtdispatch import cache as _cache
-from dtdispatch import native as _native_pkg
 from dtdispatch._bitwise import comparable
 from dtdispatch._tensor import FastDTensor
 from dtdispatch.local_results import execute, make_plan

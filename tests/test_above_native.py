@@ -1,5 +1,5 @@
-"""The C path above dispatch (``dtdispatch.native._function_c``) against its Python twin
-(``dtdispatch.native._function``), and its reference counting.
+"""The C path above dispatch (``dtdispatch._native._function``) against its Python twin
+(``dtdispatch._native.function``), and its reference counting.
 
 Single process, world size 1 (gloo, file store). ``build_key`` must return equal keys from both;
 every workload, run many times through the C handler after a warm-up, must leave the reference
@@ -21,13 +21,14 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import dtdispatch
-from dtdispatch import above, dispatcher, native
-from dtdispatch.native import _function
+from dtdispatch import _native as native
+from dtdispatch import above, dispatcher
+from dtdispatch._native import function
 
-_function_c = native.function_implementations().get("native")
+_function = native.function_implementations().get("native")
 pytestmark = pytest.mark.skipif(
-    _function_c is None,
-    reason=f"the C extension dtdispatch.native._function_c is not built: {native.FUNCTION_REASON}",
+    _function is None,
+    reason=f"the C extension dtdispatch._native._function is not built: {native.FUNCTION_REASON}",
 )
 
 CALLS = 5_000  # the replay paths: a leaked reference per call moves a count by 5000
@@ -71,11 +72,11 @@ def test_build_key_matches_the_twin(mesh: DeviceMesh) -> None:
         (torch.Tensor.add_, (inf, 1), {}),  # an inference tensor
         *((torch.Tensor.resolve_conj, (f,), {}) for f in flagged),  # conj/neg bits
     ]
-    assert _function_c is not None
-    _function.configure(above.config())
+    assert _function is not None
+    function.configure(above.config())
     ambient = [(torch.float32, None), (torch.float64, None)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        ambient.append(_function.ambient())
+        ambient.append(function.ambient())
     assert ambient[-1] == (torch.float32, (("cpu", torch.bfloat16),))
     keys = set()
     for grad in (False, True):
@@ -83,8 +84,8 @@ def test_build_key_matches_the_twin(mesh: DeviceMesh) -> None:
             for default_dtype, autocast in ambient:
                 for func, args, kwargs in calls:
                     state = (grad, inference, default_dtype, autocast)
-                    twin = _function.build_key(func, args, kwargs, *state)
-                    ours = _function_c.build_key(func, args, kwargs, *state)
+                    twin = function.build_key(func, args, kwargs, *state)
+                    ours = _function.build_key(func, args, kwargs, *state)
                     assert ours == twin, (func, args, kwargs, state)
                     if not isinstance(twin[0], str):
                         assert hash(tuple(ours[0])) == hash(tuple(twin[0]))

@@ -7,7 +7,8 @@ from collections.abc import Iterator
 import pytest
 
 import dtdispatch
-from dtdispatch import dispatcher, native
+from dtdispatch import _native as native
+from dtdispatch import dispatcher
 
 
 @pytest.fixture

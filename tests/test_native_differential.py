@@ -1,5 +1,5 @@
-"""The C hot path (``dtdispatch.native._speedups``) against its Python twin
-(``dtdispatch.native._native``).
+"""The C hot path (``dtdispatch.dispatch._dispatch``) against its Python twin
+(``dtdispatch.dispatch.dispatch``).
 
 Single process, world size 1 (gloo, file store), 1-D cpu mesh. Two properties, generated with
 hypothesis:
@@ -25,17 +25,18 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import dtdispatch
-from dtdispatch import FastDTensor, cache, dispatcher, native
-from dtdispatch.native import _native
+from dtdispatch import FastDTensor, cache, dispatcher
+from dtdispatch import _native as native
+from dtdispatch._native import dispatch
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-_speedups = native.implementations().get("native")
+_dispatch = native.implementations().get("native")
 pytestmark = pytest.mark.skipif(
-    _speedups is None,
-    reason=f"the C extension dtdispatch.native._speedups is not built: {native.REASON}",
+    _dispatch is None,
+    reason=f"the C extension dtdispatch.dispatch._dispatch is not built: {native.REASON}",
 )
 
 aten = torch.ops.aten
@@ -183,10 +184,10 @@ kwarg_values = st.one_of(
 def test_build_key_equals_twin(
     mesh: DeviceMesh, op: Any, args: list[Any], kwargs: dict[str, Any]
 ) -> None:
-    assert _speedups is not None
+    assert _dispatch is not None
     op, real_args, real_kwargs = make_call((op, args, kwargs), mesh)
-    ours = _speedups.build_key(op, real_args, real_kwargs)
-    twin = _native.build_key(op, real_args, real_kwargs)
+    ours = _dispatch.build_key(op, real_args, real_kwargs)
+    twin = dispatch.build_key(op, real_args, real_kwargs)
     assert ours == twin
     assert type(ours) is type(twin)
     if twin is not None:
@@ -204,7 +205,7 @@ def test_build_key_equals_twin(
 
 
 def test_build_key_edge_cases(mesh: DeviceMesh) -> None:
-    assert _speedups is not None
+    assert _dispatch is not None
     x = dtdispatch.accelerate(distribute_tensor(torch.ones(4, 4), mesh, [Shard(0)]))
     cases: list[tuple[Any, Any, Any]] = [
         (aten.add.Tensor, (x, x), {}),
@@ -220,20 +221,20 @@ def test_build_key_edge_cases(mesh: DeviceMesh) -> None:
         (aten.add.Tensor, (x, x), {"other": [x]}),  # a tensor list in kwargs: no key
     ]
     for op, args, kwargs in cases:
-        ours = _speedups.build_key(op, args, kwargs)
-        twin = _native.build_key(op, args, kwargs)
+        ours = _dispatch.build_key(op, args, kwargs)
+        twin = dispatch.build_key(op, args, kwargs)
         assert ours == twin, (op, args, kwargs)
         if twin is not None:
             assert hash(ours) == hash(twin)
     # Keyword arguments work as for the Python function.
-    assert _speedups.build_key(op=aten.add.Tensor, args=(x, x), kwargs={}) == _native.build_key(
+    assert _dispatch.build_key(op=aten.add.Tensor, args=(x, x), kwargs={}) == dispatch.build_key(
         aten.add.Tensor, (x, x), {}
     )
 
 
 def test_build_key_non_dict_kwargs_and_generic_sequences(mesh: DeviceMesh) -> None:
     """Inputs the C does not model go to the twin, so even these agree."""
-    assert _speedups is not None
+    assert _dispatch is not None
     x = dtdispatch.accelerate(distribute_tensor(torch.ones(4, 4), mesh, [Shard(0)]))
 
     class MyList(list):  # type: ignore[type-arg]
@@ -255,8 +256,8 @@ def test_build_key_non_dict_kwargs_and_generic_sequences(mesh: DeviceMesh) -> No
         (aten.add.Tensor, iter([x, x]), {}),  # not a sequence: both raise the same TypeError
         (aten.add.Tensor, (x, x), None),  # not a mapping, but empty-ish: both agree
     ]:
-        ours = outcome(lambda: _speedups.build_key(op, args, kwargs))  # noqa: B023
-        twin = outcome(lambda: _native.build_key(op, args, kwargs))  # noqa: B023
+        ours = outcome(lambda: _dispatch.build_key(op, args, kwargs))  # noqa: B023
+        twin = outcome(lambda: dispatch.build_key(op, args, kwargs))  # noqa: B023
         assert ours == twin, (ours, twin)
 
 

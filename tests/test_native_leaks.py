@@ -1,4 +1,4 @@
-"""Reference counting of the C hot path (``dtdispatch.native._speedups``): many dispatches leave
+"""Reference counting of the C hot path (``dtdispatch._native._dispatch``): many dispatches leave
 nothing behind.
 
 Single process, world size 1 (gloo, file store). Each workload runs through the native
@@ -27,12 +27,13 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.overrides import TorchFunctionMode
 
 import dtdispatch
-from dtdispatch import FastDTensor, cache, dispatcher, native
+from dtdispatch import FastDTensor, cache, dispatcher
+from dtdispatch import _native as native
 
-_speedups = native.implementations().get("native")
+_dispatch = native.implementations().get("native")
 pytestmark = pytest.mark.skipif(
-    _speedups is None,
-    reason=f"the C extension dtdispatch.native._speedups is not built: {native.REASON}",
+    _dispatch is None,
+    reason=f"the C extension dtdispatch._native._dispatch is not built: {native.REASON}",
 )
 
 aten = torch.ops.aten

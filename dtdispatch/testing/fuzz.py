@@ -1614,7 +1614,7 @@ def fuzz(
     "compiled (skipped)", and the failing ones under "failing: <feature>". Collective."""
     if count is None and seconds is None:
         raise ValueError("fuzz needs count= or seconds= (got neither)")
-    from dtdispatch import native
+    from dtdispatch import _native as native
 
     impls = sorted(native.implementations()) if impls is None else list(impls)
     began = time.monotonic()

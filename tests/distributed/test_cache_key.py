@@ -11,7 +11,8 @@ import torch
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 import dtdispatch
-from dtdispatch import cache, native
+from dtdispatch import _native as native
+from dtdispatch import cache
 from dtdispatch.testing import mesh_1d
 
 aten = torch.ops.aten

@@ -17,7 +17,8 @@ from torch.distributed.tensor.debug import CommDebugMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dtdispatch
-from dtdispatch import FastDTensor, cache, dispatcher, native
+from dtdispatch import FastDTensor, cache, dispatcher
+from dtdispatch import _native as native
 from dtdispatch.testing import mesh_1d, sub_mesh
 
 IMPLS = sorted(native.implementations())
@@ -258,7 +259,7 @@ def test_accelerate_without_subclass_dispatch(rank: int, world_size: int) -> Non
     import warnings
 
     from dtdispatch import _compat, dispatcher
-    from dtdispatch import native as native_pkg
+    from dtdispatch import _native as native_pkg
 
     dispatcher.install(native_pkg.DEFAULT)  # ranks outlive tests: the path above dispatch on
     x = distribute_tensor(torch.ones(4), mesh_1d(), [Shard(0)])

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from dtdispatch import native
-from dtdispatch.native import _native
+from dtdispatch import _native as native
+from dtdispatch._native import dispatch
 from dtdispatch.testing.fuzz import Input, Program, failure, fuzz, render, shrink
 
 SEED = 20261201
@@ -67,8 +67,8 @@ def _mul_off_by_one(original: Any) -> Any:
 @pytest.mark.distributed(world_size=2, timeout=120)
 def test_fuzz_catches_and_shrinks_an_injected_bug(rank: int, world_size: int) -> None:
     assert failure(_CLEAN) is None
-    original = _native.dispatch
-    _native.dispatch = _mul_off_by_one(original)  # type: ignore[assignment]
+    original = dispatch.dispatch
+    dispatch.dispatch = _mul_off_by_one(original)  # type: ignore[assignment]
     try:
         found = failure(_CLEAN)
         small = shrink(_CLEAN, budget_s=60.0)
@@ -81,7 +81,7 @@ def test_fuzz_catches_and_shrinks_an_injected_bug(rank: int, world_size: int) ->
         assert namespace["program"] == small
         assert failure(namespace["program"]) is not None
     finally:
-        _native.dispatch = original  # type: ignore[assignment]
+        dispatch.dispatch = original  # type: ignore[assignment]
     assert failure(small) is None
 
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch.distributed.tensor import DTensor, Replicate
 
-from dtdispatch import FastDTensor, native
+from dtdispatch import FastDTensor
+from dtdispatch import _native as native
 from dtdispatch.testing import mesh_1d
 from dtdispatch.testing.opinfo import run_op, selection
 

@@ -1,4 +1,4 @@
-"""The Python twin of ``_speedups.c``: the specification of the native hot path.
+"""The Python twin of ``_dispatch.c``: the specification of the native hot path.
 
 ``dispatch`` is FastDTensor's ``__torch_dispatch__``. It builds the key, looks up this thread's plan
 cache and, on a hit whose plan is ``fast``, runs it inline: unwrap locals, call the op, wrap

@@ -1,9 +1,9 @@
-"""The native hot path: the C extension ``_speedups`` when it is built and allowed, else its Python
-twin.
+"""The native hot paths: each C extension when it is built and allowed, else its Python twin
+(CPython style: ``dispatch`` is the twin of ``_dispatch``, ``function`` of ``_function``).
 
-Both expose ``configure``, ``build_key`` and ``dispatch`` with the same signatures.
-``DTDISPATCH_NATIVE=0`` selects the twin. ``DTDISPATCH_REQUIRE_NATIVE=1`` (CI) turns a missing or
-broken extension into an import error instead of a silent slowdown.
+``dispatch``/``_dispatch`` expose ``configure``, ``build_key`` and ``dispatch`` with the same
+signatures. ``DTDISPATCH_NATIVE=0`` selects the twin. ``DTDISPATCH_REQUIRE_NATIVE=1`` (CI) turns a
+missing or broken extension into an import error instead of a silent slowdown.
 """
 
 from __future__ import annotations
@@ -13,19 +13,19 @@ import logging
 import os
 from types import ModuleType
 
-from dtdispatch.native import _function, _native
+from dtdispatch._native import dispatch, function
 
 __all__ = ["DEFAULT", "FUNCTION_REASON", "REASON", "function_implementations", "implementations"]
 
 _log = logging.getLogger("dtdispatch")
 
-_speedups: ModuleType | None
+_dispatch: ModuleType | None
 try:
-    _speedups = importlib.import_module("dtdispatch.native._speedups")
+    _dispatch = importlib.import_module("dtdispatch._native._dispatch")
 
     _import_error = ""
 except ImportError as exc:
-    _speedups = None
+    _dispatch = None
     _import_error = str(exc)
     if os.environ.get("DTDISPATCH_REQUIRE_NATIVE") == "1":
         raise ImportError(
@@ -34,24 +34,24 @@ except ImportError as exc:
 
 if os.environ.get("DTDISPATCH_NATIVE", "1") == "0":
     DEFAULT, REASON = "python", "disabled by DTDISPATCH_NATIVE=0"
-elif _speedups is None:
+elif _dispatch is None:
     DEFAULT, REASON = (
         "python",
         f"C extension not importable ({_import_error}); using the Python twin",
     )
 else:
-    DEFAULT, REASON = "native", "C extension dtdispatch.native._speedups loaded"
+    DEFAULT, REASON = "native", "C extension dtdispatch._native._dispatch loaded"
 
 if DEFAULT != "native":
     _log.warning("dtdispatch native path inactive: %s", REASON)
 
 # The path above dispatch (FastDTensor.__torch_function__): its own extension, same switches.
-_function_c: ModuleType | None
+_function: ModuleType | None
 try:
-    _function_c = importlib.import_module("dtdispatch.native._function_c")
-    FUNCTION_REASON = "C extension dtdispatch.native._function_c loaded"
+    _function = importlib.import_module("dtdispatch._native._function")
+    FUNCTION_REASON = "C extension dtdispatch._native._function loaded"
 except ImportError as exc:
-    _function_c = None
+    _function = None
     FUNCTION_REASON = f"C extension not importable ({exc}); using the Python twin"
     if os.environ.get("DTDISPATCH_REQUIRE_NATIVE") == "1":
         raise ImportError(
@@ -64,16 +64,16 @@ except ImportError as exc:
 def implementations() -> dict[str, ModuleType]:
     """The importable implementations by name: always "python", and "native" when the extension
     loaded."""
-    found = {"python": _native}
-    if _speedups is not None:
-        found["native"] = _speedups
+    found = {"python": dispatch}
+    if _dispatch is not None:
+        found["native"] = _dispatch
     return found
 
 
 def function_implementations() -> dict[str, ModuleType]:
-    """The path above dispatch by implementation name: always "python" (``_function``), and
-    "native" when ``_function_c`` loaded."""
-    found = {"python": _function}
-    if _function_c is not None:
-        found["native"] = _function_c
+    """The path above dispatch by implementation name: always "python" (``function``), and
+    "native" when ``_function`` loaded."""
+    found = {"python": function}
+    if _function is not None:
+        found["native"] = _function
     return found

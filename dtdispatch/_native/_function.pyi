@@ -1,12 +1,12 @@
-"""Type stub of the C hot path above dispatch ``dtdispatch.native._function_c`` (``_function.c``).
+"""Type stub of the C hot path above dispatch ``dtdispatch._native._function`` (``_function.c``).
 
-Same signatures and semantics as the Python twin, ``dtdispatch.native._function``.
+Same signatures and semantics as the Python twin, ``dtdispatch._native.function``.
 """
 
 from typing import Any
 
 def configure(config: dict[str, Any]) -> None:
-    """Hand over what the hot path needs (``_function.configure``)."""
+    """Hand over what the hot path needs (``_native.function.configure``)."""
 
 def build_key(
     func: Any,
@@ -18,7 +18,7 @@ def build_key(
     autocast: Any,
 ) -> tuple[list[object] | str, list[int]]:
     """The flat key of one call and its scalar positions, or (reason, []): see
-    ``_function.build_key``."""
+    ``_native.function.build_key``."""
 
 def torch_function(
     cls: type,

@@ -1,7 +1,7 @@
 /*
- * dtdispatch.native._speedups: the C hot path of dtdispatch (ARCHITECTURE "Layers", "Native part").
+ * dtdispatch._native._dispatch: the C hot path of dtdispatch (ARCHITECTURE "Layers", "Native part").
  *
- * The specification is Python: dtdispatch/native/_native.py (``configure``, ``dispatch``, ``_wrap``) and
+ * The specification is Python: dtdispatch/_native/dispatch.py (``configure``, ``dispatch``, ``_wrap``) and
  * dtdispatch/cache.py (``build_key`` and its helpers, ``ThreadCache.op_counters``). Every block below names
  * the Python block it mirrors; change both together. CPython C API only: no torch headers, no libtorch, so
  * it builds in seconds and does not depend on the torch version. Everything torch-specific (types, op sets,
@@ -47,14 +47,14 @@
 #endif
 
 #ifdef Py_GIL_DISABLED
-#error "dtdispatch._speedups relies on the GIL (module state and ThreadCache are unlocked)"
+#error "dtdispatch._native._dispatch relies on the GIL (module state and ThreadCache are unlocked)"
 #endif
 
 /* ------------------------------------------------------------------------------------------------------ */
 /* Module state. Protected by the GIL; written by configure / load_cache_names only.                       */
 /* ------------------------------------------------------------------------------------------------------ */
 
-/* mirrors _native._config: what configure() receives from dispatcher.install() (NULL: never given; the use
+/* mirrors _native.dispatch._config: what configure() receives from dispatcher.install() (NULL: never given; the use
  * site raises the twin's KeyError). */
 static PyObject *cfg_slow_path;      /* c["slow_path"] */
 static PyObject *cfg_op_dispatcher;  /* c["op_dispatcher"]: its _custom_op_handlers are read per call */
@@ -468,7 +468,7 @@ static Py_hash_t hashed_key_hash(PyObject *self)
 }
 
 static PyTypeObject HashedKeyType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dtdispatch.native._speedups.HashedKey",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dtdispatch._native._dispatch.HashedKey",
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "A plan-cache key (a tuple) carrying its precomputed hash for one move_to_end call.",
     .tp_hash = hashed_key_hash,
@@ -537,7 +537,7 @@ static int load_cache_names(void)
     if (!PyType_Check(tensor_type) || !PyType_Check(key_dtensor_type) || !PyType_Check(opoverload_type) ||
         !PyType_Check(spec_type) || !PyType_Check(plan_type) || !PyType_Check(thread_cache_type) ||
         !PyDict_CheckExact(schema_dict) || !PyDict_CheckExact(schema_dict_single)) {
-        PyErr_SetString(PyExc_TypeError, "dtdispatch._speedups: dtdispatch.cache does not have the expected types");
+        PyErr_SetString(PyExc_TypeError, "dtdispatch._native._dispatch: dtdispatch.cache does not have the expected types");
         goto done;
     }
     tensor_check_is_plain = plain_instancecheck(tensor_type);
@@ -1052,7 +1052,7 @@ static PyObject *sp_build_key(PyObject *Py_UNUSED(module), PyObject *const *args
 }
 
 /* ------------------------------------------------------------------------------------------------------ */
-/* configure: mirrors _native.configure (``_config.update(config)``)                                       */
+/* configure: mirrors _native.dispatch.configure (``_config.update(config)``)                              */
 /* ------------------------------------------------------------------------------------------------------ */
 
 static void take_config(PyObject *config, const char *name, PyObject **slot)
@@ -1260,7 +1260,7 @@ static PyObject *unwrap_one(PyObject *a, PyObject *dtensor_type)
     return isdt ? GET_SLOT(a, local_tensor) : Py_NewRef(a);
 }
 
-/* mirrors _native._wrap (torch's OpDispatcher.wrap with FastDTensor outputs). New reference. */
+/* mirrors _native.dispatch._wrap (torch's OpDispatcher.wrap with FastDTensor outputs). New reference. */
 static PyObject *wrap(PyObject *result, PyObject *spec, PyObject *fast_type, PyObject *new_fn, PyObject *tensor_t)
 {
     /* if isinstance(result, tensor_type): ... */
@@ -1392,7 +1392,7 @@ static int local_index(PyObject *index_obj, Py_ssize_t n, Py_ssize_t *out)
 }
 
 /* ------------------------------------------------------------------------------------------------------ */
-/* dispatch: mirrors _native.dispatch                                                                       */
+/* dispatch: mirrors _native.dispatch.dispatch                                                              */
 /* ------------------------------------------------------------------------------------------------------ */
 
 static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t nargsf,
@@ -1870,18 +1870,18 @@ done:
 
 static PyMethodDef speedups_methods[] = {
     {"configure", (PyCFunction)(void (*)(void))sp_configure, METH_FASTCALL | METH_KEYWORDS,
-     "configure(config: dict) -> None\n\nHand over what the hot path needs (see _native.configure)."},
+     "configure(config: dict) -> None\n\nHand over what the hot path needs (see _native.dispatch.configure)."},
     {"build_key", (PyCFunction)(void (*)(void))sp_build_key, METH_FASTCALL | METH_KEYWORDS,
      "build_key(op, args, kwargs) -> tuple | None\n\nThe plan-cache key of one call (see cache.build_key)."},
     {"dispatch", (PyCFunction)(void (*)(void))sp_dispatch, METH_FASTCALL | METH_KEYWORDS,
-     "dispatch(cls, func, types, args=(), kwargs=None)\n\nFastDTensor.__torch_dispatch__ (see _native.dispatch)."},
+     "dispatch(cls, func, types, args=(), kwargs=None)\n\nFastDTensor.__torch_dispatch__ (see _native.dispatch.dispatch)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
-    "dtdispatch.native._speedups",
-    "The C hot path of dtdispatch; its specification is dtdispatch.native._native (the Python twin).",
+    "dtdispatch._native._dispatch",
+    "The C hot path of dtdispatch; its specification is dtdispatch._native.dispatch (the Python twin).",
     -1, /* process-global state (see the top of the file): single-phase init, no sub-interpreters */
     speedups_methods,
     NULL,
@@ -1896,7 +1896,7 @@ static struct PyModuleDef speedups_module = {
             return NULL;                                                                                       \
     } while (0)
 
-PyMODINIT_FUNC PyInit__speedups(void)
+PyMODINIT_FUNC PyInit__dispatch(void)
 {
     INTERN(s_local_tensor, "_local_tensor");
     INTERN(s_spec, "_spec");
@@ -1934,7 +1934,7 @@ PyMODINIT_FUNC PyInit__speedups(void)
     INTERN(s_active, "_active");
     INTERN(s_narrow, "narrow");
     INTERN(s_clone, "clone");
-    INTERN(s_tc_key, "dtdispatch.native._speedups.thread_cache");
+    INTERN(s_tc_key, "dtdispatch._native._dispatch.thread_cache");
     /* The twin's reason literals (slow_path compares them with ==). */
     INTERN(s_custom_handler, "custom handler");
     INTERN(s_no_key, "no key");

@@ -1,4 +1,4 @@
-/* CPython-version shims shared by dtdispatch's C files (_speedups.c, _function.c). No twin: nothing
+/* CPython-version shims shared by dtdispatch's C files (_dispatch.c, _function.c). No twin: nothing
  * here decides anything, it only picks the fastest exported CPython call for the running version. */
 #ifndef DTDISPATCH_PYCOMPAT_H
 #define DTDISPATCH_PYCOMPAT_H

@@ -1,8 +1,8 @@
 /*
- * dtdispatch.native._function_c: the C hot path above dispatch (FastDTensor.__torch_function__,
+ * dtdispatch._native._function: the C hot path above dispatch (FastDTensor.__torch_function__,
  * ARCHITECTURE "The path above dispatch").
  *
- * The specification is Python: dtdispatch/native/_function.py (``configure``, ``ambient``, ``build_key``,
+ * The specification is Python: dtdispatch/_native/function.py (``configure``, ``ambient``, ``build_key``,
  * ``_entry``, ``_unwrap``, ``torch_function``, ``_step_aside``, ``_output``). Every block below names
  * the Python block it mirrors; change both together. CPython C API only: no torch headers. Everything
  * torch-specific (types, the disabled implementation, mode and grad queries, guards, markers) is taken
@@ -46,10 +46,10 @@ static void drop_error(SavedError e)
 }
 
 #ifdef Py_GIL_DISABLED
-#error "dtdispatch._function_c relies on the GIL (module state and AboveCache are unlocked)"
+#error "dtdispatch._native._function relies on the GIL (module state and AboveCache are unlocked)"
 #endif
 
-/* Module state: mirrors _function._config. */
+/* Module state: mirrors _native.function._config. */
 static PyObject *c_fast_type, *c_tensor_type, *c_new, *c_disabled, *c_passthrough, *c_thread_cache,
     *c_miss, *c_is_compiling, *c_tf_mode, *c_dispatch_modes, *c_grad_enabled, *c_inference,
     *c_default_dtype, *c_any_autocast, *c_autocast_state, *c_disable_subclass, *c_increment_version,
@@ -62,7 +62,7 @@ static PyObject *s_requires_grad, *s_spec, *s_local_tensor, *s_entries, *s_per_f
     *s_narrow, *s_clone, *s_explicit, *s_compiling_flag, *c_compiler_module, *s_is_inference, *s_is_conj,
     *s_is_neg, *s_custom_op_handlers, *s_custom_handler;
 
-/* Output entry kinds: mirrors _function.OUT_*. */
+/* Output entry kinds: mirrors _native.function.OUT_*. */
 enum { OUT_NEW = 0, OUT_ARG = 1, OUT_NONE = 2, OUT_SEQ = 3 };
 
 static struct {
@@ -95,7 +95,7 @@ static struct {
 };
 #define N_CONFIG ((Py_ssize_t)(sizeof(config_names) / sizeof(config_names[0])))
 
-/* configure: mirrors _function.configure (``_config.update(config)``). */
+/* configure: mirrors _native.function.configure (``_config.update(config)``). */
 static PyObject *fn_configure(PyObject *Py_UNUSED(module), PyObject *config)
 {
     if (!PyDict_Check(config)) {
@@ -227,7 +227,7 @@ static PyObject *call_disabled(PyObject *func, PyObject *types, PyObject *args, 
     return PyObject_Vectorcall(c_disabled, argv, 4, NULL);
 }
 
-/* mirrors _function._step_aside */
+/* mirrors _native.function._step_aside */
 static PyObject *step_aside(PyObject *memo, PyObject *func, PyObject *types, PyObject *args, PyObject *kwargs,
                             PyObject *reason)
 {
@@ -237,7 +237,7 @@ static PyObject *step_aside(PyObject *memo, PyObject *func, PyObject *types, PyO
 }
 
 /* ------------------------------------------------------------------------------------------------ */
-/* Key: mirrors _function.build_key / _entry.                                                        */
+/* Key: mirrors _native.function.build_key / _entry.                                                 */
 /* ------------------------------------------------------------------------------------------------ */
 
 /* a.name() as a truth value: 1, 0, or -1 on error. */
@@ -354,7 +354,7 @@ static int entry(PyObject *a, PyObject *key, PyObject *scalars, int grad, PyObje
     return PyList_Append(key, a);
 }
 
-/* mirrors _function.build_key: 0 with *key_out, *scalars_out set; 1 with *key_out a reason str; -1. The
+/* mirrors _native.function.build_key: 0 with *key_out, *scalars_out set; 1 with *key_out a reason str; -1. The
  * caller holds the DisableTorchFunctionSubclass guard. */
 static int build_key_impl(PyObject *func, PyObject *args, PyObject *kwargs, int grad, int inference,
                           PyObject *default_dtype, PyObject *autocast, PyObject **key_out, PyObject **scalars_out)
@@ -445,7 +445,7 @@ static int query_compiling(void)
     return query(c_is_compiling);
 }
 
-/* build_key(func, args, kwargs, grad, inference, default_dtype, autocast): mirrors _function.build_key
+/* build_key(func, args, kwargs, grad, inference, default_dtype, autocast): mirrors _native.function.build_key
  * (for the differential tests; the hot path calls build_key_impl under the guard). */
 static PyObject *fn_build_key(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t nargs)
 {
@@ -490,7 +490,7 @@ static PyObject *fn_build_key(PyObject *Py_UNUSED(module), PyObject *const *argv
 }
 
 /* ------------------------------------------------------------------------------------------------ */
-/* Replay: mirrors _function._unwrap and _function._output.                                          */
+/* Replay: mirrors _native.function._unwrap and _native.function._output.                            */
 /* ------------------------------------------------------------------------------------------------ */
 
 /* local.narrow(dim, offset, length).clone(), chunk being (flat index, dim, offset, length). */
@@ -505,7 +505,7 @@ static PyObject *local_chunk(PyObject *local, PyObject *chunk)
     return clone;
 }
 
-/* mirrors _function._unwrap; chunks is the plan's tuple of (flat index, dim, offset, length) or None.
+/* mirrors _native.function._unwrap; chunks is the plan's tuple of (flat index, dim, offset, length) or None.
  * New reference. */
 static PyObject *unwrap(PyObject *a, PyObject *flat, PyObject *chunks)
 {
@@ -562,7 +562,7 @@ static PyObject *unwrap(PyObject *a, PyObject *flat, PyObject *chunks)
     return Py_NewRef(a);
 }
 
-/* mirrors _function._output. New reference. */
+/* mirrors _native.function._output. New reference. */
 static PyObject *output(PyObject *entry_, PyObject *result, PyObject *flat)
 {
     if (!PyTuple_CheckExact(entry_) || PyTuple_GET_SIZE(entry_) != 2) {
@@ -793,7 +793,7 @@ static Py_hash_t hashed_key_hash(PyObject *self)
 }
 
 static PyTypeObject HashedKeyType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dtdispatch.native._function_c.HashedKey",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dtdispatch._native._function.HashedKey",
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_doc = "A key (a tuple) carrying its precomputed hash for one move_to_end call.",
     .tp_hash = hashed_key_hash,
@@ -822,7 +822,7 @@ static int move_to_end(PyObject *entries, PyObject *key, Py_hash_t kh)
 }
 
 /* ------------------------------------------------------------------------------------------------ */
-/* torch_function: mirrors _function.torch_function block by block.                                  */
+/* torch_function: mirrors _native.function.torch_function block by block.                           */
 /* ------------------------------------------------------------------------------------------------ */
 static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t nargsf,
                                    PyObject *kwnames)
@@ -894,7 +894,7 @@ static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const 
     int grad = query(c_grad_enabled), inference = grad >= 0 ? query(c_inference) : 0;
     if (grad < 0 || inference < 0)
         goto out_memo;
-    /* mirrors _function.ambient: (default dtype, autocast state or None) */
+    /* mirrors _native.function.ambient: (default dtype, autocast state or None) */
     PyObject *default_dtype = PyObject_CallNoArgs(c_default_dtype), *autocast = NULL;
     if (default_dtype == NULL)
         goto out_memo;
@@ -1068,18 +1068,18 @@ out:
 
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)fn_configure, METH_O,
-     "configure(config: dict) -> None\n\nHand over what the hot path needs (see _function.configure)."},
+     "configure(config: dict) -> None\n\nHand over what the hot path needs (see _native.function.configure)."},
     {"build_key", (PyCFunction)(void (*)(void))fn_build_key, METH_FASTCALL,
      "build_key(func, args, kwargs, grad, inference, default_dtype, autocast) -> (key list | reason, scalar "
      "positions)"},
     {"torch_function", (PyCFunction)(void (*)(void))fn_torch_function, METH_FASTCALL | METH_KEYWORDS,
-     "FastDTensor.__torch_function__ (installed as a classmethod): see _function.torch_function."},
+     "FastDTensor.__torch_function__ (installed as a classmethod): see _native.function.torch_function."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef function_module = {
-    PyModuleDef_HEAD_INIT, "dtdispatch.native._function_c",
-    "The C hot path above dispatch; its Python twin is dtdispatch.native._function.", -1, methods,
+    PyModuleDef_HEAD_INIT, "dtdispatch._native._function",
+    "The C hot path above dispatch; its Python twin is dtdispatch._native.function.", -1, methods,
     NULL, NULL, NULL, NULL,
 };
 
@@ -1089,7 +1089,7 @@ static struct PyModuleDef function_module = {
             return NULL;                                                                                    \
     } while (0)
 
-PyMODINIT_FUNC PyInit__function_c(void)
+PyMODINIT_FUNC PyInit__function(void)
 {
     INTERN(s_requires_grad, "requires_grad");
     INTERN(s_spec, "_spec");
@@ -1103,7 +1103,7 @@ PyMODINIT_FUNC PyInit__function_c(void)
     INTERN(s_move_to_end, "move_to_end");
     INTERN(s_enter, "__enter__");
     INTERN(s_exit, "__exit__");
-    INTERN(s_memo_key, "dtdispatch.native._function_c.thread_cache");
+    INTERN(s_memo_key, "dtdispatch._native._function.thread_cache");
     INTERN(s_mode_or_compiling, "mode or compiling");
     INTERN(s_unhashable, "unhashable argument");
     INTERN(s_active, "_active");
