@@ -36,8 +36,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import dtdispatch
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
-from dtdispatch import dispatcher
 
 Args = dict[str, Any]
 

@@ -67,8 +67,8 @@ def _worker(args: argparse.Namespace) -> None:
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
     import dtdispatch
+    from dtdispatch import _dispatcher as dispatcher
     from dtdispatch import _native as native
-    from dtdispatch import dispatcher
 
     info = init_distributed()
     mesh = init_device_mesh(info.device.type, (info.world_size,))

@@ -34,8 +34,8 @@ from _bootstrap import init_distributed
 from torch.distributed.device_mesh import init_device_mesh
 
 import dtdispatch
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
-from dtdispatch import dispatcher
 from dtdispatch.testing.training import TrainConfig, Trainer
 
 LOOPS: dict[str, TrainConfig] = {

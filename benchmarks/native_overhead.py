@@ -32,8 +32,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import dtdispatch
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
-from dtdispatch import cache, dispatcher
+from dtdispatch import cache
 
 _new = torch.Tensor._dtensor__new__
 _VF = torch._C._VariableFunctions

@@ -26,8 +26,8 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 import dtdispatch
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
-from dtdispatch import dispatcher
 
 # Per step: record name -> fingerprint (metadata and a digest of the bytes).
 Trace = list[dict[str, str]]

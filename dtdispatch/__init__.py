@@ -15,10 +15,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dtdispatch import _compat, _native, _telemetry, _tensor, _training
-from dtdispatch import above as _above
+from dtdispatch import _above, _compat, _dispatcher, _native, _telemetry, _tensor, _training
 from dtdispatch import cache as _cache
-from dtdispatch import dispatcher as _dispatcher
 from dtdispatch._tensor import FastDTensor, as_fast, as_stock
 from dtdispatch._training import unwrap_hooks, wrap_hooks
 
@@ -50,7 +48,7 @@ def _convert_tensor(t: DTensor, convert: Any, target: type, done: dict[int, Any]
     if type(t) in _RETYPABLE:
         # NOTE: in place, not a new Parameter: optimizers, tied modules, hooks, the autograd
         # leaf (AccumulateGrad holds this tensor), ``_is_param`` and any state keyed by the object
-        # all keep seeing the same tensor (it is what above._retype does for outputs).
+        # all keep seeing the same tensor (it is what _above._retype does for outputs).
         t.__class__ = target
         grad = t.grad
         if isinstance(grad, DTensor) and type(grad) is not target:

@@ -119,7 +119,7 @@ def _calls_subclass_dispatch() -> bool:
 # on CPU) FastDTensor's __torch_dispatch__ is never called and outputs come back as stock DTensors.
 # Its __torch_function__ still runs, so there dtdispatch works above dispatch only (ARCHITECTURE
 # 'torch versions'): replayed calls stay on dtdispatch, everything else takes torch's path and its
-# fresh outputs are retyped as FastDTensors (``above.stock_call``).
+# fresh outputs are retyped as FastDTensors (``_above.stock_call``).
 SUBCLASS_DISPATCH = _calls_subclass_dispatch()
 
 

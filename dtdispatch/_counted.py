@@ -1,5 +1,5 @@
 """Per-thread counted caches: what the dispatch plan cache (``cache.ThreadCache``) and the cache
-above dispatch (``above.AboveCache``) share (ARCHITECTURE "The plan cache").
+above dispatch (``_above.AboveCache``) share (ARCHITECTURE "The plan cache").
 
 A ``CountedCache`` is one thread's bounded LRU ``entries`` plus counter containers. Its
 ``Registry`` knows every live cache of its kind and keeps the counts of finished threads: when a

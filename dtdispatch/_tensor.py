@@ -35,7 +35,7 @@ class FastDTensor(DTensor):
 
     __slots__ = ()
 
-    # NOTE: __torch_dispatch__ is installed by dtdispatch.dispatcher (the native entry point, C or
+    # NOTE: __torch_dispatch__ is installed by dtdispatch._dispatcher (the native entry point, C or
     # its Python twin), so that the hot path does not pay for an extra Python frame here.
 
     def __repr__(self) -> str:  # type: ignore[override]

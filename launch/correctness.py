@@ -18,8 +18,8 @@ from _bootstrap import init_distributed
 from torch.distributed.device_mesh import init_device_mesh
 
 import dtdispatch
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
-from dtdispatch import dispatcher
 from dtdispatch.testing.conformance import CASES, CASES_2D, run_all
 from dtdispatch.testing.training import run_training_parity
 

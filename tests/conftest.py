@@ -27,8 +27,8 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DeviceMesh]:
     """For single-process tests: a world-size-1 gloo group in this process (FileStore in a temp
     dir) and its 1-D cpu mesh; after the module the group is destroyed and the default
     implementation reinstalled."""
+    from dtdispatch import _dispatcher as dispatcher
     from dtdispatch import _native as native
-    from dtdispatch import dispatcher
 
     if dist.is_initialized():
         pytest.skip("a default process group already exists in this process")

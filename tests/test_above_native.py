@@ -21,8 +21,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 import dtdispatch
+from dtdispatch import _above as above
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
-from dtdispatch import above, dispatcher
 from dtdispatch._native import function
 
 _function = native.function_implementations().get("native")

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 
 import dtdispatch
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
-from dtdispatch import dispatcher
 
 
 @pytest.fixture

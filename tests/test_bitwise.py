@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dtdispatch import above, local_results
+from dtdispatch import _above as above
+from dtdispatch import local_results
 from dtdispatch._bitwise import comparable, same_bits
 
 DTYPES = [

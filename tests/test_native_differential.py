@@ -25,7 +25,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import dtdispatch
-from dtdispatch import FastDTensor, cache, dispatcher
+from dtdispatch import FastDTensor, cache
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
 from dtdispatch._native import dispatch
 

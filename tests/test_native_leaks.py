@@ -27,7 +27,8 @@ from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 from torch.overrides import TorchFunctionMode
 
 import dtdispatch
-from dtdispatch import FastDTensor, cache, dispatcher
+from dtdispatch import FastDTensor, cache
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
 
 _dispatch = native.implementations().get("native")

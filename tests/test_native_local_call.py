@@ -19,7 +19,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dtdispatch
-from dtdispatch import FastDTensor, cache, dispatcher
+from dtdispatch import FastDTensor, cache
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
 from dtdispatch.local_results import verified_local_call
 

@@ -54,7 +54,7 @@
 /* Module state. Protected by the GIL; written by configure / load_cache_names only.                       */
 /* ------------------------------------------------------------------------------------------------------ */
 
-/* mirrors _native.dispatch._config: what configure() receives from dispatcher.install() (NULL: never given; the use
+/* mirrors _native.dispatch._config: what configure() receives from _dispatcher.install() (NULL: never given; the use
  * site raises the twin's KeyError). */
 static PyObject *cfg_slow_path;      /* c["slow_path"] */
 static PyObject *cfg_op_dispatcher;  /* c["op_dispatcher"]: its _custom_op_handlers are read per call */

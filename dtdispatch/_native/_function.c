@@ -7,7 +7,7 @@
  * the Python block it mirrors; change both together. CPython C API only: no torch headers. Everything
  * torch-specific (types, the disabled implementation, mode and grad queries, guards, markers) is taken
  * from Python at ``configure`` time. The miss (observing a call and writing its plan) stays Python
- * (dtdispatch.above.miss).
+ * (dtdispatch._above.miss).
  *
  * Shortcuts whose answer is provably the twin's:
  *   - this thread's AboveCache and its containers (entries, per_func, negative, stepped_aside) are

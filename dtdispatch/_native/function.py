@@ -14,7 +14,7 @@
   conj/neg bits;
 - hit on a replay plan: call ``func`` on the local tensors, wrap outputs with the recorded specs;
 - hit on a negative entry (a reason string): stock behaviour, counted by reason;
-- miss: ``above.miss`` (Python only) runs the call through the dispatch path, observes it and
+- miss: ``_above.miss`` (Python only) runs the call through the dispatch path, observes it and
   writes the plan or a negative entry.
 The C code mirrors each block below, with a comment naming the block.
 """
@@ -27,7 +27,7 @@ __all__ = ["ambient", "build_key", "configure", "torch_function"]
 
 _config: dict[str, Any] = {}
 
-# Output entry kinds of a replay plan (``above.ReplayPlan.out``).
+# Output entry kinds of a replay plan (``_above.ReplayPlan.out``).
 OUT_NEW = 0
 """(OUT_NEW, spec): a fresh FastDTensor wrapping the replay's output with ``spec``."""
 OUT_ARG = 1
@@ -39,21 +39,22 @@ OUT_SEQ = 3
 
 
 def configure(config: dict[str, Any]) -> None:
-    """Hand over what the hot path needs, resolved once (see ``dispatcher.install``): ``fast_type``,
-    ``tensor_type``, ``new``, ``disabled`` (``torch._C._disabled_torch_function_impl``),
-    ``passthrough`` (dict: func -> True), ``thread_cache`` (``above.thread_cache``), ``miss``
-    (``above.miss``), ``is_compiling``, ``tf_mode``, ``dispatch_modes``, ``grad_enabled``,
-    ``inference``, ``default_dtype``, ``any_autocast``, ``autocast_state``, ``disable_subclass``,
-    ``increment_version``, ``explicit_local``,
-    ``op_dispatcher`` (torch's ``DTensor._op_dispatcher``, its custom op handlers read live),
-    ``below_autograd`` (a guard class), ``kw_marker``, ``value_marker``, ``structure_marker``."""
+    """Hand over what the hot path needs, resolved once (see ``_dispatcher.install``):
+    ``fast_type``, ``tensor_type``, ``new``, ``disabled``
+    (``torch._C._disabled_torch_function_impl``), ``passthrough`` (dict: func -> True),
+    ``thread_cache`` (``_above.thread_cache``), ``miss`` (``_above.miss``), ``is_compiling``,
+    ``tf_mode``, ``dispatch_modes``, ``grad_enabled``, ``inference``, ``default_dtype``,
+    ``any_autocast``, ``autocast_state``, ``disable_subclass``, ``increment_version``,
+    ``explicit_local``, ``op_dispatcher`` (torch's ``DTensor._op_dispatcher``, its custom op
+    handlers read live), ``below_autograd`` (a guard class), ``kw_marker``, ``value_marker``,
+    ``structure_marker``."""
     _config.update(config)
 
 
 def ambient() -> tuple[Any, Any]:
     """(default dtype, autocast state): the ambient state a key holds besides grad and inference
     mode. The autocast state is None while no device type has autocast on (one cheap query), else
-    ``above.autocast_state()``."""
+    ``_above.autocast_state()``."""
     c = _config
     return c["default_dtype"](), c["autocast_state"]() if c["any_autocast"]() else None
 

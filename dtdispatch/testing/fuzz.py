@@ -49,7 +49,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import dtdispatch
-from dtdispatch import FastDTensor, _tensor, dispatcher
+from dtdispatch import FastDTensor, _tensor
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import cache as _cache
 from dtdispatch.testing import _meshes
 from dtdispatch.testing._bits import bits as _bits

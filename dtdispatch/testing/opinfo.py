@@ -52,7 +52,8 @@ from torch.distributed.tensor.placement_types import Placement, _MaskPartial
 from torch.utils import _pytree as pytree
 
 import dtdispatch
-from dtdispatch import FastDTensor, dispatcher
+from dtdispatch import FastDTensor
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
 from dtdispatch.testing._bits import bits as _bits
 

@@ -18,7 +18,9 @@ from torch.overrides import handle_torch_function, has_torch_function_unary
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dtdispatch
-from dtdispatch import FastDTensor, above, dispatcher
+from dtdispatch import FastDTensor
+from dtdispatch import _above as above
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
 from dtdispatch.testing import mesh_1d, sub_mesh
 

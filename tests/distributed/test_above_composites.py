@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import dtdispatch
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
-from dtdispatch import dispatcher
 from dtdispatch.testing import mesh_1d
 
 IMPLS = sorted(native.implementations())

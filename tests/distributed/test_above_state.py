@@ -17,7 +17,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_unary
 
 import dtdispatch
-from dtdispatch import FastDTensor, dispatcher
+from dtdispatch import FastDTensor
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
 from dtdispatch.testing import mesh_1d
 

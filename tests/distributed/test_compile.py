@@ -22,7 +22,8 @@ from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import dtdispatch
-from dtdispatch import FastDTensor, dispatcher
+from dtdispatch import FastDTensor
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
 from dtdispatch.testing import mesh_1d
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
-from dtdispatch import dispatcher
 from dtdispatch.testing import mesh_1d, mesh_2d
 from dtdispatch.testing.conformance import CASES, CASES_2D, run_case
 

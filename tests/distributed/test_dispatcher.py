@@ -17,7 +17,8 @@ from torch.distributed.tensor.debug import CommDebugMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dtdispatch
-from dtdispatch import FastDTensor, cache, dispatcher
+from dtdispatch import FastDTensor, cache
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
 from dtdispatch.testing import mesh_1d, sub_mesh
 
@@ -258,7 +259,8 @@ def test_accelerate_without_subclass_dispatch(rank: int, world_size: int) -> Non
     real torch 2.11: tests/distributed/test_torch_versions.py under make compat.)"""
     import warnings
 
-    from dtdispatch import _compat, dispatcher
+    from dtdispatch import _compat
+    from dtdispatch import _dispatcher as dispatcher
     from dtdispatch import _native as native_pkg
 
     dispatcher.install(native_pkg.DEFAULT)  # ranks outlive tests: the path above dispatch on

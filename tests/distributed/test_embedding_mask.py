@@ -21,7 +21,8 @@ from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_modul
 from torch.distributed.tensor.placement_types import _MaskPartial
 
 import dtdispatch
-from dtdispatch import FastDTensor, cache, dispatcher
+from dtdispatch import FastDTensor, cache
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
 from dtdispatch.testing import mesh_1d
 

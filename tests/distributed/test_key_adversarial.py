@@ -19,7 +19,8 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.placement_types import _StridedShard
 
 import dtdispatch
-from dtdispatch import FastDTensor, cache, dispatcher
+from dtdispatch import FastDTensor, cache
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
 from dtdispatch.testing import mesh_1d, mesh_2d, sub_mesh
 

@@ -30,7 +30,8 @@ from torch.distributed.tensor import (
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
 import dtdispatch
-from dtdispatch import FastDTensor, dispatcher
+from dtdispatch import FastDTensor
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
 from dtdispatch.testing import mesh_1d
 from dtdispatch.testing.training import TrainConfig, Trainer

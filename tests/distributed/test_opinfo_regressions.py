@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import dtdispatch
-from dtdispatch import FastDTensor, dispatcher
+from dtdispatch import FastDTensor
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
 from dtdispatch.testing import mesh_1d
 from dtdispatch.testing.opinfo import compare, run_op

@@ -21,7 +21,8 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.experimental import implicit_replication
 
 import dtdispatch
-from dtdispatch import FastDTensor, dispatcher
+from dtdispatch import FastDTensor
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
 from dtdispatch.testing import mesh_1d
 

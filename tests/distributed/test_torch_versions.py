@@ -19,8 +19,8 @@ from torch.distributed.tensor.parallel import (
 )
 
 import dtdispatch
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
-from dtdispatch import dispatcher
 from dtdispatch.testing import mesh_1d
 
 

@@ -20,7 +20,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 import dtdispatch
 import dtdispatch._tensor as fast_tensor
 import dtdispatch._training as training
-from dtdispatch import FastDTensor, dispatcher
+from dtdispatch import FastDTensor
+from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
 from dtdispatch._training import unwrap_hooks, wrap_hooks
 from dtdispatch.testing import mesh_1d, mesh_2d

@@ -22,9 +22,8 @@ from torch.distributed.tensor.placement_types import _MaskPartial
 from torch.utils import _python_dispatch
 from torch.utils import _pytree as pytree
 
-from dtdispatch import _compat
+from dtdispatch import _above, _compat
 from dtdispatch import _native as _native_pkg
-from dtdispatch import above as _above
 from dtdispatch import cache as _cache
 from dtdispatch._bitwise import comparable
 from dtdispatch._tensor import FastDTensor
