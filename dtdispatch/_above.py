@@ -42,7 +42,7 @@ from dtdispatch.local_results import random_ops
 __all__ = [
     "AUTOGRAD_ENTRY_POINTS",
     "AboveCache",
-    "ReplayPlan",
+    "TorchFunctionPlan",
     "autocast_state",
     "miss",
     "passthrough",
@@ -50,8 +50,6 @@ __all__ = [
     "thread_cache",
 ]
 
-KW_MARKER = object()
-"""Separates positional entries from kwargs in a key."""
 VALUE_MARKER = object()
 """Stands for a Python scalar's value in a structure key (scalars by type)."""
 STRUCTURE_MARKER = object()
@@ -127,7 +125,7 @@ def _autograd_entry_point(func: Any) -> bool:
     return module.startswith("torch.autograd") or name in ("__set__", "__delete__")
 
 
-class ReplayPlan(NamedTuple):
+class TorchFunctionPlan(NamedTuple):
     """How to replay one key on the locals. ``out`` is an output entry (see ``_native.function``);
     ``bumps`` holds (flat FastDTensor argument index, version delta) for arguments modified in
     place. NOTE: a tuple, so the C path reads its fields by index (out, bumps, below, chunks,
@@ -200,7 +198,7 @@ class AboveCache(CountedCache):
             counters = self.per_func[func] = [0, 0, 0]
         return counters
 
-    def insert(self, key: tuple[object, ...], value: ReplayPlan | str) -> None:
+    def insert(self, key: tuple[object, ...], value: TorchFunctionPlan | str) -> None:
         self.entries[key] = value
         self.evict_to(_dispatch_cache._default_capacity)
 
@@ -455,14 +453,14 @@ def _matches(entry: tuple[int, Any], observed: Any, replayed: Any, clones: list[
     )
 
 
-def _rebuild(a: Any, clones: list[Any], position: list[int]) -> Any:
+def _with_local_clones(a: Any, clones: list[Any], position: list[int]) -> Any:
     t = type(a)
     if t is FastDTensor:
         clone = clones[position[0]]
         position[0] += 1
         return clone
     if t is list or t is tuple:
-        return t(_rebuild(e, clones, position) for e in a)
+        return t(_with_local_clones(e, clones, position) for e in a)
     return a
 
 
@@ -475,7 +473,7 @@ def _plan(
     autograd_before: list[tuple[Any, ...]],
     result: Any,
     observer: _Observer,
-) -> ReplayPlan | str:
+) -> TorchFunctionPlan | str:
     """The replay plan of one observed call, or the reason it may not be replayed."""
     if observer.reason is not None:
         return observer.reason
@@ -512,8 +510,8 @@ def _plan(
     for index, dim, offset, length in chunks or ():
         chunked[index] = clones[index].narrow(dim, offset, length).clone()
     position = [0]
-    local_args = [_rebuild(a, chunked, position) for a in args]
-    local_kwargs = {k: _rebuild(v, chunked, position) for k, v in kwargs.items()}
+    local_args = [_with_local_clones(a, chunked, position) for a in args]
+    local_kwargs = {k: _with_local_clones(v, chunked, position) for k, v in kwargs.items()}
     try:
         if observer.mutates:
             with torch._C._AutoDispatchBelowADInplaceOrView():
@@ -531,7 +529,7 @@ def _plan(
             return "replay differs"
         if _version(t._local_tensor) - local_version != _version(clone) - clone_version:
             return "replay differs"
-    return ReplayPlan(
+    return TorchFunctionPlan(
         out=entry,
         bumps=tuple(bumps),
         below=observer.mutates,
@@ -699,7 +697,7 @@ def config() -> dict[str, Any]:
         "explicit_local": _compat.explicit_redistribution_local,
         "op_dispatcher": _op_dispatcher,
         "below_autograd": torch._C._AutoDispatchBelowADInplaceOrView,
-        "kw_marker": KW_MARKER,
+        "kw_marker": _dispatch_cache.KWARGS_MARKER,
         "value_marker": VALUE_MARKER,
         "structure_marker": STRUCTURE_MARKER,
     }

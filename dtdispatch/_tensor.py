@@ -218,15 +218,15 @@ class FastDTensor(DTensor):
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
         # NOTE: pickles as a stock DTensor plus a rebuild hook, so torch.load never needs to trust a
-        # new global beyond dtdispatch's own function (see _rebuild). The stock DTensor carries
-        # this tensor's instance dict (``_is_param`` of a Parameter, user attributes) as stock's
-        # pickle does, and _rebuild puts it back.
+        # new global beyond dtdispatch's own function (see _unpickle_fast_dtensor). The stock
+        # DTensor carries this tensor's instance dict (``_is_param`` of a Parameter, user
+        # attributes) as stock's pickle does, and _unpickle_fast_dtensor puts it back.
         warn_if_has_hooks(self)  # as stock: hooks are not pickled
         stock = as_stock(cast(DTensor, self.detach()))
         state = self.__dict__
         if state:
             stock.__dict__.update(state)
-        return (_rebuild, (stock, self.requires_grad))
+        return (_unpickle_fast_dtensor, (stock, self.requires_grad))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,11 +243,11 @@ _CACHE_LIMIT = 4096
 _MISSING: Any = object()
 
 _SAME, _CHUNK, _TORCH = 0, 1, 2
-"""Plan kinds: the local shard is unchanged; a local chunk (Replicate -> Shard on a 1-D mesh);
-torch's ``redistribute_local_tensor``."""
+"""_RedistributePlan kinds: the local shard is unchanged; a local chunk (Replicate -> Shard on a
+1-D mesh); torch's ``redistribute_local_tensor``."""
 
 
-class _Plan:
+class _RedistributePlan:
     """How a local shard moves from one spec to ``target`` (immutable, shared)."""
 
     __slots__ = ("chunks", "dim", "index", "kind", "target")
@@ -262,13 +262,13 @@ class _Plan:
         self.index = index
 
 
-_forward_plans: dict[tuple[DTensorSpec, tuple[Placement, ...]], _Plan | None] = {}
+_forward_plans: dict[tuple[DTensorSpec, tuple[Placement, ...]], _RedistributePlan | None] = {}
 """(input spec, requested placements) -> plan of ``FastDTensor.redistribute`` (None: torch's own
 method)."""
-_from_local_grad_plans: dict[tuple[DTensorSpec, tuple[Placement, ...]], _Plan] = {}
+_from_local_grad_plans: dict[tuple[DTensorSpec, tuple[Placement, ...]], _RedistributePlan] = {}
 """(gradient spec, gradient placements) -> plan, for the backward of ``from_local`` (placements
 taken as given, not normalized as ``redistribute`` normalizes them: stock's backward does not)."""
-_backward_plans: dict[tuple[DTensorSpec, DTensorSpec], tuple[_Plan, DTensorSpec]] = {}
+_backward_plans: dict[tuple[DTensorSpec, DTensorSpec], tuple[_RedistributePlan, DTensorSpec]] = {}
 """(gradient spec, the forward input's spec) -> (plan, the gradient's spec), for the backward of
 ``redistribute``."""
 _from_local_specs: dict[tuple[Any, ...], DTensorSpec | None] = {}
@@ -344,32 +344,34 @@ def _stock_from_local(
     return as_fast(stock)
 
 
-def _plan_between(current: DTensorSpec, target: DTensorSpec) -> _Plan:
+def _plan_between(current: DTensorSpec, target: DTensorSpec) -> _RedistributePlan:
     """The plan that moves a local shard laid out by ``current`` to ``target``: what torch's
     ``redistribute_local_tensor`` would do, as a kind decided once (anything unusual: torch's
     function itself, with its errors)."""
     mesh = current.mesh
     if target.mesh != mesh or len(target.placements) != len(current.placements):
-        return _Plan(_TORCH, target)
+        return _RedistributePlan(_TORCH, target)
     if not mesh._is_current_rank_part_of_mesh():
-        return _Plan(_SAME, target)  # torch returns the (empty) local tensor unchanged
+        return _RedistributePlan(_SAME, target)  # torch returns the (empty) local tensor unchanged
     if current.placements == target.placements and current.shard_order == target.shard_order:
-        return _Plan(_SAME, target)
+        return _RedistributePlan(_SAME, target)
     if mesh.ndim == 1:
         if mesh.size() == 1:
             # NOTE: torch skips every transform of a mesh dimension of size 1 (no collective).
-            return _Plan(_SAME, target)
+            return _RedistributePlan(_SAME, target)
         (src,), (dst,) = current.placements, target.placements
         if type(src) is Replicate and type(dst) is Shard:
             coordinate = mesh.get_coordinate()
             assert coordinate is not None  # participating rank, checked above
-            return _Plan(_CHUNK, target, dim=dst.dim, chunks=mesh.size(), index=coordinate[0])
-    return _Plan(_TORCH, target)
+            return _RedistributePlan(
+                _CHUNK, target, dim=dst.dim, chunks=mesh.size(), index=coordinate[0]
+            )
+    return _RedistributePlan(_TORCH, target)
 
 
 def _redistribute_plan(
     spec: DTensorSpec, placements: tuple[Placement, ...], *, ndim: int
-) -> _Plan | None:
+) -> _RedistributePlan | None:
     """The plan of ``redistribute(placements=placements)``, checked and normalized as stock does
     (``DTensor.redistribute``, ``Redistribute.forward``); None (torch's own method, its errors) for
     placements that do not match the mesh or that make a new Partial."""
@@ -386,7 +388,8 @@ def _redistribute_plan(
             normalized[i] = _StridedShard(placement.dim + ndim, split_factor=placement.split_factor)
     target_placements = tuple(normalized)
     if spec.placements == target_placements:
-        return _Plan(_SAME, spec)  # stock: the same local tensor and the same spec object
+        # stock: the same local tensor and the same spec object
+        return _RedistributePlan(_SAME, spec)
     target = DTensorSpec(spec.mesh, target_placements, tensor_meta=spec.tensor_meta)
     assert_no_mixed_partial_types(spec.placements)
     assert_no_mixed_partial_types(target_placements)
@@ -394,7 +397,12 @@ def _redistribute_plan(
 
 
 def _run(
-    plan: _Plan, local: torch.Tensor, current: DTensorSpec, *, async_op: bool, explicit: bool
+    plan: _RedistributePlan,
+    local: torch.Tensor,
+    current: DTensorSpec,
+    *,
+    async_op: bool,
+    explicit: bool,
 ) -> torch.Tensor:
     """``redistribute_local_tensor(local, current, plan.target)``, bitwise, by the plan."""
     kind = plan.kind
@@ -424,7 +432,7 @@ class Redistribute(torch.autograd.Function):
     FastDTensor; with ``create_graph`` torch's twice-differentiable ``NestedRedistribute``."""
 
     @staticmethod
-    def forward(ctx: Any, input: DTensor, plan: _Plan, async_op: bool) -> FastDTensor:
+    def forward(ctx: Any, input: DTensor, plan: _RedistributePlan, async_op: bool) -> FastDTensor:
         spec = input._spec
         ctx.spec = spec
         ctx.async_op = async_op
@@ -652,7 +660,7 @@ def _fast_grads(result: torch.Tensor) -> torch.Tensor:
     return result
 
 
-def _rebuild(stock: DTensor, requires_grad: bool) -> FastDTensor:
+def _unpickle_fast_dtensor(stock: DTensor, requires_grad: bool) -> FastDTensor:
     """Unpickle a FastDTensor: the stock DTensor it was pickled as, its instance dict kept (a
     Parameter stays one)."""
     prepare_compile()  # unpickling is a way in besides accelerate
@@ -669,9 +677,10 @@ _apply_from_torch = _applier(_FromTorchTensor)
 
 
 # NOTE: torch.load defaults to weights_only=True, which loads stock DTensor checkpoints but refuses
-# any global it does not know. _rebuild only wraps an already-unpickled DTensor and a bool, so
-# allowing it is safe, and a dtdispatch checkpoint loads with the same default call as a stock one.
-torch.serialization.add_safe_globals([_rebuild])
+# any global it does not know. _unpickle_fast_dtensor only wraps an already-unpickled DTensor and a
+# bool, so allowing it is safe, and a dtdispatch checkpoint loads with the same default call as a
+# stock one.
+torch.serialization.add_safe_globals([_unpickle_fast_dtensor])
 
 
 def _fast_from(t: DTensor) -> FastDTensor:

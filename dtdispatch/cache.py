@@ -22,8 +22,8 @@ from dtdispatch import _compat
 from dtdispatch._counted import CountedCache, Registry
 
 __all__ = [
-    "KWARG_SEPARATOR",
-    "Plan",
+    "KWARGS_MARKER",
+    "DispatchPlan",
     "ThreadCache",
     "build_key",
     "registry",
@@ -35,8 +35,9 @@ __all__ = [
 _propagator = DTensor._op_dispatcher.sharding_propagator
 
 # Marker objects inside keys. They are module singletons so the C code can compare by identity.
-KWARG_SEPARATOR = object()
-"""Separates positional entries from (name, value) kwarg entries in a key."""
+KWARGS_MARKER = object()
+"""Separates positional entries from kwarg entries in a key: the (name, value) pairs of this key
+and the kwargs of the key above dispatch (``_above``) alike."""
 _LIST = object()
 """Starts a list argument's entry: (_LIST, len, elements...)."""
 _SCALAR_TENSOR = object()
@@ -195,7 +196,7 @@ def build_key(
             else:
                 continue
             if not separated:
-                key.append(KWARG_SEPARATOR)
+                key.append(KWARGS_MARKER)
                 separated = True
             key.append((name, entry))
     # Rule 7: no DTensor anywhere means torch's "no mesh" error, raised by the slow path.
@@ -211,7 +212,7 @@ EQUAL = 4
 
 
 @dataclass(frozen=True, slots=True)
-class Plan:
+class DispatchPlan:
     """What the slow path decided for one key; replayed on every hit. Treat as immutable.
 
     ``transforms`` has one entry per flattened positional argument: None (use the local tensor as
@@ -301,7 +302,7 @@ class ThreadCache(CountedCache):
             "bailouts_per_op": {str(op): dict(r) for op, r in list(op_bailouts.items())},
         }
 
-    def insert(self, key: tuple[object, ...], plan: Plan) -> None:
+    def insert(self, key: tuple[object, ...], plan: DispatchPlan) -> None:
         self.entries[key] = plan
         self.evict_to(self.capacity)
 

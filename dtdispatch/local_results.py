@@ -1,5 +1,5 @@
-"""Turning torch's sharding decision into a Plan, and running a Plan (ARCHITECTURE "The plan",
-"Ranks outside the mesh", "Random ops").
+"""Turning torch's sharding decision into a DispatchPlan, and running a DispatchPlan (ARCHITECTURE
+"The plan", "Ranks outside the mesh", "Random ops").
 
 ``make_plan`` is the only place a decision becomes a cache value; ``execute`` is the Python executor
 every plan can run on (the native path replays only the plans marked ``fast``).
@@ -33,7 +33,7 @@ from dtdispatch import _compat
 from dtdispatch import cache as _cache
 from dtdispatch._bitwise import same_bits
 from dtdispatch._tensor import FastDTensor
-from dtdispatch.cache import EQUAL, INPLACE, NEW, OUT, VIEW, Plan
+from dtdispatch.cache import EQUAL, INPLACE, NEW, OUT, VIEW, DispatchPlan
 
 __all__ = ["execute", "make_plan", "random_ops", "verified_local_call", "wrap"]
 
@@ -144,7 +144,7 @@ def _local_chunk(
 
 def make_plan(
     op: OpOverload, op_info: OpInfo, sharding: OutputSharding, *, cacheable: bool
-) -> Plan:
+) -> DispatchPlan:
     """The cache value for this decision (ARCHITECTURE "The plan"). ``cacheable`` is False when the
     key does
     not pin every value the plan replays; such a plan is used once and never inserted."""
@@ -247,7 +247,7 @@ def make_plan(
         local_call = verified_local_call(
             op, op_call, _replay_locals(list(op_info.local_args), rewritten, chunks), rewritten
         )
-    return Plan(
+    return DispatchPlan(
         op_call=op_call,
         mesh=op_info.compute_mesh,
         output_spec=sharding.output_spec,
@@ -288,7 +288,7 @@ def _created_masks(
     return tuple(found)
 
 
-def _fresh_masks(plan: Plan) -> Plan:
+def _fresh_masks(plan: DispatchPlan) -> DispatchPlan:
     """``plan`` with each of ``plan.masks`` replaced by a new ``_MaskPartial`` (same reduce op,
     offset shape and dim; an empty mask buffer of its own) in the transforms and the output spec.
 
@@ -605,7 +605,7 @@ def _replicate_spec(mesh: Any, tensor: torch.Tensor) -> DTensorSpec:
     )
 
 
-def _local_args(plan: Plan, op: OpOverload, args: tuple[Any, ...]) -> tuple[list[Any], Any]:
+def _local_args(plan: DispatchPlan, op: OpOverload, args: tuple[Any, ...]) -> tuple[list[Any], Any]:
     """Flattened positional args with DTensors unwrapped, redistributed and rewritten per the
     plan."""
     if plan.needs_pytree:
@@ -683,7 +683,9 @@ def _run_random(
     return op(*local_args, **local_kwargs)
 
 
-def execute(plan: Plan, op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]) -> object:
+def execute(
+    plan: DispatchPlan, op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> object:
     """Run ``plan`` for this call: local results, then the output kind's return semantics."""
     if plan.masks:
         plan = _fresh_masks(plan)
@@ -703,7 +705,11 @@ def execute(plan: Plan, op: OpOverload, args: tuple[Any, ...], kwargs: dict[str,
 
 
 def _finish(
-    plan: Plan, op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any], local_results: object
+    plan: DispatchPlan,
+    op: OpOverload,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    local_results: object,
 ) -> object:
     """torch's ``_dispatch_fast_path_python_tail`` plus its C++ wrap, with FastDTensor outputs."""
     kind = plan.kind

@@ -197,7 +197,7 @@ def test_build_key_equals_twin(
         # identity where the twin stores objects (specs, markers, the op), equality elsewhere
         for mine, theirs in zip(ours, twin, strict=True):
             if (
-                theirs is cache.KWARG_SEPARATOR
+                theirs is cache.KWARGS_MARKER
                 or theirs is cache._LIST
                 or theirs is op
                 or theirs is None

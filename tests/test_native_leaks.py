@@ -83,8 +83,8 @@ def _workloads(mesh: DeviceMesh) -> dict[str, tuple[Callable[[], Any], list[Any]
     touched += [mode, sub, sub._local_tensor]
 
     def under_function_mode() -> Any:
-        # __torch_dispatch__ called directly, so the mode is active inside it: Plan.local_call is
-        # skipped and op_call runs
+        # __torch_dispatch__ called directly, so the mode is active inside it:
+        # DispatchPlan.local_call is skipped and op_call runs
         with mode:
             return FastDTensor.__torch_dispatch__(aten.add.Tensor, (FastDTensor,), (x, x), {})
 

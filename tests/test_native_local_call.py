@@ -1,4 +1,5 @@
-"""``Plan.local_call``: the public torch function a plan may call instead of ``OpOverload._op``.
+"""``DispatchPlan.local_call``: the public torch function a plan may call instead of
+``OpOverload._op``.
 
 Single process, world size 1 (gloo, file store). Checked on both implementations: which plans get
 a public function (and which must keep ``op_call``: the overload traps), that a hit really calls it,
@@ -66,7 +67,7 @@ def _observable(t: Any) -> Any:
     return (type(t).__name__, t)
 
 
-def _plans(op: Any) -> list[cache.Plan]:
+def _plans(op: Any) -> list[cache.DispatchPlan]:
     return [plan for key, plan in cache.thread_cache().entries.items() if key[0] is op]
 
 

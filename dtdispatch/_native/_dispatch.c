@@ -12,7 +12,7 @@
  * raises where its twin raises. The C only adds shortcuts whose answer is provably the twin's:
  *   - ``isinstance`` answered from the type's MRO when the object's ``__class__`` cannot differ from its
  *     type (``is_instance``); otherwise the real ``PyObject_IsInstance``.
- *   - ``obj.attr`` for ``__slots__`` attributes (Plan, ThreadCache, DTensor) read from the slot when the
+ *   - ``obj.attr`` for ``__slots__`` attributes (DispatchPlan, ThreadCache, DTensor) read from the slot when the
  *     object's type resolves the name to the very member descriptor seen at load (``slot_get``); otherwise
  *     (or when the slot is empty) the real ``PyObject_GetAttr``.
  *   - ``hash(op)`` (OpOverload.__hash__ is a Python function, ~0.25 us a call) computed once per op object
@@ -74,7 +74,7 @@ static int cache_loaded;
 static PyObject *cache_dict;           /* dtdispatch.cache.__dict__: _VALUE_FREE_OPS is re-read per call */
 static PyObject *tensor_type;          /* torch.Tensor (cache.py's ``torch.Tensor``) */
 static PyObject *key_dtensor_type;     /* DTensor as cache.py imports it */
-static PyObject *kwarg_separator;      /* cache.KWARG_SEPARATOR, compared/stored by identity */
+static PyObject *kwarg_separator;      /* cache.KWARGS_MARKER, compared/stored by identity */
 static PyObject *list_marker;          /* cache._LIST */
 static PyObject *scalar_tensor_marker; /* cache._SCALAR_TENSOR */
 static PyObject *unkeyed_marker;       /* cache._UNKEYED */
@@ -494,7 +494,7 @@ static int check_tuple_hash(void)
 /* Names from dtdispatch.cache                                                                              */
 /* ------------------------------------------------------------------------------------------------------ */
 
-/* Import dtdispatch.cache once and take what cache.build_key, the Plan and ThreadCache use. Called by
+/* Import dtdispatch.cache once and take what cache.build_key, the DispatchPlan and ThreadCache use. Called by
  * configure, and lazily by build_key / dispatch when they run before configure. */
 static int load_cache_names(void)
 {
@@ -516,7 +516,7 @@ static int load_cache_names(void)
     TAKE(torch, mod, "torch");
     TAKE(tensor_type, torch, "Tensor");
     TAKE(key_dtensor_type, mod, "DTensor");
-    TAKE(kwarg_separator, mod, "KWARG_SEPARATOR");
+    TAKE(kwarg_separator, mod, "KWARGS_MARKER");
     TAKE(list_marker, mod, "_LIST");
     TAKE(scalar_tensor_marker, mod, "_SCALAR_TENSOR");
     TAKE(unkeyed_marker, mod, "_UNKEYED");
@@ -528,7 +528,7 @@ static int load_cache_names(void)
     TAKE(kind_inplace, mod, "INPLACE");
     TAKE(kind_out, mod, "OUT");
     TAKE(kind_view, mod, "VIEW");
-    TAKE(plan_type, mod, "Plan");
+    TAKE(plan_type, mod, "DispatchPlan");
     TAKE(propagator, mod, "_propagator");
     TAKE(schema_dict, propagator, "op_to_schema_info");
     TAKE(compat, mod, "_compat");
@@ -958,7 +958,7 @@ static int build_key_c(PyObject *op, Py_hash_t h, PyObject *args, PyObject *kwar
             }
             PyObject *pair = NULL;
             if (r >= 0 && rc == K_OK && entry != NULL) {
-                /* if not separated: key.append(KWARG_SEPARATOR); separated = True */
+                /* if not separated: key.append(KWARGS_MARKER); separated = True */
                 if (!separated) {
                     if (buf_push(&kb, Py_NewRef(kwarg_separator)) < 0)
                         r = -1;
@@ -1678,7 +1678,7 @@ static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv,
         /* elif plan.local_call is not None and not c["torch_function_mode_enabled"]() and all(type(a) is
          * c["tensor_type"] or not isinstance(a, c["tensor_type"]) for a in local) (_plain_tensors): result =
          * plan.local_call(*local).
-         * The public function verified when planned (Plan.local_call): it skips OpOverload._op's second,
+         * The public function verified when planned (DispatchPlan.local_call): it skips OpOverload._op's second,
          * schema-driven parse. NOTE: a torch function mode, or a local tensor subclass's __torch_function__,
          * would see it instead of the aten op (the key holds neither), so then op_call stays. */
         if ((tmp = GET_SLOT(plan, local_call)) == NULL)

@@ -653,12 +653,12 @@ static PyObject *call_local(PyObject *func, PyObject *local_args, PyObject *loca
     return result;
 }
 
-/* Block: custom handlers. 1 when one of ops ((op, hash) pairs: ReplayPlan.ops) is in
+/* Block: custom handlers. 1 when one of ops ((op, hash) pairs: TorchFunctionPlan.ops) is in
  * op_dispatcher._custom_op_handlers now, 0 when none is, -1 on error. */
 static int plan_ops_handled(PyObject *ops)
 {
     if (!PyTuple_Check(ops)) {
-        PyErr_SetString(PyExc_TypeError, "ReplayPlan.ops must be a tuple");
+        PyErr_SetString(PyExc_TypeError, "TorchFunctionPlan.ops must be a tuple");
         return -1;
     }
     PyObject *handlers = PyObject_GetAttr(c_op_dispatcher, s_custom_op_handlers);
@@ -668,7 +668,7 @@ static int plan_ops_handled(PyObject *ops)
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(ops) && found == 0; i++) {
         PyObject *pair = PyTuple_GET_ITEM(ops, i);
         if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2) {
-            PyErr_SetString(PyExc_TypeError, "ReplayPlan.ops must hold (op, hash) pairs");
+            PyErr_SetString(PyExc_TypeError, "TorchFunctionPlan.ops must hold (op, hash) pairs");
             found = -1;
             break;
         }
@@ -704,7 +704,7 @@ static PyObject *replay(PyObject *plan, PyObject *func, PyObject *args, PyObject
         return NULL;
     if (chunks != Py_None && !PyTuple_Check(chunks)) {
         Py_DECREF(flat);
-        PyErr_SetString(PyExc_TypeError, "ReplayPlan.chunks must be a tuple or None");
+        PyErr_SetString(PyExc_TypeError, "TorchFunctionPlan.chunks must be a tuple or None");
         return NULL;
     }
     Py_ssize_t n = PyTuple_GET_SIZE(args);
@@ -739,7 +739,7 @@ static PyObject *replay(PyObject *plan, PyObject *func, PyObject *args, PyObject
         goto done;
     /* The wrappers' counters move as stock's do: increment_version((flat[index],)) delta times. */
     if (!PyTuple_Check(bumps)) {
-        PyErr_SetString(PyExc_TypeError, "ReplayPlan.bumps must be a tuple");
+        PyErr_SetString(PyExc_TypeError, "TorchFunctionPlan.bumps must be a tuple");
         goto done;
     }
     for (Py_ssize_t b = 0; b < PyTuple_GET_SIZE(bumps); b++) {
@@ -1017,10 +1017,10 @@ static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const 
         Py_DECREF(plan);
         goto out_key;
     }
-    /* ReplayPlan is a NamedTuple (out, bumps, below, chunks, ops). */
+    /* TorchFunctionPlan is a NamedTuple (out, bumps, below, chunks, ops). */
     if (!PyTuple_Check(plan) || PyTuple_GET_SIZE(plan) != 5) {
         Py_DECREF(plan);
-        PyErr_SetString(PyExc_TypeError, "a replay plan must be an above.ReplayPlan");
+        PyErr_SetString(PyExc_TypeError, "a replay plan must be an _above.TorchFunctionPlan");
         goto out_key;
     }
     /* Block: custom handlers (read live: see the twin). */

@@ -103,10 +103,10 @@ def dispatch(
         and not c["torch_function_mode_enabled"]()
         and _plain_tensors(local, c["tensor_type"])
     ):
-        # The public function verified when planned (Plan.local_call): it skips OpOverload._op's
-        # second, schema-driven parse of the arguments. NOTE: a torch function mode, or a local
-        # tensor subclass's __torch_function__, would see it instead of the aten op (the key holds
-        # neither), so then op_call stays.
+        # The public function verified when planned (DispatchPlan.local_call): it skips
+        # OpOverload._op's second, schema-driven parse of the arguments. NOTE: a torch function
+        # mode, or a local tensor subclass's __torch_function__, would see it instead of the aten op
+        # (the key holds neither), so then op_call stays.
         result = plan.local_call(*local)
     else:
         result = plan.op_call(*local)

@@ -27,7 +27,7 @@ __all__ = ["ambient", "build_key", "configure", "torch_function"]
 
 _config: dict[str, Any] = {}
 
-# Output entry kinds of a replay plan (``_above.ReplayPlan.out``).
+# Output entry kinds of a replay plan (``_above.TorchFunctionPlan.out``).
 OUT_NEW = 0
 """(OUT_NEW, spec): a fresh FastDTensor wrapping the replay's output with ``spec``."""
 OUT_ARG = 1
