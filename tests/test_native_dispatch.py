@@ -1,5 +1,5 @@
-"""The C hot path (``dtdispatch.dispatch._dispatch``) against its Python twin
-(``dtdispatch.dispatch.dispatch``).
+"""The C hot path (``dtdispatch._native._dispatch``) against its Python twin
+(``dtdispatch._native.dispatch``).
 
 Single process, world size 1 (gloo, file store), 1-D cpu mesh. Two properties, generated with
 hypothesis:
@@ -37,7 +37,7 @@ from hypothesis import strategies as st  # noqa: E402
 _dispatch = native.implementations().get("native")
 pytestmark = pytest.mark.skipif(
     _dispatch is None,
-    reason=f"the C extension dtdispatch.dispatch._dispatch is not built: {native.REASON}",
+    reason=f"the C extension dtdispatch._native._dispatch is not built: {native.REASON}",
 )
 
 aten = torch.ops.aten
@@ -436,7 +436,7 @@ def run_calls(
     impl: str, call: Any, mesh: DeviceMesh, values: bool
 ) -> tuple[list[Any], dict[str, Any]]:
     # The dispatch path is compared here: the path above it (which replays no-autograd calls and
-    # would take the hits away) is off; tests/test_above_native.py compares that one.
+    # would take the hits away) is off; tests/test_native_function.py compares that one.
     dispatcher.install(impl, above=False)
     dtdispatch.clear_cache()
     dtdispatch.reset_stats()
