@@ -48,12 +48,13 @@ import torch
 import torch.distributed.tensor._random as dt_random
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.placement_types import Placement, _MaskPartial
+from torch.distributed.tensor.placement_types import Placement
 from torch.utils import _pytree as pytree
 
 import dtdispatch
 from dtdispatch import FastDTensor, dispatcher, native
 from dtdispatch.testing._bits import bits as _bits
+from dtdispatch.testing._bits import placement_fields
 
 __all__ = [
     "CI_OPS",
@@ -234,24 +235,14 @@ def _same_tensor(stock: torch.Tensor, fast: torch.Tensor, where: str) -> None:
         raise Mismatch(f"{where}: local bytes differ")
 
 
-def _placement_fields(p: Placement) -> tuple[Any, ...]:
-    """A placement as comparable values. ``_MaskPartial`` compares its mask buffer by identity;
-    stock and dtdispatch each make their own, so its mask is compared by value."""
-    if isinstance(p, _MaskPartial):
-        data = p.mask_buffer.data
-        mask = None if data is None else (tuple(data.shape), tuple(_bits(data).tolist()))
-        return (type(p), p.reduce_op, p.offset_shape, p.offset_dim, mask)
-    return (type(p), p)
-
-
 def compare(stock: Any, fast: Any, where: str) -> None:
     """Raise ``Mismatch`` unless ``fast`` is bitwise ``stock`` (FastDTensor for DTensor)."""
     if isinstance(stock, DTensor):
         if type(fast) is not FastDTensor:
             raise Mismatch(f"{where}: expected FastDTensor, got {type(fast).__name__}")
         for what, s, f in (
-            ("placements", [_placement_fields(p) for p in stock.placements],
-             [_placement_fields(p) for p in fast.placements]),
+            ("placements", [placement_fields(p) for p in stock.placements],
+             [placement_fields(p) for p in fast.placements]),
             ("global shape", stock.shape, fast.shape),
             ("global stride", stock.stride(), fast.stride()),
             ("dtype", stock.dtype, fast.dtype),
