@@ -468,6 +468,28 @@ def _stock_is_wrong(op: Any, sample: Sample, stock: Any, stock_exc: BaseExceptio
     return _close_to(ref, fast)
 
 
+def _judge(op: Any, sample: Sample, stock: tuple[Any, BaseException | None],
+           fast: tuple[Any, BaseException | None], backward: bool, here: str, what: str,
+           report: Report) -> bool:
+    """One run (result, exception) against stock's: True when the results are the same; False,
+    counted in ``report``, when both raised alike or stock is wrong and dtdispatch right (checked
+    on plain tensors); else raise ``Mismatch``."""
+    (stock_out, stock_exc), (fast_out, fast_exc) = stock, fast
+    try:
+        if _same_raise(stock_exc, fast_exc, here):
+            report.counts["raised like stock"] += 1
+            return False
+        compare(stock_out, fast_out, here + what)
+    except Mismatch:
+        if fast_exc is None and _stock_is_wrong(
+                op, sample, stock_out, stock_exc, fast_out, backward):
+            report.counts["stock wrong, dtdispatch right"] += 1
+            report.deviations.append(f"[{sample.dtype}] {here}: {_what(stock_exc)}")
+            return False
+        raise
+    return True
+
+
 CONFIGS: list[tuple[str, bool]] = [(impl, above) for impl in sorted(native.implementations())
                                    for above in (True, False)]
 
@@ -482,18 +504,9 @@ def _forward(op: Any, sample: Sample, dist: list[Any], where: str,
             here = f"{where} {impl} above={'on' if above else 'off'} forward {attempt}"
             fast_in = _make(sample, dist, FastDTensor, False)
             fast_out, fast_exc = _call(op, sample, fast_in)
-            try:
-                if _same_raise(stock_exc, fast_exc, here):
-                    report.counts["raised like stock"] += 1
-                    continue
-                compare(stock_out, fast_out, here + " output")
-            except Mismatch:
-                if fast_exc is None and _stock_is_wrong(
-                        op, sample, stock_out, stock_exc, fast_out, False):
-                    report.counts["stock wrong, dtdispatch right"] += 1
-                    report.deviations.append(f"[{sample.dtype}] {here}: {_what(stock_exc)}")
-                    continue
-                raise
+            if not _judge(op, sample, (stock_out, stock_exc), (fast_out, fast_exc), False,
+                          here, " output", report):
+                continue
             for i, (s, f) in enumerate(zip(stock_in, fast_in, strict=True)):
                 compare(s, f, f"{here} argument {i} after the call")
             report.counts["forward passed"] += 1
@@ -536,18 +549,9 @@ def _backward(op: Any, sample: Sample, dist: list[Any], mesh: DeviceMesh, where:
         dispatcher.install(impl, above=True)
         here = f"{where} {impl} backward"
         fast, fast_exc = _backward_run(op, sample, dist, mesh, FastDTensor)
-        try:
-            if _same_raise(stock_exc, fast_exc, here):
-                report.counts["raised like stock"] += 1
-                continue
-            compare(stock, fast, here + " (output, grads)")
-        except Mismatch:
-            if fast_exc is None and _stock_is_wrong(op, sample, stock, stock_exc, fast, True):
-                report.counts["stock wrong, dtdispatch right"] += 1
-                report.deviations.append(f"[{sample.dtype}] {here}: {_what(stock_exc)}")
-                continue
-            raise
-        report.counts["backward passed"] += 1
+        if _judge(op, sample, (stock, stock_exc), (fast, fast_exc), True,
+                  here, " (output, grads)", report):
+            report.counts["backward passed"] += 1
 
 
 def _known(op_id: str, dtype: torch.dtype, message: str) -> Known | None:
