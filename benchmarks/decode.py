@@ -34,17 +34,10 @@ PROMPT = 8
 def _model(*, dim: int, heads: int, layers: int, hidden: int, vocab: int) -> Any:
     import torch
     import torch.nn.functional as F
+    from _llama import FeedForward, RMSNorm
     from torch import nn
 
     head_dim = dim // heads
-
-    class RMSNorm(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = nn.Parameter(torch.ones(dim))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
 
     class Attention(nn.Module):
         def __init__(self) -> None:
@@ -67,21 +60,11 @@ def _model(*, dim: int, heads: int, layers: int, hidden: int, vocab: int) -> Any
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=pos == 0)
             return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
-    class FeedForward(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w1 = nn.Linear(dim, hidden, bias=False)
-            self.w2 = nn.Linear(hidden, dim, bias=False)
-            self.w3 = nn.Linear(dim, hidden, bias=False)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
     class Block(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.attention_norm, self.ffn_norm = RMSNorm(), RMSNorm()
-            self.attention, self.feed_forward = Attention(), FeedForward()
+            self.attention_norm, self.ffn_norm = RMSNorm(dim), RMSNorm(dim)
+            self.attention, self.feed_forward = Attention(), FeedForward(dim, hidden)
 
         def forward(self, x: torch.Tensor, pos: int) -> torch.Tensor:
             h = x + self.attention(self.attention_norm(x), pos)
@@ -92,7 +75,7 @@ def _model(*, dim: int, heads: int, layers: int, hidden: int, vocab: int) -> Any
             super().__init__()
             self.tok_embeddings = nn.Embedding(vocab, dim)
             self.layers = nn.ModuleList(Block() for _ in range(layers))
-            self.norm = RMSNorm()
+            self.norm = RMSNorm(dim)
             self.output = nn.Linear(dim, vocab, bias=False)
 
         def forward(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:

@@ -44,15 +44,8 @@ WORKLOADS = ("no_grad forward", "training step")
 def _llama(dim: int = 64, heads: int = 4, hidden: int = 128) -> Any:
     import torch
     import torch.nn.functional as F
+    from _llama import FeedForward, RMSNorm
     from torch import nn
-
-    class RMSNorm(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.weight = nn.Parameter(torch.ones(dim))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.weight
 
     class Attention(nn.Module):
         def __init__(self) -> None:
@@ -69,24 +62,14 @@ def _llama(dim: int = 64, heads: int = 4, hidden: int = 128) -> Any:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
-    class FeedForward(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.w1 = nn.Linear(dim, hidden, bias=False)
-            self.w2 = nn.Linear(hidden, dim, bias=False)
-            self.w3 = nn.Linear(dim, hidden, bias=False)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
     class Llama(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.attention_norm = RMSNorm()
+            self.attention_norm = RMSNorm(dim)
             self.attention = Attention()
-            self.ffn_norm = RMSNorm()
-            self.feed_forward = FeedForward()
-            self.norm = RMSNorm()
+            self.ffn_norm = RMSNorm(dim)
+            self.feed_forward = FeedForward(dim, hidden)
+            self.norm = RMSNorm(dim)
             self.output = nn.Linear(dim, dim, bias=False)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from dtdispatch import _compat
 from dtdispatch import cache as _dispatch_cache
 from dtdispatch._bitwise import comparable, same_bits
-from dtdispatch._counted import CountedCache, Registry, add_counts
+from dtdispatch._counted import CountedCache, Registry, add_counts, hit_totals
 from dtdispatch._native.function import OUT_ARG, OUT_NEW, OUT_NONE, OUT_SEQ
 from dtdispatch._tensor import FastDTensor
 from dtdispatch.local_results import random_ops
@@ -184,9 +184,7 @@ class AboveCache(CountedCache):
             # Two funcs may share a name (a method and its Tensor.__get__ twin): their counts add.
             add_counts(per_func, {_func_name(f): {"hits": c[0], "misses": c[1], "negative": c[2]}})
         return {
-            "hits": sum(c["hits"] for c in per_func.values()),
-            "misses": sum(c["misses"] for c in per_func.values()),
-            "evictions": evicted[0],
+            **hit_totals(per_func, evicted),
             "negative": dict(negative),
             "stepped_aside": dict(stepped_aside),
             "per_func": per_func,

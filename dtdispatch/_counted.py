@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
-__all__ = ["CountedCache", "Registry", "add_counts"]
+__all__ = ["CountedCache", "Registry", "add_counts", "hit_totals"]
 
 
 def add_counts(total: dict[str, Any], part: dict[str, Any]) -> None:
@@ -27,6 +27,16 @@ def add_counts(total: dict[str, Any], part: dict[str, Any]) -> None:
             add_counts(total.setdefault(key, {}), value)
         else:
             total[key] = total.get(key, 0) + value
+
+
+def hit_totals(per_key: dict[str, dict[str, int]], evicted: list[int]) -> dict[str, int]:
+    """``hits`` and ``misses`` summed over ``per_key``'s counts, and ``evictions``: the first
+    keys of every cache's ``counts``."""
+    return {
+        "hits": sum(c["hits"] for c in per_key.values()),
+        "misses": sum(c["misses"] for c in per_key.values()),
+        "evictions": evicted[0],
+    }
 
 
 C = TypeVar("C", bound="CountedCache")

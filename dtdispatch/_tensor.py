@@ -59,6 +59,16 @@ class FastDTensor(DTensor):
         and spec, as stock returns); Replicate -> Shard on a 1-D mesh is a local chunk; other
         transforms go through torch's ``redistribute_local_tensor``. dtype casts, another mesh and
         tracing take torch's own method.
+
+        Args:
+            device_mesh: the target mesh; None or this tensor's mesh keeps it.
+            placements: the target placements, one per mesh dimension (None raises, as on stock).
+            async_op: leave the collectives asynchronous (as stock).
+            forward_dtype: cast the local tensor before redistributing (as stock).
+            backward_dtype: the gradient's dtype for the backward redistribution (as stock).
+
+        Returns:
+            A FastDTensor with the target placements; its gradient flows back as stock's.
         """
         spec = self._spec
         dtype = self._local_tensor.dtype
@@ -97,7 +107,16 @@ class FastDTensor(DTensor):
 
     def to_local(self, *, grad_placements: Sequence[Placement] | None = None) -> torch.Tensor:
         """``DTensor.to_local``; its backward hands on a FastDTensor gradient (stock's builds a
-        plain DTensor, so every backward op on it alone would leave dtdispatch)."""
+        plain DTensor, so every backward op on it alone would leave dtdispatch).
+
+        Args:
+            grad_placements: the placements of the gradient this local tensor will receive
+                (default: this tensor's own), as stock.
+
+        Returns:
+            This rank's local tensor: the shard itself with grad mode off, else a view of it that
+            autograd connects to this tensor, as stock returns.
+        """
         if _compiling():
             return DTensor.to_local(compiled_fast(self), grad_placements=grad_placements)
         if not torch.is_grad_enabled():
@@ -124,7 +143,15 @@ class FastDTensor(DTensor):
 
     def full_tensor(self, *, grad_placements: Sequence[Placement] | None = None) -> torch.Tensor:
         """``DTensor.full_tensor``: redistribute to Replicate everywhere, then the local tensor (a
-        fresh view, as stock's autograd Function returns even without grad)."""
+        fresh view, as stock's autograd Function returns even without grad).
+
+        Args:
+            grad_placements: the placements of the gradient the full tensor will receive
+                (default: replicated), as stock.
+
+        Returns:
+            The global tensor (a plain tensor), on every rank of the mesh.
+        """
         if _compiling():
             return DTensor.full_tensor(compiled_fast(self), grad_placements=grad_placements)
         full = self.redistribute(placements=_replicated(self._spec.mesh.ndim), async_op=False)
@@ -148,7 +175,20 @@ class FastDTensor(DTensor):
     ) -> FastDTensor:
         """``DTensor.from_local`` that returns a FastDTensor (same spec, values and autograd as
         stock). The spec is cached per (mesh, placements, local layout, shape, stride); run_check,
-        an implicit mesh, another device and ranks outside the mesh take torch's own function."""
+        an implicit mesh, another device and ranks outside the mesh take torch's own function.
+
+        Args:
+            local_tensor: this rank's shard.
+            device_mesh: the mesh (None: torch's current mesh).
+            placements: one per mesh dimension (None: Replicate everywhere).
+            run_check: check metadata across ranks (a collective), as stock.
+            shape: the global shape (None: computed from the local shape, assuming even shards).
+            stride: the global stride (None: computed likewise).
+            grad_placements: the placements of the gradient handed back to ``local_tensor``.
+
+        Returns:
+            A FastDTensor on ``local_tensor`` (or a view of it, as stock).
+        """
         if run_check or device_mesh is None or isinstance(local_tensor, DTensor) or _compiling():
             return _stock_from_local(
                 local_tensor, device_mesh, placements, run_check, shape, stride, grad_placements

@@ -19,7 +19,7 @@ from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor._op_schema import RuntimeSchemaInfo
 
 from dtdispatch import _compat
-from dtdispatch._counted import CountedCache, Registry
+from dtdispatch._counted import CountedCache, Registry, hit_totals
 
 __all__ = [
     "KWARGS_MARKER",
@@ -294,9 +294,7 @@ class ThreadCache(CountedCache):
             for op, c in list(per_op_counts.items())
         }
         return {
-            "hits": sum(c["hits"] for c in per_op.values()),
-            "misses": sum(c["misses"] for c in per_op.values()),
-            "evictions": evicted[0],
+            **hit_totals(per_op, evicted),
             "bailouts": dict(bailouts),
             "per_op": per_op,
             "bailouts_per_op": {str(op): dict(r) for op, r in list(op_bailouts.items())},

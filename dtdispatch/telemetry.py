@@ -38,8 +38,17 @@ class TelemetryError(Exception):
 
 
 def load(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records in ``directory``, by rank then pid. TelemetryError when there are none or one
-    cannot be read."""
+    """Read a run's telemetry files.
+
+    Args:
+        directory: the ``DTDISPATCH_TELEMETRY`` directory of a run.
+
+    Returns:
+        Its records (one dict per process file), by rank then pid.
+
+    Raises:
+        TelemetryError: the directory is missing or holds no record, or one cannot be read.
+    """
     root = Path(directory)
     if not root.is_dir():
         raise TelemetryError(
@@ -91,7 +100,14 @@ def _is_number(value: Any) -> bool:
 
 
 def merge(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """The stats of all records summed (every numeric leaf of every section, known or not)."""
+    """Sum the stats of a run's records.
+
+    Args:
+        records: records as ``load`` returns them.
+
+    Returns:
+        One stats dict: every numeric leaf of every section (known or not) summed over records.
+    """
     total: dict[str, Any] = {}
     for rec in records:
         total = _sum_tree(total, rec["stats"])
@@ -128,7 +144,15 @@ def _ops_by_misses(total: dict[str, Any]) -> list[tuple[str, dict[str, int]]]:
 
 
 def report(records: Sequence[dict[str, Any]], *, top: int = 20) -> str:
-    """The merge as text: header, totals, per-op table (top misses first), bailouts, ranks."""
+    """Describe a run as text.
+
+    Args:
+        records: records as ``load`` returns them.
+        top: how many ops the per-op table lists (0: all).
+
+    Returns:
+        Header, totals, per-op table (top misses first), bailouts by reason, one line per rank.
+    """
     total = merge(records)
     ranks = sorted({r["rank"] for r in records})
     worlds = sorted({r["world_size"] for r in records})
@@ -189,7 +213,17 @@ def report(records: Sequence[dict[str, Any]], *, top: int = 20) -> str:
 
 
 def plot(records: Sequence[dict[str, Any]], path: str | os.PathLike[str], *, top: int = 20) -> None:
-    """A PNG: hits, misses and bailouts of the top ops (by misses), and each rank's hit rate."""
+    """Draw a run as a PNG: hits, misses and bailouts of the top ops (by misses), and each rank's
+    hit rate.
+
+    Args:
+        records: records as ``load`` returns them.
+        path: the PNG file to write.
+        top: how many ops to draw (0: all).
+
+    Raises:
+        TelemetryError: matplotlib is missing or ``path`` cannot be written.
+    """
     try:
         import matplotlib
 
@@ -239,7 +273,15 @@ def plot(records: Sequence[dict[str, Any]], path: str | os.PathLike[str], *, top
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m dtdispatch.telemetry DIR [--top N] [--png FILE]``: 0, or 1 with a message."""
+    """The command line ``python -m dtdispatch.telemetry DIR [--top N] [--png FILE]``: prints
+    ``report`` (and writes the ``plot``).
+
+    Args:
+        argv: the arguments (default: ``sys.argv[1:]``).
+
+    Returns:
+        The exit status: 0, or 1 after a message on stderr (a ``TelemetryError``).
+    """
     # NOTE: the merge process imported dtdispatch too; with DTDISPATCH_TELEMETRY still exported it
     # would add its own (empty) record to the directory it is reading.
     _telemetry.disarm()

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.distributed.tensor.placement_types import _MaskPartial
 
-from dtdispatch.testing.opinfo import Mismatch, _placement_fields, compare, shardings
+from dtdispatch.testing._bits import placement_fields
+from dtdispatch.testing.opinfo import Mismatch, compare, shardings
 
 
 def test_bitwise_not_numeric() -> None:
@@ -34,11 +35,11 @@ def test_mask_partial_by_value() -> None:
     a, b = _MaskPartial(offset_shape=torch.Size([4, 2]), offset_dim=0), _MaskPartial(
         offset_shape=torch.Size([4, 2]), offset_dim=0)
     assert a != b  # torch compares the buffers by identity
-    assert _placement_fields(a) == _placement_fields(b)
+    assert placement_fields(a) == placement_fields(b)
     a.mask_buffer.materialize_mask(torch.tensor([True, False]))
-    assert _placement_fields(a) != _placement_fields(b)
+    assert placement_fields(a) != placement_fields(b)
     b.mask_buffer.materialize_mask(torch.tensor([True, False]))
-    assert _placement_fields(a) == _placement_fields(b)
+    assert placement_fields(a) == placement_fields(b)
 
 
 def test_shardings_like_torch_converter() -> None:

@@ -1,11 +1,15 @@
-"""The test oracles' view of a tensor's values: its bytes, independent of the library's own
-comparison helper (``dtdispatch._bitwise``), so the code under test is never its own oracle."""
+"""The test oracles' view of a tensor's values (its bytes) and of a placement, independent of the
+library's own comparison helper (``dtdispatch._bitwise``), so the code under test is never its own
+oracle."""
 
 from __future__ import annotations
 
-import torch
+from typing import Any
 
-__all__ = ["bits"]
+import torch
+from torch.distributed.tensor.placement_types import Placement, _MaskPartial
+
+__all__ = ["bits", "placement_fields"]
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -16,3 +20,15 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     bits (compare those separately)."""
     flat = torch.empty(t.shape, dtype=t.dtype).copy_(t.detach()).reshape(-1)
     return flat.view(torch.uint8) if t.numel() else flat
+
+
+def placement_fields(p: Placement) -> tuple[Any, ...]:
+    """A placement as comparable values.
+
+    NOTE: a ``_MaskPartial`` compares its mask buffer by identity; stock and dtdispatch each make
+    their own, so its mask is compared by value here."""
+    if isinstance(p, _MaskPartial):
+        data = p.mask_buffer.data
+        mask = None if data is None else (tuple(data.shape), tuple(bits(data).tolist()))
+        return (type(p), p.reduce_op, p.offset_shape, p.offset_dim, mask)
+    return (type(p), p)

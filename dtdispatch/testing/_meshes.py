@@ -26,13 +26,27 @@ def _dist() -> Any:
 
 
 def current_rank() -> int:
-    """This process's rank in the default group."""
+    """This process's rank.
+
+    Returns:
+        The rank in the default process group.
+
+    Raises:
+        RuntimeError: no default process group (outside a distributed test body).
+    """
     rank: int = _dist().get_rank()
     return rank
 
 
 def current_world_size() -> int:
-    """The size of the default group."""
+    """The number of ranks.
+
+    Returns:
+        The size of the default process group.
+
+    Raises:
+        RuntimeError: no default process group (outside a distributed test body).
+    """
     size: int = _dist().get_world_size()
     return size
 
@@ -52,7 +66,14 @@ def _device_type() -> str:
 
 
 def mesh_1d() -> DeviceMesh:
-    """A 1-D mesh over all ranks (device type "cpu" under gloo, "cuda" under nccl)."""
+    """A 1-D mesh over all ranks, cached per rank process.
+
+    Returns:
+        The mesh; device type "cpu" under gloo, "cuda" under nccl.
+
+    Raises:
+        RuntimeError: no default process group (outside a distributed test body).
+    """
     from torch.distributed.device_mesh import init_device_mesh
 
     size = current_world_size()
@@ -60,7 +81,15 @@ def mesh_1d() -> DeviceMesh:
 
 
 def mesh_2d() -> DeviceMesh:
-    """A 2x2 mesh with dims ("dp", "tp"); needs world size 4 (ValueError otherwise)."""
+    """A 2x2 mesh with dims ("dp", "tp"), cached per rank process.
+
+    Returns:
+        The mesh; device type as ``mesh_1d``'s.
+
+    Raises:
+        ValueError: the world size is not 4.
+        RuntimeError: no default process group (outside a distributed test body).
+    """
     from torch.distributed.device_mesh import init_device_mesh
 
     size = current_world_size()
@@ -72,9 +101,19 @@ def mesh_2d() -> DeviceMesh:
 
 
 def sub_mesh(ranks: Sequence[int] = (0, 1)) -> DeviceMesh:
-    """A 1-D mesh over ``ranks`` only; call it on every rank, including the left-out ones.
+    """A 1-D mesh over ``ranks`` only, cached per rank process; call it on every rank, including
+    the left-out ones.
 
-    On a left-out ("non-participating") rank the mesh exists but ``get_coordinate()`` is None.
+    Args:
+        ranks: distinct ranks of the default group.
+
+    Returns:
+        The mesh; on a left-out ("non-participating") rank it exists but ``get_coordinate()`` is
+        None. Device type as ``mesh_1d``'s.
+
+    Raises:
+        ValueError: ``ranks`` is empty, repeats a rank or names one outside the group.
+        RuntimeError: no default process group (outside a distributed test body).
     """
     from torch.distributed.device_mesh import DeviceMesh
 

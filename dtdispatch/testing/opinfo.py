@@ -48,7 +48,7 @@ import torch
 import torch.distributed.tensor._random as dt_random
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
-from torch.distributed.tensor.placement_types import Placement, _MaskPartial
+from torch.distributed.tensor.placement_types import Placement
 from torch.utils import _pytree as pytree
 
 import dtdispatch
@@ -56,6 +56,7 @@ from dtdispatch import FastDTensor
 from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
 from dtdispatch.testing._bits import bits as _bits
+from dtdispatch.testing._bits import placement_fields
 
 __all__ = [
     "CI_OPS",
@@ -236,24 +237,14 @@ def _same_tensor(stock: torch.Tensor, fast: torch.Tensor, where: str) -> None:
         raise Mismatch(f"{where}: local bytes differ")
 
 
-def _placement_fields(p: Placement) -> tuple[Any, ...]:
-    """A placement as comparable values. ``_MaskPartial`` compares its mask buffer by identity;
-    stock and dtdispatch each make their own, so its mask is compared by value."""
-    if isinstance(p, _MaskPartial):
-        data = p.mask_buffer.data
-        mask = None if data is None else (tuple(data.shape), tuple(_bits(data).tolist()))
-        return (type(p), p.reduce_op, p.offset_shape, p.offset_dim, mask)
-    return (type(p), p)
-
-
 def compare(stock: Any, fast: Any, where: str) -> None:
     """Raise ``Mismatch`` unless ``fast`` is bitwise ``stock`` (FastDTensor for DTensor)."""
     if isinstance(stock, DTensor):
         if type(fast) is not FastDTensor:
             raise Mismatch(f"{where}: expected FastDTensor, got {type(fast).__name__}")
         for what, s, f in (
-            ("placements", [_placement_fields(p) for p in stock.placements],
-             [_placement_fields(p) for p in fast.placements]),
+            ("placements", [placement_fields(p) for p in stock.placements],
+             [placement_fields(p) for p in fast.placements]),
             ("global shape", stock.shape, fast.shape),
             ("global stride", stock.stride(), fast.stride()),
             ("dtype", stock.dtype, fast.dtype),
@@ -479,6 +470,28 @@ def _stock_is_wrong(op: Any, sample: Sample, stock: Any, stock_exc: BaseExceptio
     return _close_to(ref, fast)
 
 
+def _judge(op: Any, sample: Sample, stock: tuple[Any, BaseException | None],
+           fast: tuple[Any, BaseException | None], backward: bool, here: str, what: str,
+           report: Report) -> bool:
+    """One run (result, exception) against stock's: True when the results are the same; False,
+    counted in ``report``, when both raised alike or stock is wrong and dtdispatch right (checked
+    on plain tensors); else raise ``Mismatch``."""
+    (stock_out, stock_exc), (fast_out, fast_exc) = stock, fast
+    try:
+        if _same_raise(stock_exc, fast_exc, here):
+            report.counts["raised like stock"] += 1
+            return False
+        compare(stock_out, fast_out, here + what)
+    except Mismatch:
+        if fast_exc is None and _stock_is_wrong(
+                op, sample, stock_out, stock_exc, fast_out, backward):
+            report.counts["stock wrong, dtdispatch right"] += 1
+            report.deviations.append(f"[{sample.dtype}] {here}: {_what(stock_exc)}")
+            return False
+        raise
+    return True
+
+
 CONFIGS: list[tuple[str, bool]] = [(impl, above) for impl in sorted(native.implementations())
                                    for above in (True, False)]
 
@@ -493,18 +506,9 @@ def _forward(op: Any, sample: Sample, dist: list[Any], where: str,
             here = f"{where} {impl} above={'on' if above else 'off'} forward {attempt}"
             fast_in = _make(sample, dist, FastDTensor, False)
             fast_out, fast_exc = _call(op, sample, fast_in)
-            try:
-                if _same_raise(stock_exc, fast_exc, here):
-                    report.counts["raised like stock"] += 1
-                    continue
-                compare(stock_out, fast_out, here + " output")
-            except Mismatch:
-                if fast_exc is None and _stock_is_wrong(
-                        op, sample, stock_out, stock_exc, fast_out, False):
-                    report.counts["stock wrong, dtdispatch right"] += 1
-                    report.deviations.append(f"[{sample.dtype}] {here}: {_what(stock_exc)}")
-                    continue
-                raise
+            if not _judge(op, sample, (stock_out, stock_exc), (fast_out, fast_exc), False,
+                          here, " output", report):
+                continue
             for i, (s, f) in enumerate(zip(stock_in, fast_in, strict=True)):
                 compare(s, f, f"{here} argument {i} after the call")
             report.counts["forward passed"] += 1
@@ -547,18 +551,9 @@ def _backward(op: Any, sample: Sample, dist: list[Any], mesh: DeviceMesh, where:
         dispatcher.install(impl, above=True)
         here = f"{where} {impl} backward"
         fast, fast_exc = _backward_run(op, sample, dist, mesh, FastDTensor)
-        try:
-            if _same_raise(stock_exc, fast_exc, here):
-                report.counts["raised like stock"] += 1
-                continue
-            compare(stock, fast, here + " (output, grads)")
-        except Mismatch:
-            if fast_exc is None and _stock_is_wrong(op, sample, stock, stock_exc, fast, True):
-                report.counts["stock wrong, dtdispatch right"] += 1
-                report.deviations.append(f"[{sample.dtype}] {here}: {_what(stock_exc)}")
-                continue
-            raise
-        report.counts["backward passed"] += 1
+        if _judge(op, sample, (stock, stock_exc), (fast, fast_exc), True,
+                  here, " (output, grads)", report):
+            report.counts["backward passed"] += 1
 
 
 def _known(op_id: str, dtype: torch.dtype, message: str) -> Known | None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import Replicate, Shard
 from torch.overrides import handle_torch_function, has_torch_function_unary
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -22,53 +22,19 @@ from dtdispatch import FastDTensor
 from dtdispatch import _above as above
 from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
-from dtdispatch.testing import mesh_1d, sub_mesh
+from dtdispatch.testing import sub_mesh
 
-IMPLS = sorted(native.implementations())
+from ._compare import IMPLS, install, pair, same
 
 
 def _fresh(impl: str) -> None:
     """``impl`` with the path above dispatch on, empty caches, zeroed counters, and the pass-through
-    funcs that ``_same`` reads already learnt (so counts below are the calls under test)."""
-    dispatcher.install(impl, above=True)
-    dtdispatch.clear_cache()
-    stock, fast = _pair(torch.ones(4, 4), [Replicate()])
-    _same(fast, stock)
-    fast.dim(), fast.size(1), fast.device
+    funcs that the tests read already learnt (so counts below are the calls under test)."""
+    install(impl, above=True)
+    _, fast = pair(torch.ones(4, 4), [Replicate()])
+    fast.dim(), fast.size(1), fast.device, fast.shape, fast.stride(), fast.dtype
+    fast.requires_grad, fast.is_conj(), fast.is_neg(), fast.is_inference(), fast._is_view()
     dtdispatch.reset_stats()
-
-
-def _pair(value: torch.Tensor, placements: list[Any], mesh: Any = None) -> tuple[DTensor, Any]:
-    stock = distribute_tensor(value, mesh if mesh is not None else mesh_1d(), placements)
-    fast = dtdispatch.accelerate(
-        torch.Tensor._dtensor__new__(
-            DTensor, stock._local_tensor.clone(), stock._spec, requires_grad=False
-        )
-    )
-    return stock, fast
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def _same(fast: Any, stock: Any) -> None:
-    """Bitwise equal to stock: type, placements, shape, stride, dtype, local bytes."""
-    if isinstance(stock, (tuple, list)):
-        assert type(fast) is type(stock) and len(fast) == len(stock)
-        for f, s in zip(fast, stock, strict=True):
-            _same(f, s)
-        return
-    if not isinstance(stock, torch.Tensor):
-        assert fast == stock
-        return
-    assert type(fast) is FastDTensor, type(fast)
-    assert fast.placements == stock.placements
-    assert fast.shape == stock.shape and fast.stride() == stock.stride()
-    assert fast.dtype == stock.dtype and fast.requires_grad == stock.requires_grad
-    fl, sl = fast._local_tensor, stock._local_tensor
-    assert fl.shape == sl.shape and fl.stride() == sl.stride() and fl.dtype == sl.dtype
-    assert torch.equal(_bits(fl), _bits(sl))
 
 
 def _above() -> dict[str, Any]:
@@ -98,14 +64,14 @@ REPLAYED: dict[str, Callable[..., Any]] = {
 @pytest.mark.distributed(world_size=2)
 def test_calls_without_autograd_replay_on_locals(rank: int, world_size: int, impl: str) -> None:
     _fresh(impl)
-    (sa, a), (sr, r) = _pair(_values(0), [Shard(0)]), _pair(_values(1), [Replicate()])
+    (sa, a), (sr, r) = pair(_values(0), [Shard(0)]), pair(_values(1), [Replicate()])
     with torch.no_grad():
         for name, fn in REPLAYED.items():
             expected = fn(sa, sr)
             for _ in range(3):  # miss, then two hits
-                _same(fn(a, r), expected)
+                same(fn(a, r), expected)
             before = dtdispatch.stats()
-            _same(fn(a, r), expected)
+            same(fn(a, r), expected)
             after = dtdispatch.stats()
             # A hit dispatches no aten op on a FastDTensor: the dispatch path counts nothing.
             assert (after["hits"], after["misses"]) == (before["hits"], before["misses"]), name
@@ -148,12 +114,12 @@ NEVER: dict[str, tuple[Callable[..., Any], str]] = {
 @pytest.mark.distributed(world_size=2)
 def test_calls_that_never_replay(rank: int, world_size: int, impl: str) -> None:
     _fresh(impl)
-    (sa, a), (sr, r) = _pair(_values(0), [Shard(0)]), _pair(_values(1), [Replicate()])
+    (sa, a), (sr, r) = pair(_values(0), [Shard(0)]), pair(_values(1), [Replicate()])
     with torch.no_grad():
         for name, (fn, reason) in NEVER.items():
             expected = fn(sa, sr)
             for _ in range(3):
-                _same(fn(a, r), expected)
+                same(fn(a, r), expected)
             entries = {v for v in above.thread_cache().entries.values() if isinstance(v, str)}
             assert reason in entries, (name, entries)
     s = _above()
@@ -167,14 +133,14 @@ def test_random_ops_never_replay_and_match_stock_under_seed(
     rank: int, world_size: int, impl: str
 ) -> None:
     _fresh(impl)
-    sa, a = _pair(_values(0), [Shard(0)])
+    sa, a = pair(_values(0), [Shard(0)])
     with torch.no_grad():
         for _ in range(3):
             torch.manual_seed(5)
             expected = (torch.rand_like(sa), F.dropout(sa, 0.5, training=True))
             torch.manual_seed(5)
             got = (torch.rand_like(a), F.dropout(a, 0.5, training=True))
-            _same(got, expected)
+            same(got, expected)
     assert _above()["hits"] == 0
     assert _above()["negative"].get("random op", 0) == 4
 
@@ -189,21 +155,21 @@ def test_plan_recorded_without_autograd_never_replays_with_autograd(
     def step(w: Any, x: Any) -> Any:
         return F.softmax(torch.relu(F.linear(x, w)), -1).sum()
 
-    sw, w = _pair(_values(0), [Shard(0)])
-    sx, x = _pair(_values(1)[:4], [Replicate()])
+    sw, w = pair(_values(0), [Shard(0)])
+    sx, x = pair(_values(1)[:4], [Replicate()])
     with torch.no_grad():
         for _ in range(2):
-            _same(step(w, x), step(sw, sx))
+            same(step(w, x), step(sw, sx))
     hits = _above()["hits"]
     assert hits > 0
     sw.requires_grad_()
     w.requires_grad_()
     stock_loss, fast_loss = step(sw, sx), step(w, x)
     assert fast_loss.grad_fn is not None
-    _same(fast_loss, stock_loss)
+    same(fast_loss, stock_loss)
     stock_loss.backward()
     fast_loss.backward()
-    _same(w.grad, sw.grad)
+    same(w.grad, sw.grad)
     s = _above()
     assert s["hits"] == hits  # nothing replayed where autograd was needed
     assert s["stepped_aside"].get("autograd needed", 0) >= 3
@@ -215,8 +181,8 @@ def test_in_place_returns_self_and_bumps_version_counters(
     rank: int, world_size: int, impl: str
 ) -> None:
     _fresh(impl)
-    sx, x = _pair(_values(0), [Shard(0)])
-    sout, out = _pair(torch.zeros(8, 8), [Shard(0)])
+    sx, x = pair(_values(0), [Shard(0)])
+    sout, out = pair(torch.zeros(8, 8), [Shard(0)])
     with torch.no_grad():
         for step in range(4):
             assert sx.add_(1.5).mul_(0.5) is sx
@@ -225,8 +191,8 @@ def test_in_place_returns_self_and_bumps_version_counters(
             assert torch.add(x, x, out=out) is out
             torch._foreach_add_([sx, sout], 1.0)
             torch._foreach_add_([x, out], 1.0)
-            _same(x, sx)
-            _same(out, sout)
+            same(x, sx)
+            same(out, sout)
             assert (x._version, out._version) == (sx._version, sout._version), step
             assert x._local_tensor._version == sx._local_tensor._version, step
             assert out._local_tensor._version == sout._local_tensor._version, step
@@ -237,15 +203,15 @@ def test_in_place_returns_self_and_bumps_version_counters(
 @pytest.mark.distributed(world_size=2)
 def test_view_outputs_keep_stock_aliasing(rank: int, world_size: int, impl: str) -> None:
     _fresh(impl)
-    sx, x = _pair(_values(0), [Replicate()])
+    sx, x = pair(_values(0), [Replicate()])
     with torch.no_grad():
         for _ in range(3):
             sv, v = sx.t(), x.t()
-            _same(v, sv)
+            same(v, sv)
             assert v._is_view() == sv._is_view() and (v._base is x) == (sv._base is sx)
             sv.mul_(2.0)
             v.mul_(2.0)
-            _same(x, sx)
+            same(x, sx)
             assert x._version == sx._version and v._version == sv._version
     # The view is never replayed; the in-place op on it is (its counter is shared with the base).
     assert _above()["negative"] == {"view output": 2} and _above()["hits"] == 2
@@ -255,7 +221,7 @@ def test_view_outputs_keep_stock_aliasing(rank: int, world_size: int, impl: str)
 @pytest.mark.distributed(world_size=2)
 def test_threads_have_their_own_caches(rank: int, world_size: int, impl: str) -> None:
     _fresh(impl)
-    sa, a = _pair(_values(0), [Shard(0)])
+    sa, a = pair(_values(0), [Shard(0)])
     expected = torch.relu(sa * 3.0)
     results: dict[int, list[Any]] = {}
     errors: list[BaseException] = []
@@ -275,7 +241,7 @@ def test_threads_have_their_own_caches(rank: int, world_size: int, impl: str) ->
     assert not errors, errors
     for outs in results.values():
         for out in outs:
-            _same(out, expected)
+            same(out, expected)
     s = _above()
     # Each thread misses once per func (its own cache), then hits.
     assert (s["misses"], s["hits"]) == (3 * 2, 3 * 2 * 19)
@@ -288,14 +254,14 @@ def test_cache_key_adversarial_pairs(rank: int, world_size: int, impl: str) -> N
     replay the first's plan (a distinct key, hence a miss), and both equal stock."""
     _fresh(impl)
     value = _values(0)
-    s32, f32 = _pair(value, [Shard(0)])
-    s64, f64 = _pair(value.double(), [Shard(0)])
-    sint, fint = _pair(torch.arange(64).reshape(8, 8), [Shard(0)])
-    st_, ft_ = _pair(value.t().contiguous().t(), [Shard(0)])  # same values, other strides
-    srg, frg = _pair(value, [Shard(0)])
+    s32, f32 = pair(value, [Shard(0)])
+    s64, f64 = pair(value.double(), [Shard(0)])
+    sint, fint = pair(torch.arange(64).reshape(8, 8), [Shard(0)])
+    st_, ft_ = pair(value.t().contiguous().t(), [Shard(0)])  # same values, other strides
+    srg, frg = pair(value, [Shard(0)])
     srg.requires_grad_()
     frg.requires_grad_()
-    smesh, fmesh = _pair(value, [Shard(0)], sub_mesh(ranks=(1, 0)))
+    smesh, fmesh = pair(value, [Shard(0)], mesh=sub_mesh(ranks=(1, 0)))
     fast = {"f32": f32, "f64": f64, "int": fint, "strided": ft_, "rg": frg, "mesh": fmesh}
     stock = {"f32": s32, "f64": s64, "int": sint, "strided": st_, "rg": srg, "mesh": smesh}
     Call = Callable[[dict[str, Any]], Any]
@@ -318,17 +284,17 @@ def test_cache_key_adversarial_pairs(rank: int, world_size: int, impl: str) -> N
         for name, first, second in pairs:
             dtdispatch.clear_cache()
             for _ in range(2):
-                _same(first(fast), first(stock))
+                same(first(fast), first(stock))
             misses = _above()["misses"]
-            _same(second(fast), second(stock))
+            same(second(fast), second(stock))
             assert _above()["misses"] == misses + 1, name
     # grad mode: a plan recorded under no_grad is not the plan of a call with grad mode on.
     dtdispatch.clear_cache()
     with torch.no_grad():
-        _same(f32 * 4, s32 * 4)
-        _same(f32 * 4, s32 * 4)
+        same(f32 * 4, s32 * 4)
+        same(f32 * 4, s32 * 4)
     misses = _above()["misses"]
-    _same(f32 * 4, s32 * 4)
+    same(f32 * 4, s32 * 4)
     assert _above()["misses"] == misses + 1
 
 
@@ -336,12 +302,12 @@ def test_cache_key_adversarial_pairs(rank: int, world_size: int, impl: str) -> N
 @pytest.mark.distributed(world_size=2)
 def test_step_varying_scalars_get_one_negative_entry(rank: int, world_size: int, impl: str) -> None:
     _fresh(impl)
-    sx, x = _pair(_values(0), [Shard(0)])
+    sx, x = pair(_values(0), [Shard(0)])
     steps = 30
     with torch.no_grad():
         for step in range(1, steps + 1):
             bias_correction = 1 - 0.999**step
-            _same(x / bias_correction, sx / bias_correction)
+            same(x / bias_correction, sx / bias_correction)
     s = _above()
     limit = above.STEP_VARYING_LIMIT
     assert s["misses"] == limit
@@ -349,7 +315,7 @@ def test_step_varying_scalars_get_one_negative_entry(rank: int, world_size: int,
     assert s["entries"] == 1  # the per-value entries were dropped for the negative one
     # The same structure with a scalar of another type is another structure.
     with torch.no_grad():
-        _same(x / 2, sx / 2)
+        same(x / 2, sx / 2)
     assert _above()["misses"] == limit + 1
 
 
@@ -357,7 +323,7 @@ def test_step_varying_scalars_get_one_negative_entry(rank: int, world_size: int,
 @pytest.mark.distributed(world_size=2)
 def test_modes_and_attribute_reads_pass_through(rank: int, world_size: int, impl: str) -> None:
     _fresh(impl)
-    sx, x = _pair(_values(0), [Shard(0)])
+    sx, x = pair(_values(0), [Shard(0)])
 
     class Count(TorchDispatchMode):
         def __init__(self) -> None:
@@ -372,7 +338,7 @@ def test_modes_and_attribute_reads_pass_through(rank: int, world_size: int, impl
         for _ in range(3):
             mode = Count()
             with mode:
-                _same(x + 1, sx + 1)
+                same(x + 1, sx + 1)
             assert mode.ops >= 1  # the mode saw the aten op: the call was not replayed above it
             assert (x.shape, x.dtype, x.device, x.requires_grad, x.dim(), x.size(1)) == (
                 sx.shape,
@@ -401,10 +367,10 @@ def test_capacity_bounds_the_cache_and_counts_evictions(
     _fresh(impl)
     dtdispatch.set_cache_capacity(3)
     try:
-        sx, x = _pair(_values(0), [Shard(0)])
+        sx, x = pair(_values(0), [Shard(0)])
         with torch.no_grad():
             for exponent in (2, 3, 4, 5, 6):
-                _same(x.pow(exponent), sx.pow(exponent))
+                same(x.pow(exponent), sx.pow(exponent))
         s = _above()
         assert (s["misses"], s["entries"], s["evictions"]) == (5, 3, 2)
     finally:
@@ -416,10 +382,10 @@ def test_capacity_bounds_the_cache_and_counts_evictions(
 def test_non_participating_rank_never_replays(rank: int, world_size: int, impl: str) -> None:
     _fresh(impl)
     mesh = sub_mesh(ranks=(0, 1, 2))
-    sx, x = _pair(torch.arange(48, dtype=torch.float32).reshape(6, 8), [Shard(0)], mesh)
+    sx, x = pair(torch.arange(48, dtype=torch.float32).reshape(6, 8), [Shard(0)], mesh=mesh)
     with torch.no_grad():
         for _ in range(3):
-            _same(x * 2 + 1, sx * 2 + 1)
+            same(x * 2 + 1, sx * 2 + 1)
     s = _above()
     if rank == 3:
         assert s["hits"] == 0 and s["negative"].get("non-participating rank", 0) == 4
@@ -431,17 +397,17 @@ def test_non_participating_rank_never_replays(rank: int, world_size: int, impl: 
 @pytest.mark.distributed(world_size=2)
 def test_inference_mode_replays_like_stock(rank: int, world_size: int, impl: str) -> None:
     _fresh(impl)
-    (sa, a), (sr, r) = _pair(_values(0), [Shard(0)]), _pair(_values(1), [Replicate()])
+    (sa, a), (sr, r) = pair(_values(0), [Shard(0)]), pair(_values(1), [Replicate()])
     with torch.inference_mode():
         for _ in range(3):
             expected, got = torch.mm(sa, sr) * 2, torch.mm(a, r) * 2
-            _same(got, expected)
+            same(got, expected)
             assert got.is_inference() == expected.is_inference()
             assert got._local_tensor.is_inference() == expected._local_tensor.is_inference()
     # The key holds the inference flag: the same call under no_grad is a new key.
     misses = _above()["misses"]
     with torch.no_grad():
-        _same(torch.mm(a, r), torch.mm(sa, sr))
+        same(torch.mm(a, r), torch.mm(sa, sr))
     assert _above()["misses"] == misses + 1
     assert _above()["hits"] == 4
 
@@ -453,10 +419,10 @@ def test_the_path_above_dispatch_can_be_switched_off(rank: int, world_size: int,
     try:
         dtdispatch.clear_cache()
         dtdispatch.reset_stats()
-        sx, x = _pair(_values(0), [Shard(0)])
+        sx, x = pair(_values(0), [Shard(0)])
         with torch.no_grad():
             for _ in range(3):
-                _same(x + 1, sx + 1)
+                same(x + 1, sx + 1)
         s = dtdispatch.stats()
         assert s["above"]["implementation"] == "off"
         assert s["above"]["hits"] == s["above"]["misses"] == 0
@@ -476,10 +442,10 @@ def test_local_chunk_replay_respects_explicit_redistribution(
     if _compat.ExplicitRedistributionContext is None:
         pytest.skip("this torch has no ExplicitRedistributionContext")
     _fresh(impl)
-    (sa, a), (sr, r) = _pair(_values(0), [Shard(0)]), _pair(_values(1), [Replicate()])
+    (sa, a), (sr, r) = pair(_values(0), [Shard(0)]), pair(_values(1), [Replicate()])
     with torch.no_grad():
         for _ in range(2):
-            _same(a + r, sa + sr)
+            same(a + r, sa + sr)
         assert _above()["hits"] == 1
         outcomes = []
         for x, y in ((sa, sr), (a, r)):
@@ -490,5 +456,5 @@ def test_local_chunk_replay_respects_explicit_redistribution(
                 outcomes.append(("raised", str(exc)))
         assert outcomes[0][0] == outcomes[1][0]
         if outcomes[0][0] == "ok":
-            _same(outcomes[1][1], outcomes[0][1])
+            same(outcomes[1][1], outcomes[0][1])
     assert _above()["stepped_aside"] == {"explicit redistribution context": 1}

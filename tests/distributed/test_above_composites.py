@@ -4,38 +4,15 @@ of size 1, which torch skips. Both implementations, real ranks, bitwise against 
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import Replicate, Shard
 
 import dtdispatch
 from dtdispatch import _dispatcher as dispatcher
-from dtdispatch import _native as native
-from dtdispatch.testing import mesh_1d
 
-IMPLS = sorted(native.implementations())
-
-
-def _pair(value: torch.Tensor, placements: list[Any]) -> tuple[DTensor, Any]:
-    stock = distribute_tensor(value, mesh_1d(), placements)
-    fast = dtdispatch.accelerate(
-        torch.Tensor._dtensor__new__(
-            DTensor, stock._local_tensor.clone(), stock._spec, requires_grad=False
-        )
-    )
-    return stock, fast
-
-
-def _same(fast: Any, stock: DTensor) -> None:
-    assert type(fast) is dtdispatch.FastDTensor
-    assert fast.placements == stock.placements
-    assert fast.shape == stock.shape and fast.stride() == stock.stride()
-    a, b = fast.to_local(), stock.to_local()
-    assert a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
-    assert torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+from ._compare import IMPLS, install, pair, same
 
 
 def _values(*shape: int, seed: int) -> torch.Tensor:
@@ -49,20 +26,19 @@ def test_linear_on_a_sharded_3d_input_replays(rank: int, world_size: int, impl: 
     path rewrites them (global -> local), a replay on the locals computes the local ones itself.
     Under inference mode only: under no_grad its output is a tracked view of a temporary, which a
     replay does not make (ARCHITECTURE 'What the key above dispatch holds')."""
-    dispatcher.install(impl, above=True)
-    dtdispatch.clear_cache()
-    sx, x = _pair(_values(4, 3, 8, seed=0), [Shard(0)])
-    sw, w = _pair(_values(6, 8, seed=1), [Replicate()])
-    sb, b = _pair(_values(6, seed=2), [Replicate()])
+    install(impl)
+    sx, x = pair(_values(4, 3, 8, seed=0), [Shard(0)])
+    sw, w = pair(_values(6, 8, seed=1), [Replicate()])
+    sb, b = pair(_values(6, seed=2), [Replicate()])
     dtdispatch.reset_stats()
     with torch.inference_mode():
         for _ in range(3):
-            _same(F.linear(x, w, b), F.linear(sx, sw, sb))
+            same(F.linear(x, w, b), F.linear(sx, sw, sb))
     linear = dtdispatch.stats()["above"]["per_func"]["linear"]
     assert linear == {"hits": 2, "misses": 1, "negative": 0}, linear
     with torch.no_grad():
         for _ in range(3):
-            _same(F.linear(x, w, b), F.linear(sx, sw, sb))
+            same(F.linear(x, w, b), F.linear(sx, sw, sb))
     assert dtdispatch.stats()["above"]["negative"] == {"view output": 2}
 
 
@@ -71,13 +47,12 @@ def test_linear_on_a_sharded_3d_input_replays(rank: int, world_size: int, impl: 
 def test_a_view_given_global_sizes_never_replays(rank: int, world_size: int, impl: str) -> None:
     """The same flattening written by the caller with global sizes: the replay would pass those
     sizes to the local tensor, so it stays on the dispatch path."""
-    dispatcher.install(impl, above=True)
-    dtdispatch.clear_cache()
-    sx, x = _pair(_values(4, 3, 8, seed=3), [Shard(0)])
+    install(impl)
+    sx, x = pair(_values(4, 3, 8, seed=3), [Shard(0)])
     dtdispatch.reset_stats()
     with torch.no_grad():
         for _ in range(3):
-            _same(x.reshape(12, 8), sx.reshape(12, 8))
+            same(x.reshape(12, 8), sx.reshape(12, 8))
     above = dtdispatch.stats()["above"]
     assert above["hits"] == 0 and above["negative"] == {"rewritten arguments": 2}, above
 
@@ -97,15 +72,14 @@ def test_transform_on_a_wider_mesh_dim_is_kept(rank: int, world_size: int, impl:
 
 
 def _rowwise_linear(impl: str, *, expect_redistribution: bool) -> None:
-    dispatcher.install(impl, above=False)  # the dispatch path's plan is under test
-    dtdispatch.clear_cache()
-    sx, x = _pair(_values(4, 8, seed=4), [Shard(1)])
-    sw, w = _pair(_values(6, 8, seed=5), [Shard(1)])
-    sb, b = _pair(_values(6, seed=6), [Replicate()])
+    install(impl, above=False)  # the dispatch path's plan is under test
+    sx, x = pair(_values(4, 8, seed=4), [Shard(1)])
+    sw, w = pair(_values(6, 8, seed=5), [Shard(1)])
+    sb, b = pair(_values(6, seed=6), [Replicate()])
     dtdispatch.reset_stats()
     try:
         for _ in range(3):
-            _same(F.linear(x, w, b), F.linear(sx, sw, sb))
+            same(F.linear(x, w, b), F.linear(sx, sw, sb))
     finally:
         dispatcher.install(impl)
     bailouts = dtdispatch.stats()["bailouts"]

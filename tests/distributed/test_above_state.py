@@ -13,87 +13,19 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import Replicate, Shard
 from torch.overrides import handle_torch_function, has_torch_function, has_torch_function_unary
 
 import dtdispatch
 from dtdispatch import FastDTensor
-from dtdispatch import _dispatcher as dispatcher
-from dtdispatch import _native as native
 from dtdispatch.testing import mesh_1d
+from dtdispatch.testing._bits import bits
 
-IMPLS = sorted(native.implementations())
-MODES = [(impl, above) for impl in IMPLS for above in (True, False)]
-IDS = [f"{impl}-above" if above else f"{impl}-below" for impl, above in MODES]
-
-
-def _install(impl: str, above: bool) -> None:
-    dispatcher.install(impl, above=above)
-    dtdispatch.clear_cache()
-    dtdispatch.reset_stats()
-
-
-def _pair(
-    value: torch.Tensor, placements: list[Any], requires_grad: bool = False
-) -> tuple[DTensor, Any]:
-    stock = distribute_tensor(value, mesh_1d(), placements)
-    fast = dtdispatch.accelerate(
-        torch.Tensor._dtensor__new__(
-            DTensor, stock._local_tensor.clone(), stock._spec, requires_grad=False
-        )
-    )
-    if requires_grad:
-        stock.requires_grad_()
-        fast.requires_grad_()
-    return stock, fast
+from ._compare import IDS, VARIANTS, install, outcome, pair, same, same_outcome
 
 
 def _values(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
-    return t.view(torch.uint8) if t.numel() else t
-
-
-def _same(fast: Any, stock: Any) -> None:
-    """Bitwise stock's: type, placements, shape, stride, dtype, requires_grad, local bytes."""
-    if isinstance(stock, (tuple, list)):
-        assert type(fast) is type(stock) and len(fast) == len(stock)
-        for f, s in zip(fast, stock, strict=True):
-            _same(f, s)
-        return
-    if not isinstance(stock, torch.Tensor):
-        assert fast == stock
-        return
-    assert type(fast) is FastDTensor, type(fast)
-    assert fast.placements == stock.placements
-    # The spec decides the next op's sharding; it may differ from the wrapper's own metadata.
-    assert fast._spec == stock._spec, (fast._spec, stock._spec)
-    assert fast.shape == stock.shape and fast.stride() == stock.stride()
-    assert fast.dtype == stock.dtype and fast.requires_grad == stock.requires_grad
-    assert fast.is_conj() == stock.is_conj() and fast.is_neg() == stock.is_neg()
-    assert fast._is_view() == stock._is_view() and fast.is_inference() == stock.is_inference()
-    fl, sl = fast._local_tensor, stock._local_tensor
-    assert fl.shape == sl.shape and fl.stride() == sl.stride() and fl.dtype == sl.dtype
-    assert torch.equal(_bits(fl), _bits(sl))
-
-
-def _outcome(fn: Callable[..., Any], *args: Any) -> tuple[str, Any]:
-    """("ok", fn(*args)) or ("raised", exception type)."""
-    try:
-        return "ok", fn(*args)
-    except Exception as e:
-        return "raised", type(e)
-
-
-def _same_outcome(fast: tuple[str, Any], stock: tuple[str, Any]) -> None:
-    assert fast[0] == stock[0], (fast, stock)
-    if fast[0] == "raised":
-        assert fast[1] is stock[1], (fast, stock)
-    else:
-        _same(fast[1], stock[1])
 
 
 def _plain() -> contextlib.AbstractContextManager[None]:
@@ -121,21 +53,21 @@ def _alternate(
     for _ in range(2):
         for state in (*states, *reversed(states)):
             with state():
-                expected = _outcome(fn, stock_arg)
+                expected = outcome(fn, stock_arg)
             with state():
-                got = _outcome(fn, fast_arg)
-            _same_outcome(got, expected)
+                got = outcome(fn, fast_arg)
+            same_outcome(got, expected)
 
 
 # -- autocast -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("impl", "above"), MODES, ids=IDS)
+@pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2)
 def test_autocast_state_is_keyed(rank: int, world_size: int, impl: str, above: bool) -> None:
-    _install(impl, above)
-    sx, x = _pair(_values(4, 3, 8), [Shard(0)])
-    sw, w = _pair(_values(6, 8, seed=1), [Replicate()])
+    install(impl, above)
+    sx, x = pair(_values(4, 3, 8), [Shard(0)])
+    sw, w = pair(_values(6, 8, seed=1), [Replicate()])
     states = [
         _plain,
         lambda: torch.autocast("cpu", dtype=torch.bfloat16),
@@ -159,15 +91,15 @@ def _scaled(t: torch.Tensor) -> torch.Tensor:
     return t * torch.tensor(2.5)
 
 
-@pytest.mark.parametrize(("impl", "above"), MODES, ids=IDS)
+@pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2)
 def test_default_dtype_is_keyed(rank: int, world_size: int, impl: str, above: bool) -> None:
     """A factory inside a composite takes the default dtype, and the output's spec with it.
     NOTE: compared with plain tensors: stock's output spec here depends on which default dtype
     torch's own caches saw first (they key a plain 0-d argument without its dtype), even with
     its sharding-propagation caches emptied."""
-    _install(impl, above)
-    si, i = _pair(torch.arange(64).reshape(8, 8), [Shard(0)])
+    install(impl, above)
+    si, i = pair(torch.arange(64).reshape(8, 8), [Shard(0)])
     states = [_plain, lambda: _default_dtype(torch.float64), lambda: _default_dtype(torch.float16)]
     with torch.no_grad():
         for _ in range(2):
@@ -180,7 +112,7 @@ def test_default_dtype_is_keyed(rank: int, world_size: int, impl: str, above: bo
                 assert got.dtype == expected.dtype
                 local = got._local_tensor
                 assert local.dtype == expected.dtype and local.stride() == expected.stride()
-                assert torch.equal(_bits(local), _bits(expected))
+                assert torch.equal(bits(local), bits(expected))
 
 
 # -- conj and neg bits --------------------------------------------------------------------------
@@ -197,21 +129,21 @@ def _flagged(t: Any, conj: bool, neg: bool) -> Any:
     return out
 
 
-@pytest.mark.parametrize(("impl", "above"), MODES, ids=IDS)
+@pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2)
 def test_conj_and_neg_bits_are_keyed(rank: int, world_size: int, impl: str, above: bool) -> None:
     """``resolve_conj``/``resolve_neg`` return the argument itself when its bit is clear, a new
     tensor when it is set: a plan made on one must not answer the other."""
-    _install(impl, above)
-    sx, x = _pair(_values(8, 8).to(torch.complex64), [Shard(0)])
+    install(impl, above)
+    sx, x = pair(_values(8, 8).to(torch.complex64), [Shard(0)])
     for conj, neg in ((True, False), (False, True), (True, True)):
         sf, f = _flagged(sx, conj, neg), _flagged(x, conj, neg)
         for fn in (lambda t: t.resolve_conj(), lambda t: t.resolve_neg(), lambda t: t * 2):
             for _ in range(2):
                 for stock, fast in ((sx, x), (sf, f), (sx, x)):
                     with torch.no_grad():
-                        expected, got = _outcome(fn, stock), _outcome(fn, fast)
-                    _same_outcome(got, expected)
+                        expected, got = outcome(fn, stock), outcome(fn, fast)
+                    same_outcome(got, expected)
                     if expected[0] == "ok":
                         assert (got[1] is fast) == (expected[1] is stock)
 
@@ -219,14 +151,14 @@ def test_conj_and_neg_bits_are_keyed(rank: int, world_size: int, impl: str, abov
 # -- inference tensors --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("impl", "above"), MODES, ids=IDS)
+@pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2)
 def test_inference_tensors_are_keyed(rank: int, world_size: int, impl: str, above: bool) -> None:
     """In-place on an inference tensor outside inference mode raises on stock."""
-    _install(impl, above)
-    pairs = [_pair(_values(8, 8), [Shard(0)])]
+    install(impl, above)
+    pairs = [pair(_values(8, 8), [Shard(0)])]
     with torch.inference_mode():
-        pairs.append(_pair(_values(8, 8), [Shard(0)]))
+        pairs.append(pair(_values(8, 8), [Shard(0)]))
     assert pairs[1][0].is_inference() and pairs[1][1].is_inference()
     for _ in range(2):
         for grad in (False, True):
@@ -238,8 +170,8 @@ def test_inference_tensors_are_keyed(rank: int, world_size: int, impl: str, abov
                         lambda t: t * 2,
                         lambda t: torch.add(t, t, out=t),
                     ):
-                        expected = _outcome(fn, stock)
-                        _same_outcome(_outcome(fn, fast), expected)
+                        expected = outcome(fn, stock)
+                        same_outcome(outcome(fn, fast), expected)
 
 
 # -- views made under no_grad -------------------------------------------------------------------
@@ -252,24 +184,24 @@ NO_GRAD_VIEWS: dict[str, Callable[[Any, Any], Any]] = {
 }
 
 
-@pytest.mark.parametrize(("impl", "above"), MODES, ids=IDS)
+@pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2)
 def test_views_made_under_no_grad_match_stock(
     rank: int, world_size: int, impl: str, above: bool
 ) -> None:
     """A view made under no_grad (F.linear's 3-D output is a view of its addmm result) makes a
     later in-place op with a grad-requiring operand raise; a fresh tensor would join the graph."""
-    _install(impl, above)
-    sx, x = _pair(_values(4, 3, 8), [Replicate()])
-    sw, w = _pair(_values(6, 8, seed=1), [Replicate()])
-    sg, g = _pair(_values(4, 3, 6, seed=2), [Replicate()], requires_grad=True)
+    install(impl, above)
+    sx, x = pair(_values(4, 3, 8), [Replicate()])
+    sw, w = pair(_values(6, 8, seed=1), [Replicate()])
+    sg, g = pair(_values(4, 3, 6, seed=2), [Replicate()], requires_grad=True)
     for name, fn in NO_GRAD_VIEWS.items():
         for _ in range(3):
             with torch.no_grad():
                 expected, got = fn(sx, sw), fn(x, w)
-            _same(got, expected)
+            same(got, expected)
             assert got._is_view() == expected._is_view(), name
-            _same_outcome(_outcome(got.add_, g), _outcome(expected.add_, sg))
+            same_outcome(outcome(got.add_, g), outcome(expected.add_, sg))
 
 
 # -- autograd entry points ----------------------------------------------------------------------
@@ -290,24 +222,24 @@ ENTRY_POINTS: dict[str, Callable[[Any, Any], Any]] = {
 }
 
 
-@pytest.mark.parametrize(("impl", "above"), MODES, ids=IDS)
+@pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2)
 def test_autograd_entry_points_under_no_grad_match_stock(
     rank: int, world_size: int, impl: str, above: bool
 ) -> None:
     """Backward and grad called with grad mode off run the engine as stock does, every time."""
-    _install(impl, above)
-    sa, a = _pair(_values(8, 8), [Shard(0)])
+    install(impl, above)
+    sa, a = pair(_values(8, 8), [Shard(0)])
     for name, fn in ENTRY_POINTS.items():
-        sw, w = _pair(_values(8, 8, seed=1), [Shard(0)], requires_grad=True)
+        sw, w = pair(_values(8, 8, seed=1), [Shard(0)], requires_grad=True)
         for _ in range(3):
             stock_loss, fast_loss = _graph(sa, sw), _graph(a, w)
             with torch.no_grad():
-                expected, got = _outcome(fn, stock_loss, sw), _outcome(fn, fast_loss, w)
-            _same_outcome(got, expected)
+                expected, got = outcome(fn, stock_loss, sw), outcome(fn, fast_loss, w)
+            same_outcome(got, expected)
             assert (w.grad is None) == (sw.grad is None), name
             if sw.grad is not None:
-                _same(w.grad, sw.grad)
+                same(w.grad, sw.grad)
     per_func = dtdispatch.stats()["above"]["per_func"]
     assert not any(v["hits"] for k, v in per_func.items() if "backward" in k or k == "grad")
 
@@ -321,21 +253,21 @@ AUTOGRAD_STATE: dict[str, Callable[[Any], Any]] = {
 }
 
 
-@pytest.mark.parametrize(("impl", "above"), MODES, ids=IDS)
+@pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2)
 def test_calls_that_change_autograd_state_match_stock(
     rank: int, world_size: int, impl: str, above: bool
 ) -> None:
     """Called with grad mode off, on leaves and non-leaves, repeatedly: stock's autograd state."""
-    _install(impl, above)
+    install(impl, above)
     for name, fn in AUTOGRAD_STATE.items():
         for _ in range(3):
             for leaf in (True, False):
-                sw, w = _pair(_values(8, 8, seed=1), [Shard(0)], requires_grad=True)
+                sw, w = pair(_values(8, 8, seed=1), [Shard(0)], requires_grad=True)
                 if not leaf:
                     sw, w = sw * 2, w * 2
                 with torch.no_grad():
-                    _same_outcome(_outcome(fn, w), _outcome(fn, sw))
+                    same_outcome(outcome(fn, w), outcome(fn, sw))
                 assert w.requires_grad == sw.requires_grad and w.is_leaf == sw.is_leaf, name
                 assert (w.grad_fn is None) == (sw.grad_fn is None), name
                 assert w.retains_grad == sw.retains_grad, name
@@ -344,7 +276,7 @@ def test_calls_that_change_autograd_state_match_stock(
                     (sw * 3).sum().backward()
                     assert (w.grad is None) == (sw.grad is None), name
                     if sw.grad is not None:
-                        _same(w.grad, sw.grad)
+                        same(w.grad, sw.grad)
 
 
 LAYOUTS = ["plain in and out", "sequence parallel, DTensor out"]
@@ -382,7 +314,7 @@ def _input(layout: str, rank: int, world_size: int, seed: int) -> torch.Tensor:
 def _same_grads(fast: torch.nn.Module, stock: torch.nn.Module) -> None:
     for (name, sp), (_, fp) in zip(stock.named_parameters(), fast.named_parameters(), strict=True):
         assert sp.grad is not None and fp.grad is not None, name
-        _same(fp.grad, sp.grad)
+        same(fp.grad, sp.grad)
 
 
 def _loss(out: Any) -> Any:
@@ -390,7 +322,7 @@ def _loss(out: Any) -> Any:
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize(("impl", "above"), MODES, ids=IDS)
+@pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2)
 def test_reentrant_checkpointing_matches_stock(
     rank: int, world_size: int, impl: str, above: bool, layout: str
@@ -400,31 +332,28 @@ def test_reentrant_checkpointing_matches_stock(
     parameter grads bitwise."""
     from torch.utils.checkpoint import checkpoint
 
-    _install(impl, above)
+    install(impl, above)
     stock, fast = _mlp(mesh_1d(), False, layout), _mlp(mesh_1d(), True, layout)
     for step in range(3):
         x = _input(layout, rank, world_size, 10 + step)
         sx, fx = x.clone().requires_grad_(), x.clone().requires_grad_()
         sout = checkpoint(stock, sx, use_reentrant=True)
         fout = checkpoint(fast, fx, use_reentrant=True)
-        if isinstance(sout, DTensor):
-            _same(fout, sout)
-        else:
-            assert torch.equal(_bits(fout), _bits(sout))
+        same(fout, sout)
         _loss(sout).backward()
         _loss(fout).backward()
         assert sx.grad is not None and fx.grad is not None
-        assert torch.equal(_bits(fx.grad), _bits(sx.grad))
+        same(fx.grad, sx.grad)
         _same_grads(fast, stock)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize(("impl", "above"), MODES, ids=IDS)
+@pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2)
 def test_backward_under_no_grad_through_a_tp_block_matches_stock(
     rank: int, world_size: int, impl: str, above: bool, layout: str
 ) -> None:
-    _install(impl, above)
+    install(impl, above)
     stock, fast = _mlp(mesh_1d(), False, layout), _mlp(mesh_1d(), True, layout)
     for step in range(3):
         x = _input(layout, rank, world_size, 20 + step)
@@ -443,17 +372,17 @@ def _keep_grad(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return g * 2
 
 
-@pytest.mark.parametrize(("impl", "above"), MODES, ids=IDS)
+@pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2)
 def test_composites_that_change_autograd_state_never_replay(
     rank: int, world_size: int, impl: str, above: bool
 ) -> None:
-    _install(impl, above)
+    install(impl, above)
     for _ in range(3):
-        sw, w = _pair(_values(8, 8), [Shard(0)], requires_grad=True)
-        sg, g = _pair(_values(8, 8, seed=1), [Shard(0)])
+        sw, w = pair(_values(8, 8), [Shard(0)], requires_grad=True)
+        sg, g = pair(_values(8, 8, seed=1), [Shard(0)])
         with torch.no_grad():
-            _same(_keep_grad(w, g), _keep_grad(sw, sg))
+            same(_keep_grad(w, g), _keep_grad(sw, sg))
         assert w.grad is g and sw.grad is sg
 
 
@@ -464,14 +393,14 @@ def _by_requires_grad(t: torch.Tensor) -> torch.Tensor:
     return t * 2 if t.requires_grad else t * 3
 
 
-@pytest.mark.parametrize(("impl", "above"), MODES, ids=IDS)
+@pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2)
 def test_requires_grad_is_keyed(rank: int, world_size: int, impl: str, above: bool) -> None:
     """With grad mode off a grad-requiring argument replays, so its flag must be in the key: a
     composite may read it."""
-    _install(impl, above)
-    pairs = [_pair(_values(8, 8), [Shard(0)]), _pair(_values(8, 8), [Shard(0)], requires_grad=True)]
+    install(impl, above)
+    pairs = [pair(_values(8, 8), [Shard(0)]), pair(_values(8, 8), [Shard(0)], requires_grad=True)]
     with torch.no_grad():
         for _ in range(2):
             for stock, fast in (*pairs, *reversed(pairs)):
-                _same(_by_requires_grad(fast), _by_requires_grad(stock))
+                same(_by_requires_grad(fast), _by_requires_grad(stock))

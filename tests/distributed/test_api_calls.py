@@ -18,7 +18,7 @@ from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
 from dtdispatch.testing import mesh_1d, mesh_2d
 
-IMPLS = sorted(native.implementations())
+from ._compare import IMPLS, outcome, same, same_outcome
 
 
 def _value(shape: tuple[int, ...]) -> torch.Tensor:
@@ -48,17 +48,6 @@ def _pair(
     return stock, fast
 
 
-def _same_tensor(stock: torch.Tensor, fast: torch.Tensor, what: str) -> None:
-    if isinstance(stock, DTensor):
-        assert type(stock) is DTensor and type(fast) is FastDTensor, (what, type(stock), type(fast))
-        assert fast._spec == stock._spec, (what, fast._spec, stock._spec)
-        stock, fast = stock._local_tensor, fast._local_tensor
-    else:
-        assert type(fast) is type(stock), (what, type(stock), type(fast))
-    assert fast.shape == stock.shape and fast.stride() == stock.stride(), what
-    assert fast.dtype == stock.dtype and torch.equal(fast, stock), what
-
-
 def _same_autograd(stock: torch.Tensor, fast: torch.Tensor, what: str) -> None:
     assert fast.requires_grad == stock.requires_grad, what
     assert fast.is_leaf == stock.is_leaf, what
@@ -79,7 +68,7 @@ def _check_call(
         with torch.set_grad_enabled(mode != "no_grad"):
             outs = call(stock), call(fast)
         label = f"{what} [{mode}]"
-        _same_tensor(*outs, label)
+        same(outs[1], outs[0], label)
         _same_autograd(*outs, label)
         if mode != "grad":
             continue
@@ -90,7 +79,7 @@ def _check_call(
         for out in outs:
             local = out.to_local() if isinstance(out, DTensor) else out
             (local * weight).sum().backward()
-        _same_tensor(stock.grad, fast.grad, f"{label} gradient")
+        same(fast.grad, stock.grad, f"{label} gradient")
 
 
 REDISTRIBUTIONS = [
@@ -197,7 +186,7 @@ def test_from_local_matches_stock(rank: int, world_size: int, impl: str) -> None
                 (s, s_leaf), (f, f_leaf) = _from_local_case(
                     mine, placements, mode != "leaf without grad", **kwargs
                 )
-            _same_tensor(s, f, f"{what} [{mode}]")
+            same(f, s, f"{what} [{mode}]")
             _same_autograd(s, f, f"{what} [{mode}]")
             assert f._local_tensor is not f_leaf  # a fresh view, as stock
             assert f._local_tensor.requires_grad == s._local_tensor.requires_grad
@@ -208,7 +197,7 @@ def test_from_local_matches_stock(rank: int, world_size: int, impl: str) -> None
                 out.redistribute(placements=[Replicate()]).to_local().sum()
                 + (out.to_local() * weight).sum()
             ).backward()
-        _same_tensor(s_leaf.grad, f_leaf.grad, f"{what} gradient")
+        same(f_leaf.grad, s_leaf.grad, f"{what} gradient")
     # torch's own errors, unchanged
     with pytest.raises(RuntimeError, match="Please pass both shape and stride"):
         FastDTensor.from_local(local, mesh_1d(), [Shard(0)], shape=torch.Size((6, 4)))
@@ -224,27 +213,19 @@ def test_same_placements_and_errors(rank: int, world_size: int) -> None:
     fast = dtdispatch.accelerate(distribute_tensor(_value((4, 4)), mesh, [Shard(0)]))
     stock = dtdispatch.to_torch(fast)
     for t in (stock, fast):
-        same = t.redistribute(placements=[Shard(0)])
+        noop = t.redistribute(placements=[Shard(0)])
         # stock: a new DTensor object on the same local tensor and the same spec object
-        assert same is not t and same._local_tensor is t._local_tensor and same._spec is t._spec
+        assert noop is not t and noop._local_tensor is t._local_tensor and noop._spec is t._spec
         with torch.no_grad():
             assert t.to_local() is t._local_tensor
         with pytest.raises(RuntimeError, match="placements is needed"):
             t.redistribute(mesh)
     # to a new Partial: torch 2.13 refuses ("for internal use only"), 2.14 allows it; both as stock
-    outcomes = []
-    for t in (stock, fast):
-        try:
-            outcomes.append(t.redistribute(placements=[Partial()]))
-        except RuntimeError as exc:
-            outcomes.append(exc)
-    if isinstance(outcomes[0], RuntimeError):
-        assert type(outcomes[1]) is RuntimeError and str(outcomes[1]) == str(outcomes[0])
-    else:
-        _same_tensor(*outcomes, "Shard -> Partial")
+    outcomes = [outcome(lambda t: t.redistribute(placements=[Partial()]), t) for t in (stock, fast)]
+    same_outcome(outcomes[1], outcomes[0], "Shard -> Partial")
     # placements that do not fit the mesh: whatever torch does (it does not check), on both
     odd = [t.redistribute(placements=[Shard(0), Replicate()]) for t in (stock, fast)]
-    _same_tensor(*odd, "two placements on a 1-D mesh")
+    same(odd[1], odd[0], "two placements on a 1-D mesh")
     # a Parameter's local tensor is a Parameter too from torch 2.13 (gh-166156): as on stock
     # (torch.__version__ compares as a version, not as a string)
     is_param = [
@@ -424,7 +405,7 @@ def test_rank_outside_the_mesh_matches_stock(rank: int, world_size: int) -> None
         t = from_local(local, mesh, [Replicate()])
         results.append((t, t.redistribute(placements=[Shard(0)]), t.to_local()))
     for s, f in zip(*results, strict=True):
-        _same_tensor(s, f, "outside the mesh")
+        same(f, s, "outside the mesh")
     assert results[1][0]._local_tensor.numel() == (12 if rank == 0 else 0)
 
 
@@ -445,7 +426,7 @@ def test_call_caches_are_bounded(rank: int, world_size: int) -> None:
             f = FastDTensor.from_local(local, mesh_1d(), [Replicate()]).redistribute(
                 placements=[Shard(0)]
             )
-            _same_tensor(s, f, f"{rows} rows")
+            same(f, s, f"{rows} rows")
             assert len(_tensor._from_local_specs) <= 3 and len(_tensor._forward_plans) <= 3
     finally:
         _tensor._CACHE_LIMIT = limit
@@ -468,7 +449,7 @@ def test_from_local_backward_plans_do_not_leak_into_redistribute(
         t = from_local(leaf, mesh, [Replicate()], grad_placements=[Partial()])
         (t.to_local() * (rank + 1)).sum().backward()
         grads.append(leaf.grad)
-    _same_tensor(*grads, "from_local gradient with grad_placements=[Partial()]")
+    same(grads[1], grads[0], "from_local gradient with grad_placements=[Partial()]")
     errors = []
     for from_local in (DTensor.from_local, FastDTensor.from_local):
         source = from_local(_value((4, 3)), mesh, [Replicate()])

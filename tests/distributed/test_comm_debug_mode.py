@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.debug import CommDebugMode
 from torch.distributed.tensor.parallel import (
@@ -25,12 +24,9 @@ from torch.distributed.tensor.parallel import (
 
 import dtdispatch
 from dtdispatch import _dispatcher as dispatcher
-from dtdispatch import _native as native
 from dtdispatch.testing import mesh_1d
 
-IMPLS = sorted(native.implementations())
-CASES = [(impl, above) for impl in IMPLS for above in (True, False)]
-CASE_IDS = [f"{impl}-above_{'on' if above else 'off'}" for impl, above in CASES]
+from ._compare import IDS, MLP, VARIANTS
 
 
 def _dt(seed: int, shape: tuple[int, ...], placements: list[Any], fast: bool) -> DTensor:
@@ -84,24 +80,11 @@ def _api_calls(fast: bool) -> Callable[[], Any]:
     return run
 
 
-class _MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.up = nn.Linear(8, 16)
-        self.down = nn.Linear(16, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(torch.relu(self.up(x)))
-
-
-_STOCK_MLP: dict[int, nn.Module] = {}
-
-
 def _tp_mlp(fast: bool) -> Callable[[], Any]:
     """Colwise/Rowwise TP MLP, forward and backward, with sequence-sharded input."""
     torch.manual_seed(0)
     model = parallelize_module(
-        _MLP(),
+        MLP(),
         mesh_1d(),
         {"up": ColwiseParallel(input_layouts=Shard(0)), "down": RowwiseParallel()},
     )
@@ -158,7 +141,7 @@ def _counts(run: Callable[[], Any]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("program", list(PROGRAMS))
-@pytest.mark.parametrize(("impl", "above"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2, timeout=120)
 def test_comm_counts_match_stock(
     rank: int, world_size: int, impl: str, above: bool, program: str

@@ -27,23 +27,13 @@ from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
 from dtdispatch.testing import mesh_1d
 
-IMPLS = sorted(native.implementations())
-
-
-class _MLP(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.up = nn.Linear(8, 16)
-        self.down = nn.Linear(16, 8)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(torch.relu(self.up(x)))
+from ._compare import IMPLS, MLP, same
 
 
 def _tp_mlp(*, fast: bool) -> nn.Module:
     torch.manual_seed(0)  # same weights for stock and dtdispatch
     model = parallelize_module(
-        _MLP(), mesh_1d(), {"up": ColwiseParallel(), "down": RowwiseParallel()}
+        MLP(), mesh_1d(), {"up": ColwiseParallel(), "down": RowwiseParallel()}
     )
     return dtdispatch.accelerate(model) if fast else model
 
@@ -77,11 +67,11 @@ def _check_against_stock(backend: str, *, fullgraph: bool) -> None:
     # The trace went through dtdispatch (FastDTensor.__torch_dispatch__ on fake tensors).
     assert dtdispatch.stats()["hits"] + dtdispatch.stats()["misses"] > 0
     for (out_s, grads_s, _), (out_f, grads_f, types_f) in zip(stock, fast, strict=True):
-        assert type(out_f) is type(out_s) is torch.Tensor  # RowwiseParallel: a local output
-        assert torch.equal(out_f, out_s)
+        assert type(out_s) is torch.Tensor  # RowwiseParallel: a local output
+        same(out_f, out_s, "output")
         assert grads_f.keys() == grads_s.keys()
         for name in grads_s:
-            assert torch.equal(grads_f[name], grads_s[name]), name
+            same(grads_f[name], grads_s[name], name)
         # Gradients stay on dtdispatch, so the optimizer step runs there in eager.
         assert set(types_f.values()) == {FastDTensor}, types_f
 
@@ -279,8 +269,7 @@ def test_compiled_attention_with_implicit_replication(
     stock = _attention_training(fast=False)
     fast = _attention_training(fast=True)
     for step, (s, f) in enumerate(zip(stock, fast, strict=True)):
-        for i, (a, b) in enumerate(zip(s, f, strict=True)):
-            assert a.dtype == b.dtype and torch.equal(a, b), (step, i)
+        same(f, s, f"step {step}")
 
 
 @pytest.mark.parametrize("above", [True, False], ids=["above_on", "above_off"])
@@ -308,6 +297,5 @@ def test_compiled_no_grad_implicit_replication(
         with torch.no_grad():
             results[fast] = [compiled(q) for _ in range(3)]
     for s, f in zip(results[False], results[True], strict=True):
-        assert type(f) is FastDTensor and type(s) is DTensor
-        assert f.placements == s.placements and f.shape == s.shape
-        assert torch.equal(f.to_local(), s.to_local())
+        assert type(s) is DTensor
+        same(f, s)

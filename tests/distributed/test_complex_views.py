@@ -6,91 +6,25 @@ above dispatch on and off. Each call runs twice (the plan, then the cached repla
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import Replicate, Shard
 
-import dtdispatch
 from dtdispatch import FastDTensor
-from dtdispatch import _dispatcher as dispatcher
-from dtdispatch import _native as native
-from dtdispatch.testing import mesh_1d
 
-IMPLS = sorted(native.implementations())
-VARIANTS = [(impl, above) for impl in IMPLS for above in (True, False)]
-IDS = [f"{impl}-above" if above else f"{impl}-below" for impl, above in VARIANTS]
-
-
-@contextmanager
-def _variant(impl: str, above: bool) -> Iterator[None]:
-    """``impl`` with the path above dispatch on or off and empty caches; the default
-    implementation (above dispatch on) again afterwards, for the tests that run next on these
-    ranks."""
-    dispatcher.install(impl, above=above)
-    dtdispatch.clear_cache()
-    try:
-        yield
-    finally:
-        dispatcher.install(native.DEFAULT)
-
-
-def _stored(t: torch.Tensor) -> tuple[Any, ...]:
-    """Everything compared of a local tensor: layout, both bits and its resolved bytes."""
-    t = t.detach()
-    flags = (t.shape, t.stride(), t.dtype, t.is_conj(), t.is_neg())
-    resolved = t.resolve_conj().resolve_neg().reshape(-1).clone()
-    return flags, resolved.view(torch.uint8) if resolved.numel() else resolved
-
-
-def _same(fast: Any, stock: Any) -> None:
-    if isinstance(stock, (tuple, list)):
-        assert type(fast) is type(stock) and len(fast) == len(stock)
-        for f, s in zip(fast, stock, strict=True):
-            _same(f, s)
-        return
-    if not isinstance(stock, DTensor):
-        assert not isinstance(fast, DTensor)
-        if isinstance(stock, torch.Tensor):
-            fs, ss = _stored(fast), _stored(stock)
-            assert fs[0] == ss[0] and torch.equal(fs[1], ss[1])
-        else:
-            assert fast == stock
-        return
-    assert type(fast) is FastDTensor, type(fast)
-    assert fast.placements == stock.placements
-    assert (fast.shape, fast.stride(), fast.dtype) == (stock.shape, stock.stride(), stock.dtype)
-    assert fast.requires_grad == stock.requires_grad
-    assert fast.is_conj() == stock.is_conj() and fast.is_neg() == stock.is_neg()
-    fs, ss = _stored(fast._local_tensor), _stored(stock._local_tensor)
-    assert fs[0] == ss[0], (fs[0], ss[0])
-    assert torch.equal(fs[1], ss[1])
-
-
-def _pair(value: torch.Tensor, placements: list[Any], requires_grad: bool = False) -> Any:
-    stock = distribute_tensor(value, mesh_1d(), placements).requires_grad_(requires_grad)
-    local = stock._local_tensor.detach().clone()
-    fast = dtdispatch.accelerate(
-        torch.Tensor._dtensor__new__(DTensor, local, stock._spec, requires_grad=requires_grad)
-    )
-    return stock, fast
+from ._compare import IDS, VARIANTS, outcome, pair, same, same_outcome, variant
 
 
 def _both(fn: Callable[..., Any], stock_args: list[Any], fast_args: list[Any]) -> None:
     """``fn`` on stock and on FastDTensor arguments: the same result, or the same exception."""
-    try:
-        expected = fn(*stock_args)
-    except Exception as e:
-        with pytest.raises(type(e)):
-            fn(*fast_args)
-        return
-    got = fn(*fast_args)
-    # An argument returned as is on stock (resolve_conj of a plain tensor) is returned as is here.
-    assert [expected is a for a in stock_args] == [got is a for a in fast_args]
-    _same(got, expected)
+    expected, got = outcome(fn, *stock_args), outcome(fn, *fast_args)
+    same_outcome(got, expected)
+    if expected[0] == "ok":
+        # An argument returned as is on stock (resolve_conj of a plain tensor) is returned as is.
+        assert [expected[1] is a for a in stock_args] == [got[1] is a for a in fast_args]
 
 
 def _complex(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -129,10 +63,10 @@ CALLS: dict[str, Callable[..., Any]] = {
 @pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2)
 def test_conj_views_and_fft_match_stock(rank: int, world_size: int, impl: str, above: bool) -> None:
-    with _variant(impl, above):
+    with variant(impl, above):
         value = _complex((4, 6), seed=1)
         for placements in ([Shard(0)], [Replicate()]):
-            stock, fast = _pair(value, placements)
+            stock, fast = pair(value, placements)
             for name, fn in CALLS.items():
                 # The plan, then the cached replay; a conjugate view has the same spec (the same key
                 # below dispatch), so each order of plain and conjugated inputs is tried.
@@ -147,18 +81,18 @@ def test_conj_views_and_fft_match_stock(rank: int, world_size: int, impl: str, a
 @pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2)
 def test_fft_backward_matches_stock(rank: int, world_size: int, impl: str, above: bool) -> None:
-    with _variant(impl, above):
+    with variant(impl, above):
         value = _complex((4, 6), seed=2)
         for name in ("hfft", "ifft", "ihfft", "conj mul"):
             grads = []
             for _ in range(2):
-                stock, fast = _pair(value, [Shard(0)], requires_grad=True)
+                stock, fast = pair(value, [Shard(0)], requires_grad=True)
                 for x in (stock, fast):
                     out = CALLS[name](x)
                     loss = (out.real if out.is_complex() else out).square().sum()
                     loss.backward()
                 grads.append((fast.grad, stock.grad))
-                _same(fast.grad, stock.grad)
+                same(fast.grad, stock.grad)
             assert type(grads[1][0]) is FastDTensor
 
 
@@ -188,22 +122,22 @@ def test_rotary_complex_backward_matches_stock(
 ) -> None:
     """q/k sharded by heads, the rotary frequencies replicated: forward outputs and the gradients
     (the backward of the complex multiply multiplies by the conjugate) are stock's, twice."""
-    with _variant(impl, above):
+    with variant(impl, above):
         batch, seq, heads, head_dim = 2, 4, 4, 8
         gen = torch.Generator().manual_seed(3)
         q = torch.randn(batch, seq, heads, head_dim, generator=gen)
         k = torch.randn(batch, seq, heads, head_dim, generator=gen)
         freqs = _freqs(seq, head_dim)
         for _ in range(2):
-            sq, fq = _pair(q, [Shard(2)], requires_grad=True)
-            sk, fk = _pair(k, [Shard(2)], requires_grad=True)
-            sf, ff = _pair(freqs, [Replicate()])
+            sq, fq = pair(q, [Shard(2)], requires_grad=True)
+            sk, fk = pair(k, [Shard(2)], requires_grad=True)
+            sf, ff = pair(freqs, [Replicate()])
             outs = []
             for xq, xk, f in ((sq, sk, sf), (fq, fk, ff)):
                 oq, ok = _rotary(xq, xk, f)
                 (oq * ok).sum().backward()
                 outs.append((oq, ok))
-            _same(outs[1][0].detach(), outs[0][0].detach())
-            _same(outs[1][1].detach(), outs[0][1].detach())
-            _same(fq.grad, sq.grad)
-            _same(fk.grad, sk.grad)
+            same(outs[1][0].detach(), outs[0][0].detach())
+            same(outs[1][1].detach(), outs[0][1].detach())
+            same(fq.grad, sq.grad)
+            same(fk.grad, sk.grad)

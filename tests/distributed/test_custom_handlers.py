@@ -18,53 +18,11 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 from torch.distributed.tensor.parallel import loss_parallel
 
 import dtdispatch
-from dtdispatch import FastDTensor
-from dtdispatch import _dispatcher as dispatcher
-from dtdispatch import _native as native
 from dtdispatch.testing import mesh_1d
 
-IMPLS = sorted(native.implementations())
-CASES = [(impl, above) for impl in IMPLS for above in (True, False)]
-CASE_IDS = [f"{impl}-above_{'on' if above else 'off'}" for impl, above in CASES]
+from ._compare import IDS, VARIANTS, install, outcome, same, same_outcome
 
 _handlers_owner = DTensor._op_dispatcher
-
-
-def _install(impl: str, above: bool) -> None:
-    dispatcher.install(impl, above=above)
-    dtdispatch.clear_cache()
-    dtdispatch.reset_stats()
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def _same(fast: Any, stock: Any) -> None:
-    """Bitwise stock's: FastDTensor for a DTensor, placements, shape, stride, dtype, local bytes."""
-    assert isinstance(stock, DTensor), type(stock)
-    assert type(fast) is FastDTensor, type(fast)
-    assert fast.placements == stock.placements
-    assert fast.shape == stock.shape and fast.stride() == stock.stride()
-    assert fast.dtype == stock.dtype and fast.requires_grad == stock.requires_grad
-    fl, sl = fast._local_tensor, stock._local_tensor
-    assert fl.shape == sl.shape and fl.stride() == sl.stride() and fl.dtype == sl.dtype
-    assert torch.equal(_bits(fl), _bits(sl))
-
-
-def _outcome(fn: Callable[[], Any]) -> Any:
-    """fn()'s result, or (exception type, message) when it raises."""
-    try:
-        return fn()
-    except Exception as e:
-        return (type(e), str(e))
-
-
-def _same_outcome(fast: Any, stock: Any) -> None:
-    if isinstance(stock, tuple):
-        assert fast == stock
-        return
-    _same(fast, stock)
 
 
 def _logits(placements: list[Any], *, fast: bool, grad: bool) -> DTensor:
@@ -91,24 +49,24 @@ def _loss_parallel_step(fast: bool, target: str, reduction: str) -> tuple[Any, A
     return loss, logits.grad
 
 
-@pytest.mark.parametrize(("impl", "above"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2, timeout=120)
 def test_loss_parallel_cross_entropy(rank: int, world_size: int, impl: str, above: bool) -> None:
     """Cross entropy on Shard(-1) logits inside loss_parallel(): loss and gradient as stock's (the
     vocab-parallel handlers ran: stock's gradient stays Shard(1)), plain and DTensor targets, each
     twice (the second call meets whatever the first one cached)."""
-    _install(impl, above)
+    install(impl, above)
     for target in ("plain", "dtensor"):
         for reduction in ("mean", "sum", "none"):
             stock_loss, stock_grad = _loss_parallel_step(False, target, reduction)
             assert stock_grad.placements == (Shard(1),)  # the handlers decided
             for _ in range(2):
                 loss, grad = _loss_parallel_step(True, target, reduction)
-                _same(loss, stock_loss)
-                _same(grad, stock_grad)
+                same(loss, stock_loss)
+                same(grad, stock_grad)
 
 
-@pytest.mark.parametrize(("impl", "above"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2, timeout=120)
 def test_plans_do_not_cross_the_loss_parallel_context(
     rank: int, world_size: int, impl: str, above: bool
@@ -117,7 +75,7 @@ def test_plans_do_not_cross_the_loss_parallel_context(
     (replayable above dispatch); inside it torch's handler refuses replicated logits. Calls
     alternate in and out of the context; each must give stock's outcome, so no plan made on one
     side is replayed on the other."""
-    _install(impl, above)
+    install(impl, above)
 
     def call(fast: bool, inside: bool) -> Any:
         logits = _logits([Replicate()], fast=fast, grad=False)
@@ -125,14 +83,14 @@ def test_plans_do_not_cross_the_loss_parallel_context(
         with torch.no_grad():
             if inside:
                 with loss_parallel():
-                    return _outcome(lambda: F.cross_entropy(logits, target))
-            return _outcome(lambda: F.cross_entropy(logits, target))
+                    return outcome(F.cross_entropy, logits, target)
+            return outcome(F.cross_entropy, logits, target)
 
     for inside in (False, False, True, True, False, True):
         stock = call(False, inside)
         if inside:
-            assert isinstance(stock, tuple), "stock's handler accepts replicated logits"
-        _same_outcome(call(True, inside), stock)
+            assert stock[0] == "raised", "stock's handler accepts replicated logits"
+        same_outcome(call(True, inside), stock)
     if above:
         # The test is meaningful: outside the context the call is replayed above dispatch.
         assert dtdispatch.stats()["above"]["per_func"]["cross_entropy"]["hits"] > 0
@@ -165,14 +123,14 @@ def _triple_neg(op: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> DTens
 
 
 @pytest.mark.parametrize("replace_table", [False, True], ids=["in_place", "replaced_table"])
-@pytest.mark.parametrize(("impl", "above"), CASES, ids=CASE_IDS)
+@pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2, timeout=120)
-def test_handler_registered_after_install(
+def test_handler_registered_afterinstall(
     rank: int, world_size: int, impl: str, above: bool, replace_table: bool
 ) -> None:
     """A handler registered after install takes effect at once, on calls whose plans were cached
     before it (below and above dispatch), and stops at once when removed."""
-    _install(impl, above)
+    install(impl, above)
     value = torch.randn(8, 4, generator=torch.Generator().manual_seed(5))
 
     def call(fast: bool) -> Any:
@@ -184,12 +142,12 @@ def test_handler_registered_after_install(
 
     plain = call(False)
     for _ in range(2):
-        _same(call(True), plain)
+        same(call(True), plain)
     with _handler(torch.ops.aten.neg.default, _triple_neg, replace_table=replace_table):
         handled = call(False)
         assert torch.equal(handled._local_tensor, plain._local_tensor * 3.0)
         for _ in range(2):
-            _same(call(True), handled)
-    _same(call(True), plain)
+            same(call(True), handled)
+    same(call(True), plain)
     if above:
         assert dtdispatch.stats()["above"]["per_func"]["TensorBase.neg"]["hits"] > 0

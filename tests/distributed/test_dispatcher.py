@@ -19,10 +19,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import dtdispatch
 from dtdispatch import FastDTensor, cache
 from dtdispatch import _dispatcher as dispatcher
-from dtdispatch import _native as native
 from dtdispatch.testing import mesh_1d, sub_mesh
 
-IMPLS = sorted(native.implementations())
+from ._compare import IMPLS, install
+
 aten = torch.ops.aten
 
 
@@ -37,15 +37,6 @@ class _KernelLog(TorchDispatchMode):
         if not any(issubclass(t, DTensor) for t in types):
             self.local_ops.append(str(func))
         return func(*args, **(kwargs or {}))
-
-
-def _fresh(impl: str) -> None:
-    """Select ``impl`` with an empty plan cache and zeroed counters (ranks outlive tests). These
-    tests count the dispatch path, so the path above it (which would take their no-autograd calls)
-    is off."""
-    dispatcher.install(impl, above=False)
-    dtdispatch.clear_cache()
-    dtdispatch.reset_stats()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -122,7 +113,7 @@ def test_autograd_gradients_match_stock(rank: int, world_size: int, impl: str) -
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.distributed(world_size=2)
 def test_telemetry_counts_what_happened(rank: int, world_size: int, impl: str) -> None:
-    _fresh(impl)
+    install(impl, above=False)  # counted below dispatch: the path above would take these calls
     x = dtdispatch.accelerate(distribute_tensor(torch.ones(8, 8), mesh_1d(), [Shard(0)]))
     x + x
     after_first = dtdispatch.stats()
@@ -150,7 +141,7 @@ def test_telemetry_counts_what_happened(rank: int, world_size: int, impl: str) -
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.distributed(world_size=1)
 def test_capacity_bounds_cache_and_counts_evictions(rank: int, world_size: int, impl: str) -> None:
-    _fresh(impl)
+    install(impl, above=False)  # counted below dispatch: the path above would take these calls
     dtdispatch.set_cache_capacity(3)
     try:
         x = dtdispatch.accelerate(distribute_tensor(torch.ones(8, 8), mesh_1d(), [Shard(0)]))
@@ -176,7 +167,7 @@ def test_capacity_bounds_cache_and_counts_evictions(rank: int, world_size: int, 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.distributed(world_size=1)
 def test_threads_have_separate_caches_freed_at_exit(rank: int, world_size: int, impl: str) -> None:
-    _fresh(impl)
+    install(impl, above=False)  # counted below dispatch: the path above would take these calls
     x = dtdispatch.accelerate(distribute_tensor(torch.ones(8, 8), mesh_1d(), [Shard(0)]))
     x * 2.0
     seen: dict[str, Any] = {}

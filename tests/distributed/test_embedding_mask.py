@@ -23,10 +23,10 @@ from torch.distributed.tensor.placement_types import _MaskPartial
 import dtdispatch
 from dtdispatch import FastDTensor, cache
 from dtdispatch import _dispatcher as dispatcher
-from dtdispatch import _native as native
 from dtdispatch.testing import mesh_1d
 
-IMPLS = sorted(native.implementations())
+from ._compare import IMPLS, outcome, same_outcome
+
 aten = torch.ops.aten
 
 VOCAB, DIM = 11, 3  # 11 rows: uneven shards on 2 and 4 ranks
@@ -149,20 +149,11 @@ def test_rowwise_parallel_embedding_module(rank: int, world_size: int, impl: str
         assert torch.equal(model.weight.grad.full_tensor(), reference.weight.grad)
 
 
-def _outcome(fn: Any) -> Any:
-    """``fn()``'s full tensor and placements, or the exception type it raised."""
-    try:
-        out = fn()
-        return out.placements, out.full_tensor()
-    except Exception as exc:  # compared with stock: the same type must come out of both
-        return type(exc)
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.distributed(world_size=2)
 def test_ops_on_unreduced_outputs(rank: int, world_size: int, impl: str) -> None:
-    """Ops on a lookup's output before its reduction behave as in stock (values, placements, or
-    the exception type), and no cached key holds the per-call mask."""
+    """Ops on a lookup's output before its reduction behave as in stock (the result bitwise,
+    or the exception), and no cached key holds the per-call mask."""
     dispatcher.install(impl)
     dtdispatch.clear_cache()
     mesh = mesh_1d()
@@ -181,12 +172,8 @@ def test_ops_on_unreduced_outputs(rank: int, world_size: int, impl: str) -> None
             indices = distribute_tensor(INDICES[0], mesh, [Replicate()])
             if fast:
                 weight = dtdispatch.accelerate(weight)
-            outcomes.append(_outcome(lambda: fn(F.embedding(indices, weight))))  # noqa: B023
-        stock, ours = outcomes
-        if isinstance(stock, type):
-            assert ours is stock
-        else:
-            assert ours[0] == stock[0] and torch.equal(ours[1], stock[1])
+            outcomes.append(outcome(lambda: fn(F.embedding(indices, weight))))  # noqa: B023
+        same_outcome(outcomes[1], outcomes[0])
     for key in cache.thread_cache().entries:
         for entry in key:
             if isinstance(entry, DTensorSpec):

@@ -19,12 +19,12 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.placement_types import _StridedShard
 
 import dtdispatch
-from dtdispatch import FastDTensor, cache
 from dtdispatch import _dispatcher as dispatcher
-from dtdispatch import _native as native
+from dtdispatch import cache
 from dtdispatch.testing import mesh_1d, mesh_2d, sub_mesh
 
-IMPLS = sorted(native.implementations())
+from ._compare import IMPLS, Outcome, outcome, same_outcome
+
 PATTERN = "ABAB"
 
 Call = Callable[[bool], Any]
@@ -415,46 +415,7 @@ def _cases() -> dict[str, tuple[int, Callable[[], tuple[Call, Call]]]]:
 CASES = _cases()
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def _metadata(t: torch.Tensor) -> tuple[Any, ...]:
-    return t.shape, t.stride(), t.dtype, t.requires_grad
-
-
-def _same(got: Any, want: Any, where: str) -> None:
-    """Bitwise equality with stock's result: placements, mesh, global and local metadata, local
-    values.
-
-    NOTE: only attribute reads on the results and ops on their plain local tensors: an op on a
-    FastDTensor here would go through the plan cache and evict the pair's plans at capacity 1 and
-    2, which is the interleaving under test.
-    """
-    if isinstance(want, DTensor):
-        assert type(got) is FastDTensor, where
-        assert got.placements == want.placements and got.device_mesh == want.device_mesh, where
-        assert _metadata(got) == _metadata(want), where
-        got, want = got._local_tensor, want._local_tensor
-    if isinstance(want, torch.Tensor):
-        assert _metadata(got) == _metadata(want), where
-        assert torch.equal(_bits(got), _bits(want)), where
-    elif isinstance(want, (tuple, list)):
-        assert type(got) is type(want) and len(got) == len(want), where
-        for g, w in zip(got, want, strict=True):
-            _same(g, w, where)
-    else:
-        assert got == want, where
-
-
-def _outcome(call: Call, fast: bool) -> Any:
-    try:
-        return call(fast)
-    except Exception as exc:  # compared with stock's: the same type must come out of both
-        return exc
-
-
-def _stock_outcome(call: Call) -> Any:
+def _stock_outcome(call: Call) -> Outcome:
     """Stock's result with its sharding caches emptied first: stock's own decision for this call.
 
     NOTE: stock's caches key like torch's comparison key, so a stock call after the other side of
@@ -463,10 +424,29 @@ def _stock_outcome(call: Call) -> Any:
     """
     torch._C._clear_DTensor_sharding_propagator_cache()
     DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
-    return _outcome(call, False)
+    return outcome(call, False)
 
 
 PATHS = ["dispatch", "above"]
+
+STALE_SPEC_DTYPE = pytest.mark.xfail(
+    strict=True,
+    reason="torch's sharding cache keys sum/cumsum without their dtype kwarg: after call A, stock "
+    "DTensor itself returns B's float64 result with A's float32 in its spec's tensor_meta, and "
+    "dtdispatch's miss runs torch's propagation and inherits it; the reference is stock with its "
+    "caches emptied (wrapper, local tensor and bytes agree)",
+)
+"""Cases whose results differ from the reference only in the spec's tensor_meta dtype."""
+
+
+def _names(world_size: int) -> list[Any]:
+    """The cases run at ``world_size`` ranks, as pytest params."""
+    stale = ("kwarg sum dtype", "kwarg cumsum dtype")
+    return [
+        pytest.param(n, marks=STALE_SPEC_DTYPE) if n in stale else n
+        for n, (ws, _) in CASES.items()
+        if ws == world_size
+    ]
 
 
 def _run_case(name: str, impl: str, path: str) -> None:
@@ -485,12 +465,10 @@ def _run_case(name: str, impl: str, path: str) -> None:
             for step, side in enumerate(PATTERN):
                 where = f"{name}: call {side} (step {step}) at capacity {capacity}"
                 want = stock[side]
-                got = _outcome(calls[side], True)
-                if isinstance(want, Exception):
-                    assert type(got) is type(want), (where, want, got)
-                    continue
-                assert not isinstance(got, Exception), (where, got)
-                _same(got, want, where)
+                # NOTE: same() only reads the results (nothing reaches FastDTensor's handler): an
+                # op on a FastDTensor here would go through the plan cache and evict the pair's
+                # plans at capacity 1 and 2, which is the interleaving under test.
+                same_outcome(outcome(calls[side], True), want, where)
             stats = dtdispatch.stats()
             hits = stats["hits"] + (stats["above"]["hits"] if path == "above" else 0)
     finally:
@@ -502,7 +480,7 @@ def _run_case(name: str, impl: str, path: str) -> None:
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", [n for n, (ws, _) in CASES.items() if ws == 2])
+@pytest.mark.parametrize("name", _names(2))
 @pytest.mark.distributed(world_size=2)
 def test_pair_2_ranks(rank: int, world_size: int, name: str, impl: str, path: str) -> None:
     _run_case(name, impl, path)
@@ -510,7 +488,7 @@ def test_pair_2_ranks(rank: int, world_size: int, name: str, impl: str, path: st
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("name", [n for n, (ws, _) in CASES.items() if ws == 4])
+@pytest.mark.parametrize("name", _names(4))
 @pytest.mark.distributed(world_size=4)
 def test_pair_4_ranks(rank: int, world_size: int, name: str, impl: str, path: str) -> None:
     _run_case(name, impl, path)

@@ -12,8 +12,7 @@ import copy
 import io
 import pickle
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -31,29 +30,12 @@ from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, 
 
 import dtdispatch
 from dtdispatch import FastDTensor
-from dtdispatch import _dispatcher as dispatcher
-from dtdispatch import _native as native
 from dtdispatch.testing import mesh_1d
 from dtdispatch.testing.training import TrainConfig, Trainer
 
-IMPLS = sorted(native.implementations())
-VARIANTS = [(impl, above) for impl in IMPLS for above in (True, False)]
-IDS = [f"{impl}-above" if above else f"{impl}-below" for impl, above in VARIANTS]
+from ._compare import IDS, VARIANTS, same, variant
 
 VOCAB, DIM, HIDDEN = 16, 8, 16
-
-
-@contextmanager
-def _variant(impl: str, above: bool) -> Iterator[None]:
-    """``impl`` with the path above dispatch on or off and empty caches; the default
-    implementation (above dispatch on) again afterwards, for the tests that run next on these
-    ranks."""
-    dispatcher.install(impl, above=above)
-    dtdispatch.clear_cache()
-    try:
-        yield
-    finally:
-        dispatcher.install(native.DEFAULT)
 
 
 class LM(nn.Module):
@@ -121,15 +103,6 @@ def _optimizer(model: nn.Module, kind: str) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=0.05, weight_decay=0.1)
 
 
-def _same_local(a: torch.Tensor, b: torch.Tensor) -> bool:
-    la, lb = a.to_local(), b.to_local()
-    return (
-        la.shape == lb.shape
-        and la.stride() == lb.stride()
-        and torch.equal(la.reshape(-1).view(torch.uint8), lb.reshape(-1).view(torch.uint8))
-    )
-
-
 def _train_parity(stock: nn.Module, fast: nn.Module, kind: str, steps: int) -> None:
     """``steps`` of (zero_grad, loss, backward, clip, step) on both: the same losses, gradient
     norms, gradients and parameters, bitwise; the accelerated parameters stay FastDTensor
@@ -150,10 +123,10 @@ def _train_parity(stock: nn.Module, fast: nn.Module, kind: str, steps: int) -> N
         assert torch.equal(ls, lf), (step, ls, lf)
         assert torch.equal(ns.full_tensor(), nf.full_tensor()), step
         for g, h in zip(gs, gf, strict=True):
-            assert g.placements == h.placements and _same_local(g, h), step
+            same(h, g, f"step {step} gradient")
     for (name, p), (_, q) in zip(stock.named_parameters(), fast.named_parameters(), strict=True):
         assert type(q) is FastDTensor and isinstance(q, nn.Parameter), name
-        assert p.placements == q.placements and _same_local(p, q), name
+        same(q, p, name)
 
 
 # --- modules built on the meta device -----------------------------------------------------------
@@ -183,7 +156,7 @@ def _on_meta(*, accelerate: str, tie: bool = False) -> LM:
 def test_meta_device_accelerate_then_materialize(
     rank: int, world_size: int, impl: str, above: bool
 ) -> None:
-    with _variant(impl, above):
+    with variant(impl, above):
         for kind in ("sgd", "adamw"):
             for when in ("on meta", "after init"):
                 stock = _on_meta(accelerate="never")
@@ -194,14 +167,14 @@ def test_meta_device_accelerate_then_materialize(
                     assert type(p) is DTensor and type(q) is FastDTensor, (when, name)
                     assert isinstance(q, nn.Parameter) and q.is_leaf and q.requires_grad, name
                     assert q.to_local().device.type == "cpu", name
-                    assert p.placements == q.placements and _same_local(p, q), (when, name)
+                    same(q, p, f"{when} {name}")
                 _train_parity(stock, fast, kind, steps=3)
 
 
 @pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2)
 def test_meta_device_tied_weights(rank: int, world_size: int, impl: str, above: bool) -> None:
-    with _variant(impl, above):
+    with variant(impl, above):
         stock = _on_meta(accelerate="never", tie=True)
         fast = _on_meta(accelerate="on meta", tie=True)
         assert fast.head.weight is fast.embed.weight and stock.head.weight is stock.embed.weight
@@ -224,7 +197,7 @@ def _tied(*, accelerate: bool) -> LM:
 def test_tied_embedding_and_head_stay_one_parameter(
     rank: int, world_size: int, impl: str, above: bool
 ) -> None:
-    with _variant(impl, above):
+    with variant(impl, above):
         stock, fast = _tied(accelerate=False), _tied(accelerate=True)
         assert fast.head.weight is fast.embed.weight
         assert [n for n, _ in fast.named_parameters()] == [n for n, _ in stock.named_parameters()]
@@ -235,7 +208,7 @@ def test_tied_embedding_and_head_stay_one_parameter(
         for model in (stock, fast):
             _loss(model, ids, target).backward()
         assert type(fast.embed.weight.grad) is FastDTensor
-        assert _same_local(fast.embed.weight.grad, stock.embed.weight.grad)
+        same(fast.embed.weight.grad, stock.embed.weight.grad)
         for model in (stock, fast):
             model.zero_grad()
         for kind in ("adamw", "sgd"):
@@ -268,7 +241,7 @@ def test_fsdp2_tied_weights_and_get_state_dict(
     from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.fsdp import fully_shard
 
-    with _variant(impl, above):
+    with variant(impl, above):
         models, opts = [], []
         for accelerate in (False, True):
             torch.manual_seed(0)
@@ -295,21 +268,17 @@ def test_fsdp2_tied_weights_and_get_state_dict(
                 losses.append(loss)
             assert torch.equal(losses[0], losses[1])
         for p, q in zip(stock.parameters(), fast.parameters(), strict=True):
-            assert type(q) is FastDTensor and _same_local(p, q)
+            same(q, p)
         (model_s, optim_s), (model_f, optim_f) = (
             get_state_dict(m, o) for m, o in zip(models, opts, strict=True)
         )
         assert list(model_f) == list(model_s)
         for key, value in model_s.items():
-            assert _same_local(value, model_f[key]), key
+            same(model_f[key], value, key)
         assert optim_f["state"].keys() == optim_s["state"].keys()
         for key, state in optim_s["state"].items():
             for name, value in state.items():
-                other = optim_f["state"][key][name]
-                if isinstance(value, DTensor):
-                    assert _same_local(value, other), (key, name)
-                else:
-                    assert torch.equal(value, other), (key, name)
+                same(optim_f["state"][key][name], value, f"{key} {name}")
 
 
 # --- to_torch / accelerate with a live optimizer ------------------------------------------------
@@ -322,7 +291,7 @@ def test_to_torch_and_accelerate_keep_a_live_optimizer(
 ) -> None:
     """An optimizer made before ``to_torch`` (or before ``accelerate``) keeps training the model:
     the same losses and parameters as stock at every step."""
-    with _variant(impl, above):
+    with variant(impl, above):
         config = TrainConfig(optimizer="adamw", foreach=True, loss="replicate")
         stock = Trainer(mesh_1d(), config, accelerate=False)
         fast = Trainer(mesh_1d(), config, accelerate=True)
@@ -348,7 +317,7 @@ def test_to_torch_and_accelerate_keep_a_live_optimizer(
         assert calls == [FastDTensor] * 2 + [DTensor] * 2 + [FastDTensor] * 2
         for trainer in (fast, late):
             for p, q in zip(stock.model.parameters(), trainer.model.parameters(), strict=True):
-                assert type(q) is FastDTensor and _same_local(p, q)
+                same(q, p)
 
 
 # --- pickling -----------------------------------------------------------------------------------
@@ -386,7 +355,7 @@ def _describe(t: Any) -> tuple[Any, ...]:
 def _check_loaded(fast: Any, stock: Any, what: str) -> None:
     assert type(stock) is DTensor and type(fast) is FastDTensor, (what, type(fast))
     assert _describe(fast) == _describe(stock), (what, _describe(fast), _describe(stock))
-    assert _same_local(fast, stock), what
+    same(fast, stock, what)
 
 
 @pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
@@ -394,7 +363,7 @@ def _check_loaded(fast: Any, stock: Any, what: str) -> None:
 def test_pickled_parameters_stay_parameters(
     rank: int, world_size: int, impl: str, above: bool
 ) -> None:
-    with _variant(impl, above):
+    with variant(impl, above):
         models = []
         for accelerate in (False, True):
             torch.manual_seed(0)
@@ -429,7 +398,7 @@ def test_pickled_parameters_stay_parameters(
                 for m in (loaded_f, loaded_s):
                     m(_distribute(x, mesh_1d(), shard=False)).sum().backward()
                 for f, s in zip(loaded_f.parameters(), loaded_s.parameters(), strict=True):
-                    assert _same_local(f.grad, s.grad)
+                    same(f.grad, s.grad)
         # Hooks are not pickled; stock warns about them, and so does dtdispatch.
         for model in (stock, fast):
             model[0].weight.register_hook(lambda g: g)

@@ -11,8 +11,7 @@ path above dispatch on and off, each call twice (the plan, then the cached repla
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -22,46 +21,9 @@ from torch.distributed.tensor.experimental import implicit_replication
 
 import dtdispatch
 from dtdispatch import FastDTensor
-from dtdispatch import _dispatcher as dispatcher
-from dtdispatch import _native as native
 from dtdispatch.testing import mesh_1d
 
-IMPLS = sorted(native.implementations())
-VARIANTS = [(impl, above) for impl in IMPLS for above in (True, False)]
-IDS = [f"{impl}-above" if above else f"{impl}-below" for impl, above in VARIANTS]
-
-
-@contextmanager
-def _variant(impl: str, above: bool) -> Iterator[None]:
-    """``impl`` with the path above dispatch on or off and empty caches; the default
-    implementation again afterwards, for the tests that run next on these ranks."""
-    dispatcher.install(impl, above=above)
-    dtdispatch.clear_cache()
-    try:
-        yield
-    finally:
-        dispatcher.install(native.DEFAULT)
-
-
-def _outcome(call: Callable[[], Any]) -> Any:
-    """What a call gives, comparable across stock and dtdispatch: placements, the local tensor's
-    layout and bytes, requires_grad; or the exception type."""
-    try:
-        out = call()
-    except Exception as exc:  # compared by type with stock's
-        return type(exc)
-    assert isinstance(out, DTensor)
-    local = out._local_tensor.detach()
-    return (
-        type(out) is FastDTensor,
-        out.placements,
-        out.shape,
-        out.requires_grad,
-        local.shape,
-        local.stride(),
-        local.dtype,
-        local.reshape(-1).contiguous().view(torch.uint8).tolist(),
-    )
+from ._compare import IDS, VARIANTS, outcome, same_outcome, variant
 
 
 def _plain_operand_calls(
@@ -111,18 +73,14 @@ def _plain_operand_calls(
 @pytest.mark.distributed(world_size=2, timeout=120)
 def test_plain_operands_match_stock(rank: int, world_size: int, impl: str, above: bool) -> None:
     mesh = mesh_1d()
-    with _variant(impl, above):
-        stock = {k: _outcome(f) for k, f in _plain_operand_calls(mesh, rank, lambda t: t).items()}
-        assert stock["mixed_without_implicit"] is RuntimeError
-        assert stock["implicit_add_sum"][1] == (Partial(),)
+    with variant(impl, above):
+        stock = {k: outcome(f) for k, f in _plain_operand_calls(mesh, rank, lambda t: t).items()}
+        assert type(stock["mixed_without_implicit"][1]) is RuntimeError
+        assert stock["implicit_add_sum"][1].placements == (Partial(),)
         for run in ("plan", "replay"):
             calls = _plain_operand_calls(mesh, rank, dtdispatch.accelerate)
             for name, call in calls.items():
-                got = _outcome(call)
-                want = stock[name]
-                if isinstance(want, tuple):
-                    want = (True, *want[1:])  # dtdispatch returns a FastDTensor
-                assert got == want, (run, name, got, want)
+                same_outcome(outcome(call), stock[name], f"{run} {name}")
 
 
 @pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
@@ -132,7 +90,7 @@ def test_implicit_replication_backward_matches_stock(
 ) -> None:
     """Gradients reach the DTensor operand as on stock."""
     mesh = mesh_1d()
-    with _variant(impl, above):
+    with variant(impl, above):
         grads = []
         for wrap in (lambda t: t, dtdispatch.accelerate, dtdispatch.accelerate):
             t = wrap(distribute_tensor(torch.arange(8.0), mesh, [Shard(0)])).requires_grad_()
@@ -182,7 +140,7 @@ def test_api_calls_under_ambient_modes_match_stock(
     rank: int, world_size: int, impl: str, above: bool
 ) -> None:
     mesh = mesh_1d()
-    with _variant(impl, above):
+    with variant(impl, above):
         for ambient, context in _AMBIENT.items():
             for grad in (True, False):
                 for name, call in _API_CALLS.items():
@@ -219,7 +177,7 @@ def test_views_of_empty_shards_match_stock(
 ) -> None:
     """A (1, 2, 2) tensor Shard(2) on 4 ranks: ranks 2 and 3 hold empty shards."""
     mesh = mesh_1d()
-    with _variant(impl, above):
+    with variant(impl, above):
         for ambient, context in _AMBIENT.items():
             for name, call in _VIEWS.items():
                 flags = []
