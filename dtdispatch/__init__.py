@@ -20,6 +20,7 @@ from dtdispatch import above as _above
 from dtdispatch import cache as _cache
 from dtdispatch import dispatcher as _dispatcher
 from dtdispatch import native as _native
+from dtdispatch._grads import reduce_partial_grads
 from dtdispatch._tensor import FastDTensor, as_fast, as_stock
 from dtdispatch._training import unwrap_hooks, wrap_hooks
 
@@ -30,6 +31,7 @@ __all__ = [
     "clear_cache",
     "coverage",
     "native_status",
+    "reduce_partial_grads",
     "reset_stats",
     "set_cache_capacity",
     "stats",
