@@ -65,11 +65,12 @@ def reduce_partial_grads(parameters: torch.Tensor | Iterable[torch.Tensor]) -> i
       algorithms give no guarantee either way.
     - After gradient clipping and the optimizer step, the parameters differ from stock by
       rounding: stock scales each rank's partial value and sums later (``a*c + b*c``), this
-      scales the sum (``(a+b)*c``). The gradient norm itself is bitwise stock's.
+      scales the sum (``(a+b)*c``). The gradient norm is bitwise stock's wherever the reduced
+      values are.
 
     Gradients that are not a DTensor, have no ``Partial`` placement, or are None are left alone.
-    These take a per-gradient ``grad.redistribute`` instead of a bucket (the same result as
-    stock, one collective each): the bitwise reduce ops (nccl has none), a Partial subclass
+    These take a per-gradient ``grad.redistribute`` instead of a bucket (stock's result and
+    collectives): the bitwise reduce ops (nccl has none), a Partial subclass
     (``_NormPartial``, ``_MaskPartial``: their own reductions), Partial on more than one mesh dim
     (stock's order of reductions), a gradient of a user's DTensor subclass, and every gradient on
     a rank outside its mesh (no collective there, as on stock). Buckets run in the order their
