@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 
 from dtdispatch import _above, _compat, _dispatcher, _native, _telemetry, _tensor, _training
 from dtdispatch import cache as _cache
+from dtdispatch._grads import reduce_partial_grads
 from dtdispatch._tensor import FastDTensor, as_fast, as_stock
 from dtdispatch._training import unwrap_hooks, wrap_hooks
 
@@ -27,6 +28,7 @@ __all__ = [
     "clear_cache",
     "coverage",
     "native_status",
+    "reduce_partial_grads",
     "reset_stats",
     "set_cache_capacity",
     "stats",
