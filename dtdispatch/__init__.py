@@ -20,7 +20,7 @@ from dtdispatch import above as _above
 from dtdispatch import cache as _cache
 from dtdispatch import dispatcher as _dispatcher
 from dtdispatch import native as _native
-from dtdispatch._tensor import FastDTensor, as_fast, as_stock
+from dtdispatch._tensor import AutogradFastDTensor, FastDTensor, as_fast, as_stock, role
 from dtdispatch._training import unwrap_hooks, wrap_hooks
 
 __all__ = [
@@ -39,9 +39,15 @@ __all__ = [
 T = TypeVar("T")
 
 
-_RETYPABLE = (DTensor, FastDTensor)
-"""Exact types that ``accelerate`` / ``to_torch`` retype in place: FastDTensor adds no instance
-layout to DTensor (``__slots__ = ()``), so the same object can change between them."""
+_RETYPABLE = (DTensor, FastDTensor, AutogradFastDTensor)
+"""Exact types that ``accelerate`` / ``to_torch`` retype in place: FastDTensor (either role) adds
+no instance layout to DTensor (``__slots__ = ()``), so the same object can change between them."""
+
+
+def _target_type(target: type, t: torch.Tensor) -> type:
+    """``target``, or for FastDTensor the role ``t`` takes (ARCHITECTURE "Two roles: replay and
+    autograd")."""
+    return role(t.requires_grad) if target is FastDTensor else target
 
 
 def _convert_tensor(t: DTensor, convert: Any, target: type, done: dict[int, Any]) -> Any:
@@ -52,11 +58,11 @@ def _convert_tensor(t: DTensor, convert: Any, target: type, done: dict[int, Any]
         # NOTE: in place, not a new Parameter: optimizers, tied modules, hooks, the autograd
         # leaf (AccumulateGrad holds this tensor), ``_is_param`` and any state keyed by the object
         # all keep seeing the same tensor (it is what above._retype does for outputs).
-        t.__class__ = target
+        t.__class__ = _target_type(target, t)
         grad = t.grad
-        if isinstance(grad, DTensor) and type(grad) is not target:
+        if isinstance(grad, DTensor) and type(grad) is not _target_type(target, grad):
             if type(grad) in _RETYPABLE:
-                grad.__class__ = target
+                grad.__class__ = _target_type(target, grad)
             else:
                 t.grad = convert(grad)
         return t
@@ -64,6 +70,9 @@ def _convert_tensor(t: DTensor, convert: Any, target: type, done: dict[int, Any]
     if new is None:
         if isinstance(t, nn.Parameter):
             new = nn.Parameter(convert(t.detach()), requires_grad=t.requires_grad)
+            if isinstance(new, FastDTensor):
+                # NOTE: nn.Parameter keeps the data's type, made before it required grad.
+                new.__class__ = role(new.requires_grad)  # type: ignore[assignment]
             if t.grad is not None:
                 new.grad = convert(t.grad)
         else:

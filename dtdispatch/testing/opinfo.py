@@ -53,6 +53,7 @@ from torch.utils import _pytree as pytree
 
 import dtdispatch
 from dtdispatch import FastDTensor, dispatcher, native
+from dtdispatch._tensor import FAST_TYPES
 from dtdispatch.testing._bits import bits as _bits
 
 __all__ = [
@@ -247,7 +248,7 @@ def _placement_fields(p: Placement) -> tuple[Any, ...]:
 def compare(stock: Any, fast: Any, where: str) -> None:
     """Raise ``Mismatch`` unless ``fast`` is bitwise ``stock`` (FastDTensor for DTensor)."""
     if isinstance(stock, DTensor):
-        if type(fast) is not FastDTensor:
+        if type(fast) not in FAST_TYPES:
             raise Mismatch(f"{where}: expected FastDTensor, got {type(fast).__name__}")
         for what, s, f in (
             ("placements", [_placement_fields(p) for p in stock.placements],

@@ -59,7 +59,7 @@ def _same(fast: Any, stock: Any) -> None:
     if not isinstance(stock, torch.Tensor):
         assert fast == stock
         return
-    assert type(fast) is FastDTensor, type(fast)
+    assert isinstance(fast, FastDTensor), type(fast)
     assert fast.placements == stock.placements
     assert fast.shape == stock.shape and fast.stride() == stock.stride()
     assert fast.dtype == stock.dtype and fast.requires_grad == stock.requires_grad

@@ -29,7 +29,7 @@ def _pair(value: torch.Tensor, placements: list[Any]) -> tuple[DTensor, Any]:
 
 
 def _same(fast: Any, stock: DTensor) -> None:
-    assert type(fast) is dtdispatch.FastDTensor
+    assert isinstance(fast, dtdispatch.FastDTensor)
     assert fast.placements == stock.placements
     assert fast.shape == stock.shape and fast.stride() == stock.stride()
     a, b = fast.to_local(), stock.to_local()

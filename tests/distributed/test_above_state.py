@@ -65,7 +65,7 @@ def _same(fast: Any, stock: Any) -> None:
     if not isinstance(stock, torch.Tensor):
         assert fast == stock
         return
-    assert type(fast) is FastDTensor, type(fast)
+    assert isinstance(fast, FastDTensor), type(fast)
     assert fast.placements == stock.placements
     # The spec decides the next op's sharding; it may differ from the wrapper's own metadata.
     assert fast._spec == stock._spec, (fast._spec, stock._spec)
@@ -173,7 +173,7 @@ def test_default_dtype_is_keyed(rank: int, world_size: int, impl: str, above: bo
                 with state():
                     expected = _scaled(si._local_tensor)  # plain tensors
                     got = _scaled(i)
-                assert type(got) is FastDTensor and got.placements == si.placements
+                assert isinstance(got, FastDTensor) and got.placements == si.placements
                 assert got._spec.tensor_meta.dtype == expected.dtype
                 assert got.dtype == expected.dtype
                 local = got._local_tensor

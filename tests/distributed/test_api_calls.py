@@ -48,7 +48,11 @@ def _pair(
 
 def _same_tensor(stock: torch.Tensor, fast: torch.Tensor, what: str) -> None:
     if isinstance(stock, DTensor):
-        assert type(stock) is DTensor and type(fast) is FastDTensor, (what, type(stock), type(fast))
+        assert type(stock) is DTensor and isinstance(fast, FastDTensor), (
+            what,
+            type(stock),
+            type(fast),
+        )
         assert fast._spec == stock._spec, (what, fast._spec, stock._spec)
         stock, fast = stock._local_tensor, fast._local_tensor
     else:
@@ -395,11 +399,12 @@ def test_style_hooks_match_stock(rank: int, world_size: int) -> None:
     (s_out, s_h, s_xg, s_yg, s_grads), (f_out, f_h, f_xg, f_yg, f_grads) = results
     renamed = [(name.replace("FastDTensor", "DTensor"), p) for name, p in seen[1]]
     assert renamed == seen[0] and len(seen[0]) == 6, seen
-    assert type(s_h) is DTensor and type(f_h) is FastDTensor and s_h.placements == f_h.placements
+    assert type(s_h) is DTensor and isinstance(f_h, FastDTensor)
+    assert s_h.placements == f_h.placements
     for a, b in ((s_out, f_out), (s_h.to_local(), f_h.to_local()), (s_xg, f_xg), (s_yg, f_yg)):
         assert torch.equal(a, b)
     for name, grad in s_grads.items():
-        assert type(f_grads[name]) is FastDTensor, name
+        assert isinstance(f_grads[name], FastDTensor), name
         assert f_grads[name].placements == grad.placements, name
         assert torch.equal(f_grads[name].to_local(), grad.to_local()), name
     # a plain DTensor input meets a twin: made a FastDTensor first, same result

@@ -58,7 +58,7 @@ def _same(fast: Any, stock: Any) -> None:
         else:
             assert fast == stock
         return
-    assert type(fast) is FastDTensor, type(fast)
+    assert isinstance(fast, FastDTensor), type(fast)
     assert fast.placements == stock.placements
     assert (fast.shape, fast.stride(), fast.dtype) == (stock.shape, stock.stride(), stock.dtype)
     assert fast.requires_grad == stock.requires_grad
@@ -157,7 +157,7 @@ def test_fft_backward_matches_stock(rank: int, world_size: int, impl: str, above
                     loss.backward()
                 grads.append((fast.grad, stock.grad))
                 _same(fast.grad, stock.grad)
-            assert type(grads[1][0]) is FastDTensor
+            assert isinstance(grads[1][0], FastDTensor)
 
 
 def _rotary(

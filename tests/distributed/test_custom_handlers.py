@@ -41,7 +41,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def _same(fast: Any, stock: Any) -> None:
     """Bitwise stock's: FastDTensor for a DTensor, placements, shape, stride, dtype, local bytes."""
     assert isinstance(stock, DTensor), type(stock)
-    assert type(fast) is FastDTensor, type(fast)
+    assert isinstance(fast, FastDTensor), type(fast)
     assert fast.placements == stock.placements
     assert fast.shape == stock.shape and fast.stride() == stock.stride()
     assert fast.dtype == stock.dtype and fast.requires_grad == stock.requires_grad

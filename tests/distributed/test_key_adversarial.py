@@ -430,7 +430,7 @@ def _same(got: Any, want: Any, where: str) -> None:
     2, which is the interleaving under test.
     """
     if isinstance(want, DTensor):
-        assert type(got) is FastDTensor, where
+        assert isinstance(got, FastDTensor), where
         assert got.placements == want.placements and got.device_mesh == want.device_mesh, where
         assert _metadata(got) == _metadata(want), where
         got, want = got._local_tensor, want._local_tensor

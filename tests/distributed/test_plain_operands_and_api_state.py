@@ -51,7 +51,7 @@ def _outcome(call: Callable[[], Any]) -> Any:
     assert isinstance(out, DTensor)
     local = out._local_tensor.detach()
     return (
-        type(out) is FastDTensor,
+        isinstance(out, FastDTensor),
         out.placements,
         out.shape,
         out.requires_grad,
