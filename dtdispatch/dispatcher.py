@@ -227,6 +227,7 @@ def install(name: str, *, above: bool | None = None) -> None:
             "fast_type": FastDTensor,
             "autograd_type": AutogradFastDTensor,
             "grad_enabled": torch.is_grad_enabled,
+            "graph_task_id": torch._C._current_graph_task_id,
             "new": torch.Tensor._dtensor__new__,
             "thread_cache": _cache.thread_cache,
             "unsafe_set": torch._functionalize_unsafe_set,

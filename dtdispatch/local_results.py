@@ -707,8 +707,8 @@ def _autograd_role(
 ) -> bool:
     """Whether the call's fresh outputs take the autograd role (ARCHITECTURE "Two roles: replay
     and autograd"), as the native path's block "role" decides it: a view takes its base's role
-    (``args[0]``); other outputs take it when an argument is in it and grad mode is on or that
-    argument is the call's only DTensor."""
+    (``args[0]``); other outputs take it when an argument is in it and grad mode is on, a backward
+    pass runs, or that argument is the call's only DTensor."""
     if view:
         return bool(args) and type(args[0]) is AutogradFastDTensor
     in_role = False
@@ -720,7 +720,11 @@ def _autograd_role(
                 in_role = in_role or type(e) is AutogradFastDTensor
     if not in_role:
         return False
-    return torch.is_grad_enabled() or (dtensors == 1 and type(args[0]) is AutogradFastDTensor)
+    return (
+        torch.is_grad_enabled()
+        or torch._C._current_graph_task_id() != -1
+        or (dtensors == 1 and type(args[0]) is AutogradFastDTensor)
+    )
 
 
 def _to_autograd_role(result: object) -> None:

@@ -21,7 +21,8 @@ def configure(config: dict[str, Any]) -> None:
     """Hand over what the hot path needs, resolved once: ``slow_path``, ``op_dispatcher``
     (torch's ``DTensor._op_dispatcher``: its ``_custom_op_handlers`` are read on every call),
     ``dtensor_type``, ``fast_type``, ``autograd_type`` (the replay and autograd roles),
-    ``grad_enabled``, ``new`` (``torch.Tensor._dtensor__new__``),
+    ``grad_enabled``, ``graph_task_id`` (``torch._C._current_graph_task_id``: -1 outside a
+    backward pass), ``new`` (``torch.Tensor._dtensor__new__``),
     ``torch_function_mode_enabled`` (``torch._C._is_torch_function_mode_enabled``) ..."""
     _config.update(config)
 
@@ -124,17 +125,21 @@ def dispatch(
             out._spec = out_spec
         return tuple(outs) if len(outs) > 1 else outs[0]
     # Block: role (ARCHITECTURE "Two roles: replay and autograd"). torch dispatched to the autograd
-    # role's class when an argument is in it. NOTE: torch checks that some outputs keep their
-    # input's type (a view and its base; ``nn.Parameter``: ``x.detach()``; ``deepcopy``:
-    # ``x.clone()`` under no_grad), so a view takes its base's role and the output of a call on
-    # one FastDTensor takes its role; other outputs take the autograd role under grad mode only
-    # (outside it no output can require grad).
+    # role's class when an argument is in it. Its other outputs take that role under grad mode and
+    # in a backward pass (gradients), not in no_grad code, where the path above dispatch replays.
+    # NOTE: torch checks that some outputs keep their input's type (a view and its base;
+    # ``nn.Parameter``: ``x.detach()``; ``deepcopy``: ``x.clone()`` under no_grad), so a view
+    # takes its base's role and the output of a call on one FastDTensor takes its role.
     out_type = c["fast_type"]
     if cls is c["autograd_type"]:
         if kind == VIEW:
             if type(args[0]) is cls:
                 out_type = cls
-        elif c["grad_enabled"]() or _sole_dtensor(args, kwargs, cls, dtensor_type):
+        elif (
+            c["grad_enabled"]()
+            or c["graph_task_id"]() != -1
+            or _sole_dtensor(args, kwargs, cls, dtensor_type)
+        ):
             out_type = cls
     wrapped = _wrap(result, plan.output_spec, out_type, c["new"], c["tensor_type"])
     if kind == VIEW:

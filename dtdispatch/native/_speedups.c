@@ -63,6 +63,7 @@ static PyObject *cfg_tensor_type;    /* c["tensor_type"] */
 static PyObject *cfg_fast_type;      /* c["fast_type"] */
 static PyObject *cfg_autograd_type;  /* c["autograd_type"] */
 static PyObject *cfg_grad_enabled;   /* c["grad_enabled"] */
+static PyObject *cfg_graph_task_id;  /* c["graph_task_id"] */
 static PyObject *cfg_new;            /* c["new"]: torch.Tensor._dtensor__new__ */
 static PyObject *cfg_thread_cache;   /* c["thread_cache"] */
 static PyObject *cfg_unsafe_set;     /* c["unsafe_set"]: torch._functionalize_unsafe_set */
@@ -1084,6 +1085,7 @@ static PyObject *sp_configure(PyObject *Py_UNUSED(module), PyObject *const *args
     take_config(config, "fast_type", &cfg_fast_type);
     take_config(config, "autograd_type", &cfg_autograd_type);
     take_config(config, "grad_enabled", &cfg_grad_enabled);
+    take_config(config, "graph_task_id", &cfg_graph_task_id);
     take_config(config, "new", &cfg_new);
     take_config(config, "thread_cache", &cfg_thread_cache);
     take_config(config, "unsafe_set", &cfg_unsafe_set);
@@ -1827,7 +1829,8 @@ static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv,
      * out_type = c["fast_type"]
      * if cls is c["autograd_type"]:
      *     if kind == VIEW: out_type = cls if type(args[0]) is cls
-     *     elif c["grad_enabled"]() or _sole_dtensor(args, kwargs, cls, dtensor_type): out_type = cls */
+     *     elif (c["grad_enabled"]() or c["graph_task_id"]() != -1
+     *           or _sole_dtensor(args, kwargs, cls, dtensor_type)): out_type = cls */
     if (cfg(cfg_fast_type, "fast_type") == NULL || cfg(cfg_autograd_type, "autograd_type") == NULL)
         goto done;
     PyObject *out_type = cfg_fast_type;
@@ -1844,6 +1847,18 @@ static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv,
                 goto done;
             autograd = PyObject_IsTrue(g);
             Py_DECREF(g);
+            if (autograd == 0) {
+                if (cfg(cfg_graph_task_id, "graph_task_id") == NULL)
+                    goto done;
+                PyObject *task = PyObject_CallNoArgs(cfg_graph_task_id);
+                if (task == NULL)
+                    goto done;
+                long id = PyLong_AsLong(task);
+                Py_DECREF(task);
+                if (id == -1 && PyErr_Occurred())
+                    goto done;
+                autograd = id != -1;
+            }
             if (autograd == 0)
                 autograd = sole_dtensor(args, kwargs, a[0]);
         }
