@@ -191,15 +191,20 @@ class FastDTensor(DTensor):
     # plain DTensor, so the traced program would get a DTensor where it expects a FastDTensor (an
     # AssertionError) and compiled outputs would leave dtdispatch. Inside the trace the
     # ops on FastDTensors go through dtdispatch's __torch_dispatch__ on fake/functional local
-    # tensors, which records the same local ops stock DTensor would.
-    @staticmethod
+    # tensors, which records the same local ops stock DTensor would. NOTE: a classmethod, so the
+    # rebuilt tensor keeps the exact type (role) it was flattened from: AOTAutograd checks it.
+    @classmethod
     def __tensor_unflatten__(
-        inner_tensors: dict[str, Any], flatten_spec: Any, outer_size: Any, outer_stride: Any
+        cls,
+        inner_tensors: dict[str, Any],
+        flatten_spec: Any,
+        outer_size: Any,
+        outer_stride: Any,
     ) -> FastDTensor:
         stock = DTensor.__tensor_unflatten__(  # type: ignore[no-untyped-call]  # torch: untyped
             inner_tensors, flatten_spec, outer_size, outer_stride
         )
-        return _fast_from(stock)
+        return _new(cls, stock._local_tensor, stock._spec, requires_grad=stock.requires_grad)
 
     def __coerce_same_metadata_as_tangent__(
         self, flatten_spec: Any, expected_type: type | None = None
@@ -307,8 +312,9 @@ _to_local_grad_specs: dict[tuple[Any, ...], DTensorSpec | None] = {}
 
 def _grad_tensor(local: torch.Tensor, spec: DTensorSpec, requires_grad: bool) -> DTensor:
     """The DTensor gradient that the backward of ``redistribute`` and ``to_local`` hands on: a
-    FastDTensor, so the backward ops on it alone stay on dtdispatch (stock's is a plain DTensor)."""
-    return _new(role(requires_grad), local, spec, requires_grad=requires_grad)
+    FastDTensor, so the backward ops on it alone stay on dtdispatch (stock's is a plain DTensor).
+    Made in a backward pass: the autograd role, as the dispatch path's gradients."""
+    return _new(AutogradFastDTensor, local, spec, requires_grad=requires_grad)
 
 
 def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:

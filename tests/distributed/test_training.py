@@ -21,6 +21,7 @@ import dtdispatch
 import dtdispatch._tensor as fast_tensor
 import dtdispatch._training as training
 from dtdispatch import FastDTensor, dispatcher, native
+from dtdispatch._tensor import AutogradFastDTensor
 from dtdispatch._training import unwrap_hooks, wrap_hooks
 from dtdispatch.testing import mesh_1d, mesh_2d
 from dtdispatch.testing.training import (
@@ -131,7 +132,9 @@ def test_autograd_behaviour_matches_stock(rank: int, world_size: int, impl: str)
     s, f = views
     for key in ("out", "loss", "params", "grad placements"):
         assert s[key] == f[key], key
-    assert s["grad types"] == {DTensor} and f["grad types"] == {FastDTensor}
+    # Gradients are made in a backward pass: the autograd role (ARCHITECTURE "Two roles: replay and
+    # autograd").
+    assert s["grad types"] == {DTensor} and f["grad types"] == {AutogradFastDTensor}
     for name, grad in s["grads"].items():
         assert torch.equal(grad.to_local(), f["grads"][name].to_local()), name
     # The plain input's gradient went through from_local's backward inside the (wrapped) hooks.
