@@ -62,6 +62,34 @@ ATTRIBUTES: dict[str, Callable[[Args], Any]] = {
     "requires_grad": lambda t: t["s"].requires_grad,
     "placements": lambda t: t["s"].placements,
 }
+READS = (
+    ("shape", lambda x: x.shape),
+    ("dtype", lambda x: x.dtype),
+    ("device", lambda x: x.device),
+    ("requires_grad", lambda x: x.requires_grad),
+    ("grad", lambda x: x.grad),
+    ("is_leaf", lambda x: x.is_leaf),
+    ("ndim", lambda x: x.ndim),
+    ("size()", lambda x: x.size()),
+    ("dim()", lambda x: x.dim()),
+    ("numel()", lambda x: x.numel()),
+)
+
+
+def _all_reads(x: Any) -> None:
+    for _, read in READS:
+        read(x)
+
+
+ROLES: dict[str, Callable[[Args], Any]] = {
+    # The tensors of a training step (ARCHITECTURE "Two roles: replay and autograd"): each entry
+    # times all ten reads of the issue's list on one tensor.
+    "parameter": lambda t: _all_reads(t["param"]),
+    "gradient": lambda t: _all_reads(t["param"].grad),
+    "activation": lambda t: _all_reads(t["act"]),
+    "optimizer state": lambda t: _all_reads(t["exp_avg"]),
+    "no_grad activation": lambda t: _all_reads(t["act_ng"]),
+}
 AUTOGRAD_OPS: dict[str, Callable[[Args], Any]] = {
     "add": lambda t: t["g"] + t["g"],
     "mul": lambda t: t["g"] * t["g"],
@@ -72,6 +100,7 @@ GROUPS: list[tuple[str, dict[str, Callable[[Args], Any]], bool]] = [
     ("cached single ops, no_grad", NO_GRAD_OPS, True),
     ("sharded view / redistribution, no_grad", SHARDED, True),
     ("attribute reads", ATTRIBUTES, False),
+    ("ten attribute reads per tensor of a training step", ROLES, False),
     ("with autograd", AUTOGRAD_OPS, False),
 ]
 
@@ -84,6 +113,26 @@ class _Floor(DTensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def,override]
         return torch._C._disabled_torch_function_impl(func, types, args, kwargs or {})
+
+
+def _step_tensors(mesh: Any, value: torch.Tensor, *, accelerate: bool) -> Args:
+    """A parameter (with its gradient), an activation and an AdamW state of one training step,
+    and an activation made under no_grad."""
+    param = torch.nn.Parameter(distribute_tensor(value, mesh, [Shard(0)]))
+    x = distribute_tensor(torch.ones(8, 8), mesh, [Replicate()])
+    if accelerate:
+        holder = torch.nn.Module()
+        holder.p = param
+        dtdispatch.accelerate(holder)  # in place: the Parameter takes its role
+        x = dtdispatch.accelerate(x)
+    optimizer = torch.optim.AdamW([param], foreach=True)
+    act = torch.mm(x, param.t())
+    act.sum().backward()
+    optimizer.step()
+    with torch.no_grad():
+        act_ng = torch.mm(x, param.t())
+    state = optimizer.state[param]
+    return {"param": param, "act": act, "exp_avg": state["exp_avg"], "act_ng": act_ng}
 
 
 def _time(fn: Callable[[Args], Any], arg: Args, batch: int, no_grad: bool) -> float:
@@ -120,7 +169,7 @@ def main() -> None:
                 "gr": make(values[3], Replicate(), grad=True),
             }
             fast: Args = {
-                k: dtdispatch.accelerate(v.detach()).requires_grad_(v.requires_grad)
+                k: dtdispatch.accelerate(v.detach().requires_grad_(v.requires_grad))
                 for k, v in stock.items()
             }
             floor: Args = {
@@ -129,6 +178,9 @@ def main() -> None:
                 )
                 for k, v in stock.items()
             }
+            for args, accelerate in ((stock, False), (fast, True)):
+                args.update(_step_tensors(mesh, values[0], accelerate=accelerate))
+            floor.update({k: v for k, v in stock.items() if k not in floor})  # stock's, no floor
             variants: list[tuple[str, Args, bool | None]] = [
                 ("stock", stock, None),
                 ("above", fast, True),

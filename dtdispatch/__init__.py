@@ -18,7 +18,7 @@ from torch.distributed.tensor import DTensor
 from dtdispatch import _above, _compat, _dispatcher, _native, _telemetry, _tensor, _training
 from dtdispatch import cache as _cache
 from dtdispatch._grads import reduce_partial_grads
-from dtdispatch._tensor import FastDTensor, as_fast, as_stock
+from dtdispatch._tensor import AutogradFastDTensor, FastDTensor, as_fast, as_stock, role
 from dtdispatch._training import unwrap_hooks, wrap_hooks
 
 __all__ = [
@@ -38,9 +38,17 @@ __all__ = [
 T = TypeVar("T")
 
 
-_RETYPABLE = (DTensor, FastDTensor)
-"""Exact types that ``accelerate`` / ``to_torch`` retype in place: FastDTensor adds no instance
-layout to DTensor (``__slots__ = ()``), so the same object can change between them."""
+_RETYPABLE = (DTensor, FastDTensor, AutogradFastDTensor)
+"""Exact types that ``accelerate`` / ``to_torch`` retype in place: FastDTensor (either role) adds
+no instance layout to DTensor (``__slots__ = ()``), so the same object can change between them."""
+
+
+def _target_type(target: type, t: torch.Tensor, *, gradient: bool = False) -> type:
+    """``target``, or for FastDTensor the role ``t`` takes (ARCHITECTURE "Two roles: replay and
+    autograd"): a gradient's is the autograd role, as the backward pass gives it."""
+    if target is not FastDTensor:
+        return target
+    return role(gradient or t.requires_grad)
 
 
 def _convert_tensor(t: DTensor, convert: Any, target: type, done: dict[int, Any]) -> Any:
@@ -51,11 +59,13 @@ def _convert_tensor(t: DTensor, convert: Any, target: type, done: dict[int, Any]
         # NOTE: in place, not a new Parameter: optimizers, tied modules, hooks, the autograd
         # leaf (AccumulateGrad holds this tensor), ``_is_param`` and any state keyed by the object
         # all keep seeing the same tensor (it is what _above._retype does for outputs).
-        t.__class__ = target
+        t.__class__ = _target_type(target, t)
         grad = t.grad
-        if isinstance(grad, DTensor) and type(grad) is not target:
+        if isinstance(grad, DTensor) and type(grad) is not (
+            grad_type := _target_type(target, grad, gradient=True)
+        ):
             if type(grad) in _RETYPABLE:
-                grad.__class__ = target
+                grad.__class__ = grad_type
             else:
                 t.grad = convert(grad)
         return t
@@ -63,6 +73,9 @@ def _convert_tensor(t: DTensor, convert: Any, target: type, done: dict[int, Any]
     if new is None:
         if isinstance(t, nn.Parameter):
             new = nn.Parameter(convert(t.detach()), requires_grad=t.requires_grad)
+            if isinstance(new, FastDTensor):
+                # NOTE: nn.Parameter keeps the data's type, made before it required grad.
+                new.__class__ = role(new.requires_grad)  # type: ignore[assignment]
             if t.grad is not None:
                 new.grad = convert(t.grad)
         else:

@@ -36,7 +36,7 @@ from dtdispatch import cache as _dispatch_cache
 from dtdispatch._bitwise import comparable, same_bits
 from dtdispatch._counted import CountedCache, Registry, add_counts, hit_totals
 from dtdispatch._native.function import OUT_ARG, OUT_NEW, OUT_NONE, OUT_SEQ
-from dtdispatch._tensor import FastDTensor
+from dtdispatch._tensor import FAST_TYPES, AutogradFastDTensor, FastDTensor, role
 from dtdispatch.local_results import random_ops
 
 __all__ = [
@@ -261,7 +261,7 @@ class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]
             self.mutates = True
         if func in _RANDOM_OPS:
             self._block("random op")
-        if any(t is not FastDTensor for t in types):
+        if any(t not in FAST_TYPES for t in types):
             # Another tensor subclass (a stock DTensor ...): let it run its own handler.
             self._block("foreign tensor op")
             return NotImplemented
@@ -333,7 +333,7 @@ def _tensors_only(result: Any) -> bool:
 def _flat_fast(a: Any, flat: list[FastDTensor]) -> None:
     """FastDTensors of ``a`` in the hot path's DFS order (``_native.function._unwrap``)."""
     t = type(a)
-    if t is FastDTensor:
+    if t in FAST_TYPES:
         flat.append(a)
     elif t is list or t is tuple:
         for e in a:
@@ -397,7 +397,7 @@ def _describe(
     for index, t in enumerate(flat):
         if result is t:
             return (OUT_ARG, index), ""
-    if type(result) is FastDTensor:
+    if type(result) in FAST_TYPES:
         if result.requires_grad:
             return None, "output requires grad"
         if result._is_view():
@@ -453,7 +453,7 @@ def _matches(entry: tuple[int, Any], observed: Any, replayed: Any, clones: list[
 
 def _with_local_clones(a: Any, clones: list[Any], position: list[int]) -> Any:
     t = type(a)
-    if t is FastDTensor:
+    if t in FAST_TYPES:
         clone = clones[position[0]]
         position[0] += 1
         return clone
@@ -646,7 +646,7 @@ def _retype(result: Any, inputs: set[int]) -> Any:
         if id(result) not in inputs:
             # NOTE: the same object, retyped (same layout, no new autograd node, same grad_fn as
             # stock's). Only fresh outputs: a stock DTensor the caller passed in stays stock.
-            result.__class__ = FastDTensor
+            result.__class__ = role(result.requires_grad)
         return result
     if isinstance(result, (tuple, list)):
         for r in result:
@@ -676,6 +676,7 @@ def config() -> dict[str, Any]:
     """What ``_native.function.configure`` (and its C mirror) receives."""
     return {
         "fast_type": FastDTensor,
+        "autograd_type": AutogradFastDTensor,
         "tensor_type": torch.Tensor,
         "new": torch.Tensor._dtensor__new__,
         "disabled": _stock,

@@ -26,7 +26,7 @@ from dtdispatch import _above, _compat
 from dtdispatch import _native as _native_pkg
 from dtdispatch import cache as _cache
 from dtdispatch._bitwise import comparable
-from dtdispatch._tensor import FastDTensor
+from dtdispatch._tensor import FAST_TYPES, AutogradFastDTensor, FastDTensor
 from dtdispatch.local_results import execute, make_plan
 
 __all__ = ["install", "slow_path"]
@@ -36,7 +36,7 @@ _op_dispatcher = DTensor._op_dispatcher
 
 def _to_fast(result: object) -> object:
     def convert(t: object) -> object:
-        if isinstance(t, DTensor) and type(t) is not FastDTensor:
+        if isinstance(t, DTensor) and type(t) not in FAST_TYPES:
             return torch.Tensor._dtensor__new__(
                 FastDTensor, t._local_tensor, t._spec, requires_grad=t.requires_grad
             )
@@ -224,6 +224,9 @@ def install(name: str, *, above: bool | None = None) -> None:
             "dtensor_type": DTensor,
             "tensor_type": torch.Tensor,
             "fast_type": FastDTensor,
+            "autograd_type": AutogradFastDTensor,
+            "grad_enabled": torch.is_grad_enabled,
+            "graph_task_id": torch._C._current_graph_task_id,
             "new": torch.Tensor._dtensor__new__,
             "thread_cache": _cache.thread_cache,
             "unsafe_set": torch._functionalize_unsafe_set,

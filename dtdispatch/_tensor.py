@@ -19,7 +19,7 @@ from torch.utils.hooks import warn_if_has_hooks
 
 from dtdispatch import _compat
 
-__all__ = ["FastDTensor", "as_fast", "as_stock"]
+__all__ = ["FAST_TYPES", "AutogradFastDTensor", "FastDTensor", "as_fast", "as_stock", "role"]
 
 _new = torch.Tensor._dtensor__new__
 _compiling = torch.compiler.is_compiling
@@ -103,7 +103,7 @@ class FastDTensor(DTensor):
         # NOTE: stock's autograd Function builds its output with the input's requires_grad; grad
         # mode off clears it, inference mode keeps it.
         requires_grad = self.requires_grad and torch.is_inference_mode_enabled()
-        return _new(FastDTensor, local, plan.target, requires_grad=requires_grad)
+        return _new(role(requires_grad), local, plan.target, requires_grad=requires_grad)
 
     def to_local(self, *, grad_placements: Sequence[Placement] | None = None) -> torch.Tensor:
         """``DTensor.to_local``; its backward hands on a FastDTensor gradient (stock's builds a
@@ -222,7 +222,8 @@ class FastDTensor(DTensor):
             # output's requires_grad is what stock gives (False, on a view that requires grad).
             if grad_placements is not None:
                 grad_placements = tuple(grad_placements)
-            return _apply_from_torch(local_tensor, spec, grad_placements)  # type: ignore[no-any-return]
+            out_type = role(torch.is_grad_enabled())
+            return _apply_from_torch(local_tensor, spec, grad_placements, out_type)  # type: ignore[no-any-return]
         return _new(FastDTensor, local_tensor.view_as(local_tensor), spec, requires_grad=False)
 
     # ARCHITECTURE "torch.compile": Dynamo fakes a FastDTensor input, and AOTAutograd
@@ -230,15 +231,20 @@ class FastDTensor(DTensor):
     # plain DTensor, so the traced program would get a DTensor where it expects a FastDTensor (an
     # AssertionError) and compiled outputs would leave dtdispatch. Inside the trace the
     # ops on FastDTensors go through dtdispatch's __torch_dispatch__ on fake/functional local
-    # tensors, which records the same local ops stock DTensor would.
-    @staticmethod
+    # tensors, which records the same local ops stock DTensor would. NOTE: a classmethod, so the
+    # rebuilt tensor keeps the exact type (role) it was flattened from: AOTAutograd checks it.
+    @classmethod
     def __tensor_unflatten__(
-        inner_tensors: dict[str, Any], flatten_spec: Any, outer_size: Any, outer_stride: Any
+        cls,
+        inner_tensors: dict[str, Any],
+        flatten_spec: Any,
+        outer_size: Any,
+        outer_stride: Any,
     ) -> FastDTensor:
         stock = DTensor.__tensor_unflatten__(  # type: ignore[no-untyped-call]  # torch: untyped
             inner_tensors, flatten_spec, outer_size, outer_stride
         )
-        return _fast_from(stock)
+        return _new(cls, stock._local_tensor, stock._spec, requires_grad=stock.requires_grad)
 
     def __coerce_same_metadata_as_tangent__(
         self, flatten_spec: Any, expected_type: type | None = None
@@ -248,7 +254,7 @@ class FastDTensor(DTensor):
         (torch's DTensor version gives up on any type change). Zero-copy unless the placements
         differ; then redistributed as torch's does."""
         target = FastDTensor if expected_type is None else expected_type
-        if target is not FastDTensor and target is not DTensor:
+        if target not in FAST_TYPES and target is not DTensor:
             return None
         placements = tuple(flatten_spec[0])
         same: DTensor = self
@@ -267,6 +273,33 @@ class FastDTensor(DTensor):
         if state:
             stock.__dict__.update(state)
         return (_unpickle_fast_dtensor, (stock, self.requires_grad))
+
+
+class AutogradFastDTensor(FastDTensor):
+    """A FastDTensor in its autograd role (ARCHITECTURE "Two roles: replay and autograd"): the
+    same tensor with no ``__torch_function__`` handler, as stock DTensor has none.
+
+    Parameters that require grad, and outputs made under grad mode from such tensors, take this
+    role: no call on them can be replayed above dispatch (autograd must see it), so torch calls no
+    handler for their attribute reads and ops, which cost what they cost on stock; their aten ops
+    still go through dtdispatch's ``__torch_dispatch__``. The role decides speed only, never a
+    result: a call with a tensor in the replay role still enters the path above dispatch, whose key
+    holds every argument's type.
+    """
+
+    __slots__ = ()
+
+    __torch_function__ = torch._C._disabled_torch_function_impl  # type: ignore[assignment]
+
+
+FAST_TYPES = (FastDTensor, AutogradFastDTensor)
+"""The exact types of dtdispatch tensors, one per role."""
+
+
+def role(requires_grad: bool) -> type[FastDTensor]:
+    """The type for a FastDTensor that does (autograd role) or does not (replay role) require
+    grad when made."""
+    return AutogradFastDTensor if requires_grad else FastDTensor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,8 +352,9 @@ _to_local_grad_specs: dict[tuple[Any, ...], DTensorSpec | None] = {}
 
 def _grad_tensor(local: torch.Tensor, spec: DTensorSpec, requires_grad: bool) -> DTensor:
     """The DTensor gradient that the backward of ``redistribute`` and ``to_local`` hands on: a
-    FastDTensor, so the backward ops on it alone stay on dtdispatch (stock's is a plain DTensor)."""
-    return _new(FastDTensor, local, spec, requires_grad=requires_grad)
+    FastDTensor, so the backward ops on it alone stay on dtdispatch (stock's is a plain DTensor).
+    Made in a backward pass: the autograd role, as the dispatch path's gradients."""
+    return _new(AutogradFastDTensor, local, spec, requires_grad=requires_grad)
 
 
 def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
@@ -478,7 +512,9 @@ class Redistribute(torch.autograd.Function):
         ctx.async_op = async_op
         ctx.dtype = input._local_tensor.dtype
         local = _run(plan, input._local_tensor, spec, async_op=async_op, explicit=True)
-        return _new(FastDTensor, local, plan.target, requires_grad=True)
+        # NOTE: apply() runs this under grad mode only for an input that requires grad, so the
+        # output will: the autograd role.
+        return _new(AutogradFastDTensor, local, plan.target, requires_grad=True)
 
     @staticmethod
     def backward(ctx: Any, grad: DTensor) -> tuple[Any, None, None]:
@@ -569,7 +605,7 @@ class _ToTorchTensor(torch.autograd.Function):
             stock = _stock_to_local_backward(spec, grad_placements, local_stride, grad)
             return as_fast(stock), None
         if torch.is_grad_enabled() and grad.requires_grad:  # create_graph: differentiable
-            return _apply_from_torch(grad, grad_spec, None), None
+            return _apply_from_torch(grad, grad_spec, None, AutogradFastDTensor), None
         return _grad_tensor(grad.view_as(grad), grad_spec, False), None
 
 
@@ -627,16 +663,19 @@ class _FromTorchTensor(torch.autograd.Function):
         input: torch.Tensor,
         spec: DTensorSpec,
         grad_placements: tuple[Placement, ...] | None,
+        out_type: type[FastDTensor],
     ) -> FastDTensor:
+        # NOTE: out_type comes from the caller: grad mode is off inside forward, and the output
+        # requires grad exactly when the call was made under grad mode (its role).
         ctx.spec = spec
         ctx.grad_placements = grad_placements
         ctx.set_materialize_grads(False)
-        return _new(FastDTensor, input.view_as(input), spec, requires_grad=input.requires_grad)
+        return _new(out_type, input.view_as(input), spec, requires_grad=input.requires_grad)
 
     @staticmethod
-    def backward(ctx: Any, grad: DTensor | None) -> tuple[Any, None, None]:
+    def backward(ctx: Any, grad: DTensor | None) -> tuple[Any, None, None, None]:
         if grad is None:
-            return None, None, None
+            return None, None, None, None
         placements = ctx.grad_placements
         if placements is None:
             placements = _normalize_placements_for_grad(ctx.spec.placements)
@@ -648,8 +687,8 @@ class _FromTorchTensor(torch.autograd.Function):
                 plan = _plan_between(grad._spec, target)
                 _remember(_from_local_grad_plans, key, plan)
             local = _run(plan, grad._local_tensor, grad._spec, async_op=False, explicit=False)
-            return local, None, None
-        return grad.to_local(), None, None
+            return local, None, None, None
+        return grad.to_local(), None, None, None
 
 
 def _applier(function: type[torch.autograd.Function]) -> Callable[..., Any]:
@@ -704,7 +743,7 @@ def _unpickle_fast_dtensor(stock: DTensor, requires_grad: bool) -> FastDTensor:
     """Unpickle a FastDTensor: the stock DTensor it was pickled as, its instance dict kept (a
     Parameter stays one)."""
     prepare_compile()  # unpickling is a way in besides accelerate
-    out = _new(FastDTensor, stock._local_tensor, stock._spec, requires_grad=requires_grad)
+    out = _new(role(requires_grad), stock._local_tensor, stock._spec, requires_grad=requires_grad)
     state = stock.__dict__
     if state:
         out.__dict__.update(state)
@@ -724,7 +763,8 @@ torch.serialization.add_safe_globals([_unpickle_fast_dtensor])
 
 
 def _fast_from(t: DTensor) -> FastDTensor:
-    return _new(FastDTensor, t._local_tensor, t._spec, requires_grad=t.requires_grad)
+    requires_grad = t.requires_grad
+    return _new(role(requires_grad), t._local_tensor, t._spec, requires_grad=requires_grad)
 
 
 class _ToFast(torch.autograd.Function):
@@ -733,7 +773,8 @@ class _ToFast(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, t: DTensor) -> FastDTensor:
-        return _new(FastDTensor, t._local_tensor, t._spec, requires_grad=False)
+        # Applied only to a non-leaf that requires grad: the output will too.
+        return _new(AutogradFastDTensor, t._local_tensor, t._spec, requires_grad=False)
 
     @staticmethod
     def backward(ctx: Any, grad: Any) -> Any:
@@ -798,8 +839,8 @@ class _ToStock(torch.autograd.Function):
 def as_fast(t: DTensor) -> FastDTensor:
     """The FastDTensor view of ``t`` (same local shard, same spec). Differentiable when ``t``
     needs grad."""
-    if type(t) is FastDTensor:
-        return t
+    if type(t) in FAST_TYPES:
+        return cast(FastDTensor, t)
     if not isinstance(t, DTensor):
         raise TypeError(
             f"dtdispatch.accelerate expects a DTensor or an nn.Module, got {type(t).__name__}"
@@ -824,4 +865,5 @@ def as_stock(t: DTensor) -> DTensor:
 
 def wrap_spec(local: torch.Tensor, spec: DTensorSpec) -> FastDTensor:
     """The output constructor (torch's ``OpDispatcher.wrap`` for one tensor)."""
-    return _new(FastDTensor, local, spec, requires_grad=local.requires_grad)
+    requires_grad = local.requires_grad
+    return _new(role(requires_grad), local, spec, requires_grad=requires_grad)

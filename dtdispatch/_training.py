@@ -39,7 +39,7 @@ from torch.distributed.tensor.placement_types import Placement
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dtdispatch._tensor import FastDTensor, _fast_from, _ToFast, compiled_fast
+from dtdispatch._tensor import FAST_TYPES, FastDTensor, _fast_from, _ToFast, compiled_fast
 
 __all__ = ["coverage", "unwrap_hooks", "wrap_hooks"]
 
@@ -402,7 +402,7 @@ class _StockOps(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self.ops: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if DTensor in types and FastDTensor not in types:
+        if DTensor in types and not any(t in FAST_TYPES for t in types):
             self.ops[str(func)] += 1
         return func(*args, **(kwargs or {}))
 

@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import (
 from dtdispatch import _compat
 from dtdispatch import cache as _cache
 from dtdispatch._bitwise import same_bits
-from dtdispatch._tensor import FastDTensor
+from dtdispatch._tensor import AutogradFastDTensor, FastDTensor
 from dtdispatch.cache import EQUAL, INPLACE, NEW, OUT, VIEW, DispatchPlan
 
 __all__ = ["execute", "make_plan", "random_ops", "verified_local_call", "wrap"]
@@ -704,6 +704,40 @@ def execute(
     return _finish(plan, op, args, kwargs, local_results)
 
 
+def _autograd_role(
+    op: OpOverload, args: tuple[Any, ...], kwargs: dict[str, Any], *, view: bool
+) -> bool:
+    """Whether the call's fresh outputs take the autograd role (ARCHITECTURE "Two roles: replay
+    and autograd"), as the native path's block "role" decides it: a view takes its base's role
+    (``args[0]``); other outputs take it when an argument is in it and grad mode is on, a backward
+    pass runs, or that argument is the call's only DTensor."""
+    if view:
+        return bool(args) and type(args[0]) is AutogradFastDTensor
+    in_role = False
+    dtensors = 0
+    for a in (*args, *kwargs.values()):
+        for e in a if type(a) is list or type(a) is tuple else (a,):
+            if isinstance(e, DTensor):
+                dtensors += 1
+                in_role = in_role or type(e) is AutogradFastDTensor
+    if not in_role:
+        return False
+    return (
+        torch.is_grad_enabled()
+        or torch._C._current_graph_task_id() != -1
+        or (dtensors == 1 and type(args[0]) is AutogradFastDTensor)
+    )
+
+
+def _to_autograd_role(result: object) -> None:
+    """Put the fresh FastDTensors in ``result`` in the autograd role, in place."""
+    if type(result) is FastDTensor:
+        result.__class__ = AutogradFastDTensor
+    elif type(result) is tuple or type(result) is list:
+        for r in result:
+            _to_autograd_role(r)
+
+
 def _finish(
     plan: DispatchPlan,
     op: OpOverload,
@@ -744,6 +778,8 @@ def _finish(
             raise AssertionError("out variant should have at least one out arg")
         return tuple(outs) if len(outs) > 1 else outs[0]
     result = wrap(local_results, spec)
+    if _autograd_role(op, args, kwargs, view=kind == VIEW):
+        _to_autograd_role(result)
     if kind == VIEW and plan.participating:
         return return_and_correct_aliasing(op, args, kwargs, result)  # type: ignore[no-untyped-call]  # torch: untyped
     return result

@@ -61,6 +61,9 @@ static PyObject *cfg_op_dispatcher;  /* c["op_dispatcher"]: its _custom_op_handl
 static PyObject *cfg_dtensor_type;   /* c["dtensor_type"] */
 static PyObject *cfg_tensor_type;    /* c["tensor_type"] */
 static PyObject *cfg_fast_type;      /* c["fast_type"] */
+static PyObject *cfg_autograd_type;  /* c["autograd_type"] */
+static PyObject *cfg_grad_enabled;   /* c["grad_enabled"] */
+static PyObject *cfg_graph_task_id;  /* c["graph_task_id"] */
 static PyObject *cfg_new;            /* c["new"]: torch.Tensor._dtensor__new__ */
 static PyObject *cfg_thread_cache;   /* c["thread_cache"] */
 static PyObject *cfg_unsafe_set;     /* c["unsafe_set"]: torch._functionalize_unsafe_set */
@@ -1080,6 +1083,9 @@ static PyObject *sp_configure(PyObject *Py_UNUSED(module), PyObject *const *args
     take_config(config, "dtensor_type", &cfg_dtensor_type);
     take_config(config, "tensor_type", &cfg_tensor_type);
     take_config(config, "fast_type", &cfg_fast_type);
+    take_config(config, "autograd_type", &cfg_autograd_type);
+    take_config(config, "grad_enabled", &cfg_grad_enabled);
+    take_config(config, "graph_task_id", &cfg_graph_task_id);
     take_config(config, "new", &cfg_new);
     take_config(config, "thread_cache", &cfg_thread_cache);
     take_config(config, "unsafe_set", &cfg_unsafe_set);
@@ -1394,6 +1400,43 @@ static int local_index(PyObject *index_obj, Py_ssize_t n, Py_ssize_t *out)
 /* ------------------------------------------------------------------------------------------------------ */
 /* dispatch: mirrors _native.dispatch.dispatch                                                              */
 /* ------------------------------------------------------------------------------------------------------ */
+
+/* mirrors _native._sole_dtensor: args[0] is a ``cls`` and no other argument (nor a list element of
+ * one) is a DTensor. 1, 0, or -1 on error. */
+static int sole_dtensor(PyObject *args, PyObject *kwargs, PyObject *cls)
+{
+    if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) == 0 ||
+        (PyObject *)Py_TYPE(PyTuple_GET_ITEM(args, 0)) != cls)
+        return 0;
+    for (Py_ssize_t i = 1; i < PyTuple_GET_SIZE(args); i++) {
+        PyObject *arg = PyTuple_GET_ITEM(args, i);
+        int r;
+        if (PyList_CheckExact(arg) || PyTuple_CheckExact(arg)) {
+            PyObject *seq = PySequence_Fast(arg, "");
+            if (seq == NULL)
+                return -1;
+            r = 0;
+            for (Py_ssize_t j = 0; r == 0 && j < PySequence_Fast_GET_SIZE(seq); j++)
+                r = is_instance(PySequence_Fast_GET_ITEM(seq, j), cfg_dtensor_type,
+                                dtensor_check_is_plain);
+            Py_DECREF(seq);
+        } else {
+            r = is_instance(arg, cfg_dtensor_type, dtensor_check_is_plain);
+        }
+        if (r != 0)
+            return r < 0 ? -1 : 0;
+    }
+    if (kwargs != NULL && PyDict_Check(kwargs)) {
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (PyDict_Next(kwargs, &pos, &k, &v)) {
+            int r = is_instance(v, cfg_dtensor_type, dtensor_check_is_plain);
+            if (r != 0)
+                return r < 0 ? -1 : 0;
+        }
+    }
+    return 1;
+}
 
 static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t nargsf,
                              PyObject *kwnames)
@@ -1782,11 +1825,53 @@ static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv,
         Py_XDECREF(spec_it);
         goto done;
     }
-    /* wrapped = _wrap(result, plan.output_spec, c["fast_type"], c["new"], c["tensor_type"]) */
-    if ((spec = GET_SLOT(plan, output_spec)) == NULL || cfg(cfg_fast_type, "fast_type") == NULL ||
-        cfg(cfg_new, "new") == NULL || cfg(cfg_tensor_type, "tensor_type") == NULL)
+    /* Block: role (see the twin's NOTE).
+     * out_type = c["fast_type"]
+     * if cls is c["autograd_type"]:
+     *     if kind == VIEW: out_type = cls if type(args[0]) is cls
+     *     elif (c["grad_enabled"]() or c["graph_task_id"]() != -1
+     *           or _sole_dtensor(args, kwargs, cls, dtensor_type)): out_type = cls */
+    if (cfg(cfg_fast_type, "fast_type") == NULL || cfg(cfg_autograd_type, "autograd_type") == NULL)
         goto done;
-    PyObject *wrapped = wrap(local_result, spec, cfg_fast_type, cfg_new, cfg_tensor_type);
+    PyObject *out_type = cfg_fast_type;
+    if (a[0] == cfg_autograd_type) {
+        int autograd = kind_is(kind, kind_view);
+        if (autograd > 0) {
+            autograd = PyTuple_Check(args) && PyTuple_GET_SIZE(args) > 0 &&
+                       (PyObject *)Py_TYPE(PyTuple_GET_ITEM(args, 0)) == a[0];
+        } else if (autograd == 0) {
+            if (cfg(cfg_grad_enabled, "grad_enabled") == NULL)
+                goto done;
+            PyObject *g = PyObject_CallNoArgs(cfg_grad_enabled);
+            if (g == NULL)
+                goto done;
+            autograd = PyObject_IsTrue(g);
+            Py_DECREF(g);
+            if (autograd == 0) {
+                if (cfg(cfg_graph_task_id, "graph_task_id") == NULL)
+                    goto done;
+                PyObject *task = PyObject_CallNoArgs(cfg_graph_task_id);
+                if (task == NULL)
+                    goto done;
+                long id = PyLong_AsLong(task);
+                Py_DECREF(task);
+                if (id == -1 && PyErr_Occurred())
+                    goto done;
+                autograd = id != -1;
+            }
+            if (autograd == 0)
+                autograd = sole_dtensor(args, kwargs, a[0]);
+        }
+        if (autograd < 0)
+            goto done;
+        if (autograd)
+            out_type = a[0];
+    }
+    /* wrapped = _wrap(result, plan.output_spec, out_type, c["new"], c["tensor_type"]) */
+    if ((spec = GET_SLOT(plan, output_spec)) == NULL || cfg(cfg_new, "new") == NULL ||
+        cfg(cfg_tensor_type, "tensor_type") == NULL)
+        goto done;
+    PyObject *wrapped = wrap(local_result, spec, out_type, cfg_new, cfg_tensor_type);
     if (wrapped == NULL)
         goto done;
     if ((is_kind = kind_is(kind, kind_view)) <= 0) {

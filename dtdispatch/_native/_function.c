@@ -50,7 +50,7 @@ static void drop_error(SavedError e)
 #endif
 
 /* Module state: mirrors _native.function._config. */
-static PyObject *c_fast_type, *c_tensor_type, *c_new, *c_disabled, *c_passthrough, *c_thread_cache,
+static PyObject *c_fast_type, *c_autograd_type, *c_tensor_type, *c_new, *c_disabled, *c_passthrough, *c_thread_cache,
     *c_miss, *c_is_compiling, *c_tf_mode, *c_dispatch_modes, *c_grad_enabled, *c_inference,
     *c_default_dtype, *c_any_autocast, *c_autocast_state, *c_disable_subclass, *c_increment_version,
     *c_below_autograd, *c_kw_marker, *c_value_marker, *c_structure_marker, *c_explicit_local,
@@ -70,6 +70,7 @@ static struct {
     PyObject **slot;
 } config_names[] = {
     {"fast_type", &c_fast_type},
+    {"autograd_type", &c_autograd_type},
     {"tensor_type", &c_tensor_type},
     {"new", &c_new},
     {"disabled", &c_disabled},
@@ -257,8 +258,9 @@ static int call_flag(PyObject *a, PyObject *name)
 static int entry(PyObject *a, PyObject *key, PyObject *scalars, int grad, PyObject **reason)
 {
     PyTypeObject *t = Py_TYPE(a);
-    if ((PyObject *)t == c_fast_type) {
-        /* Block: FastDTensor -> (fast_type, spec, requires_grad, flags); autograd needed -> step aside. */
+    if ((PyObject *)t == c_fast_type || (PyObject *)t == c_autograd_type) {
+        /* Block: FastDTensor (either role) -> (its type, spec, requires_grad, flags); autograd
+         * needed -> step aside. */
         PyObject *rg = PyObject_GetAttr(a, s_requires_grad);
         if (rg == NULL)
             return -1;
@@ -510,7 +512,7 @@ static PyObject *local_chunk(PyObject *local, PyObject *chunk)
 static PyObject *unwrap(PyObject *a, PyObject *flat, PyObject *chunks)
 {
     PyTypeObject *t = Py_TYPE(a);
-    if ((PyObject *)t == c_fast_type) {
+    if ((PyObject *)t == c_fast_type || (PyObject *)t == c_autograd_type) {
         if (PyList_Append(flat, a) < 0)
             return NULL;
         PyObject *local = PyObject_GetAttr(a, s_local_tensor);

@@ -20,7 +20,9 @@ _config: dict[str, Any] = {}
 def configure(config: dict[str, Any]) -> None:
     """Hand over what the hot path needs, resolved once: ``slow_path``, ``op_dispatcher``
     (torch's ``DTensor._op_dispatcher``: its ``_custom_op_handlers`` are read on every call),
-    ``dtensor_type``, ``fast_type``, ``new`` (``torch.Tensor._dtensor__new__``),
+    ``dtensor_type``, ``fast_type``, ``autograd_type`` (the replay and autograd roles),
+    ``grad_enabled``, ``graph_task_id`` (``torch._C._current_graph_task_id``: -1 outside a
+    backward pass), ``new`` (``torch.Tensor._dtensor__new__``),
     ``torch_function_mode_enabled`` (``torch._C._is_torch_function_mode_enabled``) ..."""
     _config.update(config)
 
@@ -122,7 +124,24 @@ def dispatch(
         for out, out_spec in zip(outs, specs, strict=False):
             out._spec = out_spec
         return tuple(outs) if len(outs) > 1 else outs[0]
-    wrapped = _wrap(result, plan.output_spec, c["fast_type"], c["new"], c["tensor_type"])
+    # Block: role (ARCHITECTURE "Two roles: replay and autograd"). torch dispatched to the autograd
+    # role's class when an argument is in it. Its other outputs take that role under grad mode and
+    # in a backward pass (gradients), not in no_grad code, where the path above dispatch replays.
+    # NOTE: torch checks that some outputs keep their input's type (a view and its base;
+    # ``nn.Parameter``: ``x.detach()``; ``deepcopy``: ``x.clone()`` under no_grad), so a view
+    # takes its base's role and the output of a call on one FastDTensor takes its role.
+    out_type = c["fast_type"]
+    if cls is c["autograd_type"]:
+        if kind == VIEW:
+            if type(args[0]) is cls:
+                out_type = cls
+        elif (
+            c["grad_enabled"]()
+            or c["graph_task_id"]() != -1
+            or _sole_dtensor(args, kwargs, cls, dtensor_type)
+        ):
+            out_type = cls
+    wrapped = _wrap(result, plan.output_spec, out_type, c["new"], c["tensor_type"])
     if kind == VIEW:
         # return_and_correct_aliasing's storage fix for views (torch._functionalize_unsafe_set).
         outs_tuple = wrapped if isinstance(wrapped, tuple) else (wrapped,)
@@ -132,6 +151,18 @@ def dispatch(
             for r in ret if isinstance(ret, list) else (ret,):
                 unsafe_set(r, args[arg_index])
     return wrapped
+
+
+def _sole_dtensor(args: Any, kwargs: dict[str, Any], cls: type, dtensor_type: type) -> bool:
+    """``args[0]`` is a ``cls`` and no other argument (nor a list element of one) is a DTensor."""
+    if not args or type(args[0]) is not cls:
+        return False
+    for a in args[1:]:
+        if isinstance(a, dtensor_type):
+            return False
+        if (type(a) is list or type(a) is tuple) and any(isinstance(e, dtensor_type) for e in a):
+            return False
+    return not any(isinstance(v, dtensor_type) for v in kwargs.values())
 
 
 def _plain_tensors(values: list[Any], tensor_type: type[Any]) -> bool:

@@ -40,9 +40,9 @@ OUT_SEQ = 3
 
 def configure(config: dict[str, Any]) -> None:
     """Hand over what the hot path needs, resolved once (see ``_dispatcher.install``):
-    ``fast_type``, ``tensor_type``, ``new``, ``disabled``
-    (``torch._C._disabled_torch_function_impl``), ``passthrough`` (dict: func -> True),
-    ``thread_cache`` (``_above.thread_cache``), ``miss`` (``_above.miss``), ``is_compiling``,
+    ``fast_type`` and ``autograd_type`` (a FastDTensor's two roles), ``tensor_type``, ``new``,
+    ``disabled`` (``torch._C._disabled_torch_function_impl``), ``passthrough`` (dict: func ->
+    True), ``thread_cache`` (``_above.thread_cache``), ``miss`` (``_above.miss``), ``is_compiling``,
     ``tf_mode``, ``dispatch_modes``, ``grad_enabled``, ``inference``, ``default_dtype``,
     ``any_autocast``, ``autocast_state``, ``disable_subclass``, ``increment_version``,
     ``explicit_local``, ``op_dispatcher`` (torch's ``DTensor._op_dispatcher``, its custom op
@@ -72,7 +72,7 @@ def build_key(
     reason string (step aside) and [].
 
     Layout: func, grad, inference, default dtype, autocast state (see ``ambient``), len(args),
-    then per argument: FastDTensor -> (fast_type, spec, requires_grad, flags) with flags =
+    then per argument: FastDTensor -> (its type, spec, requires_grad, flags) with flags =
     inference tensor | conj bit << 1 | neg bit << 2; list/tuple -> (type, len, elements...);
     slice -> (slice, start, stop, step entries); anything else -> (type, value) (so 2, 2.0 and
     True differ); then, when kwargs are given, the kw marker and (name, entry) per kwarg in call
@@ -101,7 +101,7 @@ def _entry(a: Any, key: list[object], scalars: list[int], grad: bool) -> str | N
     """Append one argument's entry; a reason string when the call must step aside."""
     c = _config
     t = type(a)
-    if t is c["fast_type"]:
+    if t is c["fast_type"] or t is c["autograd_type"]:
         requires_grad = a.requires_grad
         if grad and requires_grad:
             return "autograd needed"
@@ -137,11 +137,12 @@ def _entry(a: Any, key: list[object], scalars: list[int], grad: bool) -> str | N
     return None
 
 
-def _unwrap(a: Any, fast_type: type, flat: list[Any], chunks: Any) -> Any:
-    """``a`` with every FastDTensor replaced by its local tensor (DFS order appended to ``flat``);
-    a chunked one (``chunks``: {flat index: (dim, offset, length)} or None) by its local chunk."""
+def _unwrap(a: Any, fast_types: tuple[type, type], flat: list[Any], chunks: Any) -> Any:
+    """``a`` with every FastDTensor (either role) replaced by its local tensor (DFS order appended
+    to ``flat``); a chunked one (``chunks``: {flat index: (dim, offset, length)} or None) by its
+    local chunk."""
     t = type(a)
-    if t is fast_type:
+    if t is fast_types[0] or t is fast_types[1]:
         flat.append(a)
         if chunks is not None:
             chunk = chunks.get(len(flat) - 1)
@@ -149,7 +150,7 @@ def _unwrap(a: Any, fast_type: type, flat: list[Any], chunks: Any) -> Any:
                 return a._local_tensor.narrow(*chunk).clone()
         return a._local_tensor
     if t is list or t is tuple:
-        return t(_unwrap(e, fast_type, flat, chunks) for e in a)
+        return t(_unwrap(e, fast_types, flat, chunks) for e in a)
     return a
 
 
@@ -227,8 +228,9 @@ def torch_function(
             # (and may raise): the dispatch path handles it.
             return _step_aside(cache, func, types, args, kwargs, "explicit redistribution context")
         chunks = {index: (dim, offset, length) for index, dim, offset, length in chunks}
-    local_args = [_unwrap(a, fast_type, flat, chunks) for a in args]
-    local_kwargs = {k: _unwrap(v, fast_type, flat, chunks) for k, v in kwargs.items()}
+    fast_types = (fast_type, c["autograd_type"])
+    local_args = [_unwrap(a, fast_types, flat, chunks) for a in args]
+    local_kwargs = {k: _unwrap(v, fast_types, flat, chunks) for k, v in kwargs.items()}
     if plan.below:
         # In-place: run below ADInplaceOrView, as the dispatch path does, so the locals' version
         # counters move exactly as stock's.

@@ -21,6 +21,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.placement_types import Placement
 
 from dtdispatch import FastDTensor
+from dtdispatch._tensor import FAST_TYPES
 from dtdispatch.testing._bits import bits as _bits
 
 __all__ = ["CASES", "CASES_2D", "Case", "Inp", "run_case"]
@@ -104,7 +105,7 @@ def _copy(x: Any, cls: type[DTensor]) -> Any:
 
 def _compare(stock: Any, fast: Any, where: str) -> None:
     if isinstance(stock, DTensor):
-        if type(fast) is not FastDTensor:
+        if type(fast) not in FAST_TYPES:
             raise AssertionError(f"{where}: expected FastDTensor, got {type(fast).__name__}")
         if stock.placements != fast.placements:
             raise AssertionError(

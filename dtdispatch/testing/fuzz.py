@@ -52,6 +52,7 @@ import dtdispatch
 from dtdispatch import FastDTensor, _tensor
 from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import cache as _cache
+from dtdispatch._tensor import FAST_TYPES
 from dtdispatch.testing import _meshes
 from dtdispatch.testing._bits import bits as _bits
 
@@ -1267,7 +1268,7 @@ def _run(program: Program, cls: type[DTensor], mesh: DeviceMesh) -> _Outcome:
 
 def _compare(stock: Any, fast: Any, where: str) -> None:
     if isinstance(stock, DTensor):
-        if type(fast) is not FastDTensor:
+        if type(fast) not in FAST_TYPES:
             raise AssertionError(f"{where}: expected FastDTensor, got {type(fast).__name__}")
         if _placements_key(stock) != _placements_key(fast):
             raise AssertionError(

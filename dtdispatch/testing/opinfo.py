@@ -55,6 +55,7 @@ import dtdispatch
 from dtdispatch import FastDTensor
 from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
+from dtdispatch._tensor import FAST_TYPES
 from dtdispatch.testing._bits import bits as _bits
 from dtdispatch.testing._bits import placement_fields
 
@@ -240,7 +241,7 @@ def _same_tensor(stock: torch.Tensor, fast: torch.Tensor, where: str) -> None:
 def compare(stock: Any, fast: Any, where: str) -> None:
     """Raise ``Mismatch`` unless ``fast`` is bitwise ``stock`` (FastDTensor for DTensor)."""
     if isinstance(stock, DTensor):
-        if type(fast) is not FastDTensor:
+        if type(fast) not in FAST_TYPES:
             raise Mismatch(f"{where}: expected FastDTensor, got {type(fast).__name__}")
         for what, s, f in (
             ("placements", [placement_fields(p) for p in stock.placements],

@@ -294,7 +294,7 @@ def compare_models(stock: Trainer, fast: Trainer) -> str:
     pairs: list[tuple[str, torch.Tensor, torch.Tensor]] = [(n, a, b) for (n, a), (_, b) in named]
     pairs += [(f"ema[{i}]", a, b) for i, (a, b) in enumerate(zip(stock.ema, fast.ema, strict=True))]
     for name, a, b in pairs:
-        if type(a) is not DTensor or type(b) is not dtdispatch.FastDTensor:
+        if type(a) is not DTensor or not isinstance(b, dtdispatch.FastDTensor):
             return (
                 f"{name}: types {type(a).__name__}, {type(b).__name__} (want DTensor, FastDTensor)"
             )

@@ -117,7 +117,7 @@ def same(fast: Any, stock: Any, where: str = "") -> None:
 
 def _same(fast: Any, stock: Any, where: str) -> None:
     if isinstance(stock, DTensor):
-        assert type(fast) is FastDTensor, (where, type(fast))
+        assert isinstance(fast, FastDTensor), (where, type(fast))
         assert _meta(fast) == _meta(stock), (where, META, _meta(fast), _meta(stock))
         _same(fast._local_tensor, stock._local_tensor, f"{where} local")
         # The spec decides the next op's sharding; it may differ from the wrapper's own metadata.

@@ -107,7 +107,7 @@ def test_default_dtype_is_keyed(rank: int, world_size: int, impl: str, above: bo
                 with state():
                     expected = _scaled(si._local_tensor)  # plain tensors
                     got = _scaled(i)
-                assert type(got) is FastDTensor and got.placements == si.placements
+                assert isinstance(got, FastDTensor) and got.placements == si.placements
                 assert got._spec.tensor_meta.dtype == expected.dtype
                 assert got.dtype == expected.dtype
                 local = got._local_tensor

@@ -93,7 +93,7 @@ def test_fft_backward_matches_stock(rank: int, world_size: int, impl: str, above
                     loss.backward()
                 grads.append((fast.grad, stock.grad))
                 same(fast.grad, stock.grad)
-            assert type(grads[1][0]) is FastDTensor
+            assert isinstance(grads[1][0], FastDTensor)
 
 
 def _rotary(

@@ -64,7 +64,7 @@ def test_non_participating_rank(rank: int, world_size: int, impl: str) -> None:
             results = got if isinstance(got, (tuple, list)) else (got,)
             stock = expected if isinstance(expected, (tuple, list)) else (expected,)
             for g, e in zip(results, stock, strict=False):
-                assert type(g) is FastDTensor, name
+                assert isinstance(g, FastDTensor), name
                 assert (
                     g.placements == e.placements and g.shape == e.shape and g.stride() == e.stride()
                 ), name
@@ -199,18 +199,18 @@ def test_public_api_round_trips(rank: int, world_size: int) -> None:
     mesh = mesh_1d()
     stock = distribute_tensor(torch.arange(16.0).reshape(4, 4), mesh, [Shard(0)])
     fast = dtdispatch.accelerate(stock)
-    assert type(fast) is FastDTensor and isinstance(fast, DTensor)
+    assert isinstance(fast, FastDTensor) and isinstance(fast, DTensor)
     assert fast._local_tensor is stock._local_tensor  # zero-copy
     assert fast.placements == stock.placements and fast.device_mesh is stock.device_mesh
     assert torch.equal(fast.to_local(), stock.to_local())
     assert torch.equal(fast.full_tensor(), torch.arange(16.0).reshape(4, 4))
     replicated = fast.redistribute(mesh, [Replicate()])
-    assert type(replicated) is FastDTensor and replicated.placements == (Replicate(),)
+    assert isinstance(replicated, FastDTensor) and replicated.placements == (Replicate(),)
     assert "FastDTensor(" in repr(fast)
     back = dtdispatch.to_torch(fast)
     assert type(back) is DTensor and back._local_tensor is stock._local_tensor
     from_local = FastDTensor.from_local(torch.ones(2, 4), mesh, [Shard(0)])
-    assert type(from_local) is FastDTensor and from_local.shape == (4, 4)
+    assert isinstance(from_local, FastDTensor) and from_local.shape == (4, 4)
     with pytest.raises(TypeError, match=r"DTensor or an nn.Module"):
         dtdispatch.accelerate(torch.ones(2))
 
@@ -221,14 +221,14 @@ def test_public_api_round_trips(rank: int, world_size: int) -> None:
     model.weight.requires_grad_(False)
     dtdispatch.accelerate(model)
     assert type(model.weight) is torch.nn.Parameter or isinstance(model.weight, torch.nn.Parameter)
-    assert type(model.weight.data) is FastDTensor and model.weight.requires_grad is False
+    assert isinstance(model.weight.data, FastDTensor) and model.weight.requires_grad is False
     assert model.bias.requires_grad is True
 
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
-    assert type(loaded["weight"]) is FastDTensor
+    assert isinstance(loaded["weight"], FastDTensor)
     assert torch.equal(loaded["weight"].to_local(), model.weight.to_local())
     model.load_state_dict(loaded)
     dtdispatch.to_torch(model)
@@ -259,7 +259,7 @@ def test_accelerate_without_subclass_dispatch(rank: int, world_size: int) -> Non
     saved = _compat.SUBCLASS_DISPATCH
     _compat.SUBCLASS_DISPATCH = False  # what torch 2.11 gives
     try:
-        assert type(dtdispatch.accelerate(x)) is FastDTensor
+        assert isinstance(dtdispatch.accelerate(x), FastDTensor)
         dispatcher.install(native_pkg.DEFAULT, above=False)
         dtdispatch._warned_unsupported = False
         with warnings.catch_warnings(record=True) as caught:
@@ -273,4 +273,4 @@ def test_accelerate_without_subclass_dispatch(rank: int, world_size: int) -> Non
         _compat.SUBCLASS_DISPATCH = saved
         dispatcher.install(native_pkg.DEFAULT)
     assert "accelerate does nothing" not in dtdispatch.native_status()[1]
-    assert type(dtdispatch.accelerate(x)) is FastDTensor
+    assert isinstance(dtdispatch.accelerate(x), FastDTensor)

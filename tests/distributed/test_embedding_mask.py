@@ -73,7 +73,7 @@ def _check_overlapping_lookups(impl: str) -> None:
         weight.grad = None
         # Two lookups, then both reductions.
         first, second = F.embedding(indices[0], weight), F.embedding(indices[1], weight)
-        assert type(first) is FastDTensor
+        assert isinstance(first, FastDTensor)
         assert isinstance(first.placements[0], _MaskPartial)
         assert first.placements[0].mask_buffer is not second.placements[0].mask_buffer
         assert torch.equal(second.full_tensor(), expected[1])
@@ -142,7 +142,7 @@ def test_rowwise_parallel_embedding_module(rank: int, world_size: int, impl: str
         outs: list[Any] = [model(i) for i in INDICES]
         want = [reference(i) for i in INDICES]
         for got, ref in zip(outs, want, strict=True):
-            assert type(got) is FastDTensor and got.placements == (Replicate(),)
+            assert isinstance(got, FastDTensor) and got.placements == (Replicate(),)
             assert torch.equal(got.full_tensor(), ref)
         sum((o.full_tensor() * _upstream(k)).sum() for k, o in enumerate(outs)).backward()  # type: ignore[union-attr]
         sum((o * _upstream(k)).sum() for k, o in enumerate(want)).backward()  # type: ignore[union-attr]

@@ -46,7 +46,7 @@ def test_training_matches_stock(rank: int, world_size: int) -> None:
     mesh = mesh_1d()
     stock = _mlp(mesh)
     fast = dtdispatch.accelerate(copy.deepcopy(stock))
-    assert all(type(p) is dtdispatch.FastDTensor for p in fast.parameters())
+    assert all(isinstance(p, dtdispatch.FastDTensor) for p in fast.parameters())
     assert all(isinstance(p, nn.Parameter) for p in fast.parameters())
     opt_s = torch.optim.AdamW(stock.parameters(), lr=0.01, foreach=True)
     opt_f = torch.optim.AdamW(fast.parameters(), lr=0.01, foreach=True)
@@ -58,7 +58,7 @@ def test_training_matches_stock(rank: int, world_size: int) -> None:
         assert torch.equal(p_f.to_local(), p_s.to_local())
         assert p_f.grad is not None and p_s.grad is not None
         assert torch.equal(p_f.grad.to_local(), p_s.grad.to_local())
-        assert type(p_f) is dtdispatch.FastDTensor
+        assert isinstance(p_f, dtdispatch.FastDTensor)
 
 
 @pytest.mark.distributed(world_size=2)
@@ -76,7 +76,7 @@ def test_no_grad_ops_replay_and_stay_fast(rank: int, world_size: int) -> None:
         for _ in range(3):
             out = torch.relu(x @ w + 1.5).sum(dim=1)
             ref = torch.relu(stock @ weight + 1.5).sum(dim=1)
-            assert type(out) is dtdispatch.FastDTensor and type(ref) is DTensor
+            assert isinstance(out, dtdispatch.FastDTensor) and type(ref) is DTensor
             assert out.placements == ref.placements
             assert torch.equal(out.to_local(), ref.to_local())
     above = dtdispatch.stats()["above"]
@@ -92,7 +92,7 @@ def test_autograd_calls_keep_the_graph(rank: int, world_size: int) -> None:
     fast = dtdispatch.accelerate(distribute_tensor(full, mesh, [Shard(0)])).requires_grad_()
     out_s = (stock * 3).tanh().sum()
     out_f = (fast * 3).tanh().sum()
-    assert type(out_f) is dtdispatch.FastDTensor
+    assert isinstance(out_f, dtdispatch.FastDTensor)
     assert type(out_f.grad_fn).__name__ == type(out_s.grad_fn).__name__
     out_s.backward()
     out_f.backward()

@@ -23,6 +23,7 @@ import dtdispatch._training as training
 from dtdispatch import FastDTensor
 from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import _native as native
+from dtdispatch._tensor import AutogradFastDTensor
 from dtdispatch._training import unwrap_hooks, wrap_hooks
 from dtdispatch.testing import mesh_1d, mesh_2d
 from dtdispatch.testing.training import (
@@ -90,8 +91,8 @@ def test_sequence_parallel_layer_norm(
     )
     probe.step()
     ((norm_in, norm_out),) = seen
-    assert type(norm_in) is FastDTensor and norm_in.placements == (Shard(1),)
-    assert type(norm_out) is FastDTensor and norm_out.placements == (Shard(1),)
+    assert isinstance(norm_in, FastDTensor) and norm_in.placements == (Shard(1),)
+    assert isinstance(norm_out, FastDTensor) and norm_out.placements == (Shard(1),)
     report = train_parity(mesh_1d(), config, STEPS)
     assert check(report) == "", check(report)
 
@@ -133,7 +134,9 @@ def test_autograd_behaviour_matches_stock(rank: int, world_size: int, impl: str)
     s, f = views
     for key in ("out", "loss", "params", "grad placements"):
         assert s[key] == f[key], key
-    assert s["grad types"] == {DTensor} and f["grad types"] == {FastDTensor}
+    # Gradients are made in a backward pass: the autograd role (ARCHITECTURE "Two roles: replay and
+    # autograd").
+    assert s["grad types"] == {DTensor} and f["grad types"] == {AutogradFastDTensor}
     for name, grad in s["grads"].items():
         assert torch.equal(grad.to_local(), f["grads"][name].to_local()), name
     # The plain input's gradient went through from_local's backward inside the (wrapped) hooks.
@@ -161,7 +164,7 @@ def test_fast_tensor_methods_give_fast_gradients(rank: int, world_size: int, imp
             out.sum().backward()
             grads.append(leaf.grad)
         stock, fast = grads
-        assert type(stock) is DTensor and type(fast) is FastDTensor, name
+        assert type(stock) is DTensor and isinstance(fast, FastDTensor), name
         assert fast.placements == stock.placements, name
         assert torch.equal(fast.to_local(), stock.to_local()), name
         assert grad_fns[0] == grad_fns[1], (name, grad_fns)
@@ -291,7 +294,7 @@ def test_state_dict_round_trip(rank: int, world_size: int, impl: str) -> None:
         trained.step()
     model_state = _save_load(trained.model.state_dict())
     optim_state = _save_load(trained.optimizer.state_dict())
-    assert all(type(v) is FastDTensor for v in model_state.values())
+    assert all(isinstance(v, FastDTensor) for v in model_state.values())
 
     restored = Trainer(mesh_1d(), config, accelerate=True)
     with torch.no_grad():
@@ -310,9 +313,8 @@ def test_state_dict_round_trip(rank: int, world_size: int, impl: str) -> None:
     for p, q in zip(*groups, strict=True):
         mine, theirs = trained.optimizer.state[p], restored.optimizer.state[q]
         for key in ("exp_avg", "exp_avg_sq"):
-            assert (
-                type(theirs[key]) is FastDTensor and theirs[key].placements == mine[key].placements
-            )
+            assert isinstance(theirs[key], FastDTensor)
+            assert theirs[key].placements == mine[key].placements
             assert torch.equal(theirs[key].to_local(), mine[key].to_local())
         assert torch.equal(theirs["step"], mine["step"])
     # Training goes on identically from the restored state.
@@ -323,5 +325,5 @@ def test_state_dict_round_trip(rank: int, world_size: int, impl: str) -> None:
 
 def _same_parameters(a: torch.nn.Module, b: torch.nn.Module) -> None:
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
-        assert type(p) is FastDTensor and type(q) is FastDTensor, name
+        assert isinstance(p, FastDTensor) and isinstance(q, FastDTensor), name
         assert p.placements == q.placements and torch.equal(p.to_local(), q.to_local()), name
