@@ -8,7 +8,6 @@ placements of ``.grad``), and the parameters after clipping and the optimizer st
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -158,8 +157,5 @@ def _reduce_bucket(
         n = local.numel()
         reduced = buffer[offset : offset + n].view(local.shape)
         offset += n
-        p.grad = _rebuild(type(grad), reduced, spec)
+        p.grad = _new(type(grad), reduced, spec, requires_grad=False)
 
-
-def _rebuild(cls: type[DTensor], local: torch.Tensor, spec: DTensorSpec) -> Any:
-    return _new(cls, local, spec, requires_grad=False)

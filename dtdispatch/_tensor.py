@@ -264,15 +264,15 @@ class FastDTensor(DTensor):
 
     def __reduce_ex__(self, protocol: SupportsIndex) -> Any:
         # NOTE: pickles as a stock DTensor plus a rebuild hook, so torch.load never needs to trust a
-        # new global beyond dtdispatch's own function (see _unpickle_fast_dtensor). The stock
+        # new global beyond dtdispatch's own function (see _rebuild). The stock
         # DTensor carries this tensor's instance dict (``_is_param`` of a Parameter, user
-        # attributes) as stock's pickle does, and _unpickle_fast_dtensor puts it back.
+        # attributes) as stock's pickle does, and _rebuild puts it back.
         warn_if_has_hooks(self)  # as stock: hooks are not pickled
         stock = as_stock(cast(DTensor, self.detach()))
         state = self.__dict__
         if state:
             stock.__dict__.update(state)
-        return (_unpickle_fast_dtensor, (stock, self.requires_grad))
+        return (_rebuild, (stock, self.requires_grad))
 
 
 class AutogradFastDTensor(FastDTensor):
@@ -739,7 +739,9 @@ def _fast_grads(result: torch.Tensor) -> torch.Tensor:
     return result
 
 
-def _unpickle_fast_dtensor(stock: DTensor, requires_grad: bool) -> FastDTensor:
+# NOTE: pickled by name: every saved FastDTensor refers to ``dtdispatch._tensor._rebuild``, so
+# renaming or moving this function breaks loading existing checkpoints.
+def _rebuild(stock: DTensor, requires_grad: bool) -> FastDTensor:
     """Unpickle a FastDTensor: the stock DTensor it was pickled as, its instance dict kept (a
     Parameter stays one)."""
     prepare_compile()  # unpickling is a way in besides accelerate
@@ -756,10 +758,10 @@ _apply_from_torch = _applier(_FromTorchTensor)
 
 
 # NOTE: torch.load defaults to weights_only=True, which loads stock DTensor checkpoints but refuses
-# any global it does not know. _unpickle_fast_dtensor only wraps an already-unpickled DTensor and a
+# any global it does not know. _rebuild only wraps an already-unpickled DTensor and a
 # bool, so allowing it is safe, and a dtdispatch checkpoint loads with the same default call as a
 # stock one.
-torch.serialization.add_safe_globals([_unpickle_fast_dtensor])
+torch.serialization.add_safe_globals([_rebuild])
 
 
 def _fast_from(t: DTensor) -> FastDTensor:
