@@ -26,25 +26,6 @@
 #include <Python.h>
 #include "_pycompat.h"
 
-/* PyErr_GetRaisedException / PyErr_SetRaisedException are 3.12+; the fetch/restore triple works
- * everywhere. */
-typedef struct {
-    PyObject *type, *value, *tb;
-} SavedError;
-static SavedError save_error(void)
-{
-    SavedError e;
-    PyErr_Fetch(&e.type, &e.value, &e.tb);
-    return e;
-}
-static void restore_error(SavedError e) { PyErr_Restore(e.type, e.value, e.tb); }
-static void drop_error(SavedError e)
-{
-    Py_XDECREF(e.type);
-    Py_XDECREF(e.value);
-    Py_XDECREF(e.tb);
-}
-
 #ifdef Py_GIL_DISABLED
 #error "dtdispatch._function_c relies on the GIL (module state and AboveCache are unlocked)"
 #endif
@@ -57,9 +38,9 @@ static PyObject *c_fast_type, *c_tensor_type, *c_new, *c_disabled, *c_passthroug
     *c_op_dispatcher;
 
 static PyObject *s_requires_grad, *s_spec, *s_local_tensor, *s_entries, *s_per_func, *s_negative,
-    *s_stepped_aside, *s_move_to_end, *s_enter, *s_exit, *s_memo_key,
-    *s_mode_or_compiling, *s_unhashable, *s_kwnames_rg, *s_args, *s_kwargs, *small_one, *s_active,
-    *s_narrow, *s_clone, *s_explicit, *s_compiling_flag, *c_compiler_module, *s_is_inference, *s_is_conj,
+    *s_stepped_aside, *s_memo_key,
+    *s_mode_or_compiling, *s_unhashable, *s_kwnames_rg, *s_args, *s_kwargs, *small_one,
+    *s_explicit, *s_compiling_flag, *c_compiler_module, *s_is_inference, *s_is_conj,
     *s_is_neg, *s_custom_op_handlers, *s_custom_handler;
 
 /* Output entry kinds: mirrors _function.OUT_*. */
@@ -132,15 +113,9 @@ enum { M_TC, M_CACHE, M_ENTRIES, M_PER_FUNC, M_NEGATIVE, M_STEPPED, M_ENTER, M_E
 static PyObject *thread_memo(PyObject **hold)
 {
     *hold = NULL;
-    PyObject *tsd = PyThreadState_GetDict(); /* borrowed */
-    if (tsd != NULL) {
-        PyObject *memo = PyDict_GetItemWithError(tsd, s_memo_key);
-        if (memo != NULL && PyTuple_CheckExact(memo) && PyTuple_GET_SIZE(memo) == M_SIZE &&
-            PyTuple_GET_ITEM(memo, M_TC) == c_thread_cache)
-            return memo;
-        if (memo == NULL && PyErr_Occurred())
-            return NULL;
-    }
+    PyObject *memo = dtd_thread_memo_get(s_memo_key, c_thread_cache, M_SIZE);
+    if (memo != NULL || PyErr_Occurred())
+        return memo;
     PyObject *cache = PyObject_CallNoArgs(c_thread_cache);
     if (cache == NULL)
         return NULL;
@@ -149,9 +124,8 @@ static PyObject *thread_memo(PyObject **hold)
     PyObject *negative = per_func ? PyObject_GetAttr(cache, s_negative) : NULL;
     PyObject *stepped = negative ? PyObject_GetAttr(cache, s_stepped_aside) : NULL;
     PyObject *guard = stepped ? PyObject_CallNoArgs(c_disable_subclass) : NULL;
-    PyObject *enter = guard ? PyObject_GetAttr(guard, s_enter) : NULL;
-    PyObject *exit_ = enter ? PyObject_GetAttr(guard, s_exit) : NULL;
-    PyObject *memo = NULL;
+    PyObject *enter = guard ? PyObject_GetAttr(guard, dtd_s_enter) : NULL;
+    PyObject *exit_ = enter ? PyObject_GetAttr(guard, dtd_s_exit) : NULL;
     if (exit_ != NULL) {
         if (!PyDict_CheckExact(per_func) || !PyDict_CheckExact(negative) || !PyDict_CheckExact(stepped) ||
             !PyDict_Check(entries))
@@ -169,6 +143,7 @@ static PyObject *thread_memo(PyObject **hold)
     Py_XDECREF(exit_);
     if (memo == NULL)
         return NULL;
+    PyObject *tsd = PyThreadState_GetDict(); /* borrowed */
     if (tsd != NULL && PyDict_SetItem(tsd, s_memo_key, memo) == 0) {
         Py_DECREF(memo); /* the dict holds it for the thread's life */
         return memo;
@@ -190,18 +165,6 @@ static int count_reason(PyObject *d, PyObject *reason)
     int rc = PyDict_SetItem(d, reason, n);
     Py_DECREF(n);
     return rc;
-}
-
-/* counters[i] += 1 (counters: a list of three ints) */
-static int bump(PyObject *counters, Py_ssize_t i)
-{
-    PyObject *old = PyList_GET_ITEM(counters, i);
-    PyObject *n = PyNumber_Add(old, small_one);
-    if (n == NULL)
-        return -1;
-    PyList_SET_ITEM(counters, i, n);
-    Py_DECREF(old);
-    return 0;
 }
 
 /* mirrors AboveCache.func_counters. Borrowed reference. */
@@ -410,16 +373,6 @@ static int build_key_impl(PyObject *func, PyObject *args, PyObject *kwargs, int 
     return -1;
 }
 
-static int query(PyObject *fn)
-{
-    PyObject *r = PyObject_CallNoArgs(fn);
-    if (r == NULL)
-        return -1;
-    int v = PyObject_IsTrue(r);
-    Py_DECREF(r);
-    return v;
-}
-
 /* is_compiling(): torch.compiler.is_compiling() is ``False if torch.jit.is_scripting() else
  * _is_compiling_flag``, and scripting never runs this C code, so the module flag is read directly (the
  * function, two Python frames, is called when the flag is missing). NOTE: tied to torch 2.13-2.15's
@@ -442,7 +395,7 @@ static int query_compiling(void)
         if (PyErr_Occurred())
             return -1;
     }
-    return query(c_is_compiling);
+    return dtd_call_truth(c_is_compiling);
 }
 
 /* build_key(func, args, kwargs, grad, inference, default_dtype, autocast): mirrors _function.build_key
@@ -460,28 +413,21 @@ static PyObject *fn_build_key(PyObject *Py_UNUSED(module), PyObject *const *argv
     if (grad < 0 || inference < 0)
         return NULL;
     PyObject *guard = PyObject_CallNoArgs(c_disable_subclass);
-    if (guard == NULL)
+    PyObject *exit_ = guard != NULL ? dtd_with_enter(guard) : NULL;
+    Py_XDECREF(guard);
+    if (exit_ == NULL)
         return NULL;
-    PyObject *entered = PyObject_CallMethodNoArgs(guard, s_enter);
-    if (entered == NULL) {
-        Py_DECREF(guard);
-        return NULL;
-    }
-    Py_DECREF(entered);
     PyObject *key, *scalars;
-    int rc = build_key_impl(argv[0], argv[1], argv[2] == Py_None ? NULL : argv[2], grad, inference, argv[5], argv[6],
-                            &key, &scalars);
-    SavedError exc = save_error();
-    PyObject *exited = PyObject_CallMethod(guard, "__exit__", "OOO", Py_None, Py_None, Py_None);
-    Py_DECREF(guard);
-    if (exited == NULL) {
-        drop_error(exc);
+    PyObject *kwargs = argv[2] == Py_None ? NULL : argv[2];
+    int rc = build_key_impl(argv[0], argv[1], kwargs, grad, inference, argv[5], argv[6], &key,
+                            &scalars);
+    int exited = dtd_with_exit(exit_);
+    Py_DECREF(exit_);
+    if (exited < 0) {
         Py_XDECREF(key);
         Py_XDECREF(scalars);
         return NULL;
     }
-    Py_DECREF(exited);
-    restore_error(exc);
     if (rc < 0)
         return NULL;
     if (rc == 1)
@@ -492,18 +438,6 @@ static PyObject *fn_build_key(PyObject *Py_UNUSED(module), PyObject *const *argv
 /* ------------------------------------------------------------------------------------------------ */
 /* Replay: mirrors _function._unwrap and _function._output.                                          */
 /* ------------------------------------------------------------------------------------------------ */
-
-/* local.narrow(dim, offset, length).clone(), chunk being (flat index, dim, offset, length). */
-static PyObject *local_chunk(PyObject *local, PyObject *chunk)
-{
-    PyObject *argv[4] = {local, PyTuple_GET_ITEM(chunk, 1), PyTuple_GET_ITEM(chunk, 2), PyTuple_GET_ITEM(chunk, 3)};
-    PyObject *narrow = PyObject_VectorcallMethod(s_narrow, argv, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    if (narrow == NULL)
-        return NULL;
-    PyObject *clone = PyObject_CallMethodNoArgs(narrow, s_clone);
-    Py_DECREF(narrow);
-    return clone;
-}
 
 /* mirrors _function._unwrap; chunks is the plan's tuple of (flat index, dim, offset, length) or None.
  * New reference. */
@@ -530,7 +464,10 @@ static PyObject *unwrap(PyObject *a, PyObject *flat, PyObject *chunks)
                 return NULL;
             }
             if (chunk_index == index) {
-                PyObject *out = local_chunk(local, chunk);
+                /* a._local_tensor.narrow(*chunk).clone() */
+                PyObject *out = dtd_local_chunk(local, PyTuple_GET_ITEM(chunk, 1),
+                                                PyTuple_GET_ITEM(chunk, 2),
+                                                PyTuple_GET_ITEM(chunk, 3));
                 Py_DECREF(local);
                 return out;
             }
@@ -631,25 +568,15 @@ static PyObject *call_local(PyObject *func, PyObject *local_args, PyObject *loca
     if (!below)
         return PyObject_Call(func, local_args, local_kwargs);
     PyObject *guard = PyObject_CallNoArgs(c_below_autograd);
-    if (guard == NULL)
+    PyObject *exit_ = guard != NULL ? dtd_with_enter(guard) : NULL;
+    Py_XDECREF(guard);
+    if (exit_ == NULL)
         return NULL;
-    PyObject *entered = PyObject_CallMethodNoArgs(guard, s_enter);
-    if (entered == NULL) {
-        Py_DECREF(guard);
-        return NULL;
-    }
-    Py_DECREF(entered);
     PyObject *result = PyObject_Call(func, local_args, local_kwargs);
-    SavedError exc = save_error();
-    PyObject *exited = PyObject_CallMethod(guard, "__exit__", "OOO", Py_None, Py_None, Py_None);
-    Py_DECREF(guard);
-    if (exited == NULL) {
-        drop_error(exc);
-        Py_XDECREF(result);
-        return NULL;
-    }
-    Py_DECREF(exited);
-    restore_error(exc);
+    int exited = dtd_with_exit(exit_);
+    Py_DECREF(exit_);
+    if (exited < 0)
+        Py_CLEAR(result);
     return result;
 }
 
@@ -776,52 +703,6 @@ done:
 }
 
 /* ------------------------------------------------------------------------------------------------ */
-/* The key's hash, computed once per call (a key holds specs, whose __hash__ is Python code).        */
-/* ------------------------------------------------------------------------------------------------ */
-
-/* A tuple equal to the key whose hash is the one already computed: the argument of move_to_end, which
- * re-hashes its argument. Only the object registered in hashed_key_obj answers from hashed_key_value;
- * any other instance (none is kept) hashes as a tuple. It compares equal to the stored key, as a tuple. */
-static PyObject *hashed_key_obj;
-static Py_hash_t hashed_key_value;
-
-static Py_hash_t hashed_key_hash(PyObject *self)
-{
-    if (self == hashed_key_obj)
-        return hashed_key_value;
-    return PyTuple_Type.tp_hash(self);
-}
-
-static PyTypeObject HashedKeyType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dtdispatch.native._function_c.HashedKey",
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "A key (a tuple) carrying its precomputed hash for one move_to_end call.",
-    .tp_hash = hashed_key_hash,
-};
-
-/* entries.move_to_end(key), the key's hash being kh. */
-static int move_to_end(PyObject *entries, PyObject *key, Py_hash_t kh)
-{
-    Py_ssize_t n = PyTuple_GET_SIZE(key);
-    PyObject *probe = HashedKeyType.tp_alloc(&HashedKeyType, n);
-    if (probe == NULL)
-        return -1;
-    for (Py_ssize_t i = 0; i < n; i++)
-        PyTuple_SET_ITEM(probe, i, Py_NewRef(PyTuple_GET_ITEM(key, i)));
-    hashed_key_obj = probe;
-    hashed_key_value = kh;
-    PyObject *argv[2] = {entries, probe};
-    PyObject *res = PyObject_VectorcallMethod(s_move_to_end, argv, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    if (hashed_key_obj == probe)
-        hashed_key_obj = NULL;
-    Py_DECREF(probe);
-    if (res == NULL)
-        return -1;
-    Py_DECREF(res);
-    return 0;
-}
-
-/* ------------------------------------------------------------------------------------------------ */
 /* torch_function: mirrors _function.torch_function block by block.                                  */
 /* ------------------------------------------------------------------------------------------------ */
 static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t nargsf,
@@ -882,8 +763,8 @@ static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const 
     PyObject *memo = thread_memo(&hold);
     if (memo == NULL)
         goto out;
-    int compiling = query_compiling(), tf_mode = compiling == 0 ? query(c_tf_mode) : 0,
-        modes = compiling == 0 && tf_mode == 0 ? query(c_dispatch_modes) : 0;
+    int compiling = query_compiling(), tf_mode = compiling == 0 ? dtd_call_truth(c_tf_mode) : 0,
+        modes = compiling == 0 && tf_mode == 0 ? dtd_call_truth(c_dispatch_modes) : 0;
     if (compiling < 0 || tf_mode < 0 || modes < 0)
         goto out_memo;
     if (compiling || tf_mode || modes) {
@@ -891,14 +772,14 @@ static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const 
         goto out_memo;
     }
     /* Block: key (under the DisableTorchFunctionSubclass guard). */
-    int grad = query(c_grad_enabled), inference = grad >= 0 ? query(c_inference) : 0;
+    int grad = dtd_call_truth(c_grad_enabled), inference = grad >= 0 ? dtd_call_truth(c_inference) : 0;
     if (grad < 0 || inference < 0)
         goto out_memo;
     /* mirrors _function.ambient: (default dtype, autocast state or None) */
     PyObject *default_dtype = PyObject_CallNoArgs(c_default_dtype), *autocast = NULL;
     if (default_dtype == NULL)
         goto out_memo;
-    int any_autocast = query(c_any_autocast);
+    int any_autocast = dtd_call_truth(c_any_autocast);
     if (any_autocast < 0 || (autocast = any_autocast ? PyObject_CallNoArgs(c_autocast_state) : Py_NewRef(Py_None)) == NULL) {
         Py_DECREF(default_dtype);
         goto out_memo;
@@ -914,18 +795,10 @@ static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const 
     int krc = build_key_impl(func, args, kwargs, grad, inference, default_dtype, autocast, &key_list, &scalars);
     Py_DECREF(default_dtype);
     Py_DECREF(autocast);
-    {
-        SavedError exc = save_error();
-        PyObject *exit_args[3] = {Py_None, Py_None, Py_None};
-        PyObject *exited = PyObject_Vectorcall(PyTuple_GET_ITEM(memo, M_EXIT), exit_args, 3, NULL);
-        if (exited == NULL) {
-            drop_error(exc);
-            Py_XDECREF(key_list);
-            Py_XDECREF(scalars);
-            goto out_memo;
-        }
-        Py_DECREF(exited);
-        restore_error(exc);
+    if (dtd_with_exit(PyTuple_GET_ITEM(memo, M_EXIT)) < 0) {
+        Py_XDECREF(key_list);
+        Py_XDECREF(scalars);
+        goto out_memo;
     }
     if (krc < 0)
         goto out_memo;
@@ -989,13 +862,13 @@ static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const 
             }
             if (negative != NULL) {
                 Py_DECREF(structure);
-                if (bump(counters, 2) < 0 || count_reason(PyTuple_GET_ITEM(memo, M_NEGATIVE), negative) < 0)
+                if (dtd_bump(counters, 2) < 0 || count_reason(PyTuple_GET_ITEM(memo, M_NEGATIVE), negative) < 0)
                     goto out_key;
                 result = call_disabled(func, types, args, kwargs);
                 goto out_key;
             }
         }
-        if (bump(counters, 1) < 0) {
+        if (dtd_bump(counters, 1) < 0) {
             Py_XDECREF(structure);
             goto out_key;
         }
@@ -1006,13 +879,13 @@ static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const 
         goto out_key;
     }
     Py_INCREF(plan);
-    if (move_to_end(entries, key, kh) < 0) {
+    if (dtd_move_to_end(entries, key, kh) < 0) {
         Py_DECREF(plan);
         goto out_key;
     }
     if (PyUnicode_CheckExact(plan)) {
         /* Block: negative entry. */
-        if (bump(counters, 2) == 0 && count_reason(PyTuple_GET_ITEM(memo, M_NEGATIVE), plan) == 0)
+        if (dtd_bump(counters, 2) == 0 && count_reason(PyTuple_GET_ITEM(memo, M_NEGATIVE), plan) == 0)
             result = call_disabled(func, types, args, kwargs);
         Py_DECREF(plan);
         goto out_key;
@@ -1033,20 +906,18 @@ static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const 
             goto out_key;
         }
     }
-    if (bump(counters, 0) < 0) {
+    if (dtd_bump(counters, 0) < 0) {
         Py_DECREF(plan);
         goto out_key;
     }
     if (PyTuple_GET_ITEM(plan, 3) != Py_None) {
         /* Under ExplicitRedistributionContext every implicit redistribution must be observed (and may
          * raise): the dispatch path handles it. getattr(explicit_local, "_active", None) is not None */
-        PyObject *active = NULL;
-        if (DTD_LOOKUP_ATTR(c_explicit_local, s_active, &active) < 0) {
+        int explicit_ = dtd_explicit_active(c_explicit_local);
+        if (explicit_ < 0) {
             Py_DECREF(plan);
             goto out_key;
         }
-        int explicit_ = active != NULL && active != Py_None;
-        Py_XDECREF(active);
         if (explicit_) {
             Py_DECREF(plan);
             result = step_aside(memo, func, types, args, kwargs, s_explicit);
@@ -1083,12 +954,6 @@ static struct PyModuleDef function_module = {
     NULL, NULL, NULL, NULL,
 };
 
-#define INTERN(var, text)                                                                                   \
-    do {                                                                                                    \
-        if ((var = PyUnicode_InternFromString(text)) == NULL)                                               \
-            return NULL;                                                                                    \
-    } while (0)
-
 PyMODINIT_FUNC PyInit__function_c(void)
 {
     INTERN(s_requires_grad, "requires_grad");
@@ -1100,16 +965,10 @@ PyMODINIT_FUNC PyInit__function_c(void)
     INTERN(s_per_func, "per_func");
     INTERN(s_negative, "negative");
     INTERN(s_stepped_aside, "stepped_aside");
-    INTERN(s_move_to_end, "move_to_end");
-    INTERN(s_enter, "__enter__");
-    INTERN(s_exit, "__exit__");
     INTERN(s_memo_key, "dtdispatch.native._function_c.thread_cache");
     INTERN(s_mode_or_compiling, "mode or compiling");
     INTERN(s_unhashable, "unhashable argument");
-    INTERN(s_active, "_active");
     INTERN(s_compiling_flag, "_is_compiling_flag");
-    INTERN(s_narrow, "narrow");
-    INTERN(s_clone, "clone");
     INTERN(s_explicit, "explicit redistribution context");
     INTERN(s_args, "args");
     INTERN(s_kwargs, "kwargs");
@@ -1118,8 +977,7 @@ PyMODINIT_FUNC PyInit__function_c(void)
     INTERN(s_is_neg, "is_neg");
     if ((s_kwnames_rg = Py_BuildValue("(s)", "requires_grad")) == NULL || (small_one = PyLong_FromLong(1)) == NULL)
         return NULL;
-    HashedKeyType.tp_base = &PyTuple_Type;
-    if (PyType_Ready(&HashedKeyType) < 0)
+    if (dtd_shared_init(function_module.m_name) < 0)
         return NULL;
     return PyModule_Create(&function_module);
 }

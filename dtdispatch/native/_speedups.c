@@ -103,11 +103,11 @@ static PyObject *object_class_descr;   /* object.__dict__["__class__"] */
 static PyObject *small_one, *small_zero, *empty_tuple;
 
 /* Interned attribute / method names. */
-static PyObject *s_local_tensor, *s_spec, *s_tensor_meta, *s_shape, *s_entries, *s_move_to_end, *s_fast,
+static PyObject *s_local_tensor, *s_spec, *s_tensor_meta, *s_shape, *s_entries, *s_fast,
     *s_reason, *s_op_call, *s_output_spec, *s_requires_grad, *s_per_op, *s_op, *s_numel, *s_ndim, *s_stride,
     *s_dtype, *s_get, *s_op_counters, *s_static_argnum, *s_static_kwargkey, *s_class, *s_call_dunder,
     *s_hash_dunder, *s_hash_attr, *s_value_free_ops, *s_chunks, *s_needs_pytree, *s_rewritten_args, *s_kind,
-    *s_out_names, *s_alias_pairs, *s_local_call, *s_active, *s_narrow, *s_clone, *s_tc_key, *s_custom_handler, *s_no_key,
+    *s_out_names, *s_alias_pairs, *s_local_call, *s_tc_key, *s_custom_handler, *s_no_key,
     *s_miss, *s_custom_op_handlers, *s_explicit_reason;
 
 /* ------------------------------------------------------------------------------------------------------ */
@@ -452,27 +452,6 @@ static Py_hash_t key_hash(PyObject *key)
         return PyObject_Hash(key);
     return tuple_hash_of(&PyTuple_GET_ITEM(key, 0), PyTuple_GET_SIZE(key), item_hash);
 }
-
-/* A tuple equal to the key whose hash is the one already computed: the argument of move_to_end (which
- * re-hashes its argument; for a key holding an op and specs that is three Python-level __hash__ calls).
- * Only the object registered in hashed_key_obj answers from hashed_key_value; any other instance (none is
- * kept) hashes as a tuple. It compares equal to the stored key, as a tuple. */
-static PyObject *hashed_key_obj;
-static Py_hash_t hashed_key_value;
-
-static Py_hash_t hashed_key_hash(PyObject *self)
-{
-    if (self == hashed_key_obj)
-        return hashed_key_value;
-    return PyTuple_Type.tp_hash(self);
-}
-
-static PyTypeObject HashedKeyType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dtdispatch.native._speedups.HashedKey",
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "A plan-cache key (a tuple) carrying its precomputed hash for one move_to_end call.",
-    .tp_hash = hashed_key_hash,
-};
 
 /* The load-time check that tuple_hash_of is CPython's tuple hash. */
 static int check_tuple_hash(void)
@@ -1129,16 +1108,13 @@ static PyObject *get_thread_cache(void)
 {
     if (cfg(cfg_thread_cache, "thread_cache") == NULL)
         return NULL;
-    PyObject *tsd = PyThreadState_GetDict(); /* borrowed; NULL (no error) when unavailable */
-    if (tsd != NULL) {
-        PyObject *memo = PyDict_GetItemWithError(tsd, s_tc_key);
-        if (memo != NULL && PyTuple_CheckExact(memo) && PyTuple_GET_SIZE(memo) == 2 &&
-            PyTuple_GET_ITEM(memo, 0) == cfg_thread_cache)
-            return Py_NewRef(PyTuple_GET_ITEM(memo, 1));
-        if (memo == NULL && PyErr_Occurred())
-            return NULL;
-    }
+    PyObject *memo = dtd_thread_memo_get(s_tc_key, cfg_thread_cache, 2);
+    if (memo != NULL)
+        return Py_NewRef(PyTuple_GET_ITEM(memo, 1));
+    if (PyErr_Occurred())
+        return NULL;
     PyObject *cache = PyObject_Vectorcall(cfg_thread_cache, NULL, 0, NULL);
+    PyObject *tsd = PyThreadState_GetDict(); /* borrowed; NULL (no error) when unavailable */
     if (cache != NULL && tsd != NULL) {
         PyObject *memo = PyTuple_Pack(2, cfg_thread_cache, cache);
         if (memo == NULL || PyDict_SetItem(tsd, s_tc_key, memo) < 0)
@@ -1146,35 +1122,6 @@ static PyObject *get_thread_cache(void)
         Py_XDECREF(memo);
     }
     return cache;
-}
-
-/* counters[i] += 1 */
-static int bump(PyObject *counters, Py_ssize_t i)
-{
-    if (PyList_CheckExact(counters) && PyList_GET_SIZE(counters) > i &&
-        PyLong_CheckExact(PyList_GET_ITEM(counters, i))) {
-        long v = PyLong_AsLong(PyList_GET_ITEM(counters, i));
-        if (!(v == -1 && PyErr_Occurred()) && v < LONG_MAX) {
-            PyObject *n = PyLong_FromLong(v + 1);
-            if (n == NULL)
-                return -1;
-            PyObject *old = PyList_GET_ITEM(counters, i);
-            PyList_SET_ITEM(counters, i, n);
-            Py_DECREF(old);
-            return 0;
-        }
-        PyErr_Clear();
-    }
-    PyObject *idx = PyLong_FromSsize_t(i), *old = NULL, *new_value = NULL;
-    int rc = -1;
-    if (idx == NULL)
-        return -1;
-    if ((old = PyObject_GetItem(counters, idx)) != NULL && (new_value = PyNumber_InPlaceAdd(old, small_one)) != NULL)
-        rc = PyObject_SetItem(counters, idx, new_value);
-    Py_DECREF(idx);
-    Py_XDECREF(old);
-    Py_XDECREF(new_value);
-    return rc;
 }
 
 /* counters = cache.op_counters(func): mirrors ThreadCache.op_counters, inlined for ThreadCache itself (a
@@ -1222,33 +1169,6 @@ static PyObject *op_counters(PyObject *cache, PyObject *op, Py_hash_t h)
     }
     Py_DECREF(per_op);
     return counters;
-}
-
-/* cache.entries.move_to_end(key), with a HashedKey carrying the hash already computed (kh != -1). */
-static int move_to_end(PyObject *entries, PyObject *key, Py_hash_t kh)
-{
-    PyObject *probe = NULL;
-    if (kh != -1 && PyTuple_CheckExact(key)) {
-        Py_ssize_t n = PyTuple_GET_SIZE(key);
-        probe = HashedKeyType.tp_alloc(&HashedKeyType, n);
-        if (probe == NULL)
-            return -1;
-        for (Py_ssize_t i = 0; i < n; i++)
-            PyTuple_SET_ITEM(probe, i, Py_NewRef(PyTuple_GET_ITEM(key, i)));
-        hashed_key_obj = probe;
-        hashed_key_value = kh;
-    }
-    PyObject *res = PyObject_VectorcallMethod(s_move_to_end, (PyObject *[]){entries, probe != NULL ? probe : key},
-                                              2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    if (probe != NULL) {
-        if (hashed_key_obj == probe)
-            hashed_key_obj = NULL;
-        Py_DECREF(probe);
-    }
-    if (res == NULL)
-        return -1;
-    Py_DECREF(res);
-    return 0;
 }
 
 /* ``a._local_tensor if isinstance(a, dtensor_type) else a``. New reference. */
@@ -1451,11 +1371,7 @@ static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv,
         /* OrderedDict.get is dict.get (odict does not override it): a dict lookup with the key's hash. */
         if ((kh = key_hash(key)) == -1)
             goto done;
-#if DTD_KNOWN_HASH
-        plan = _PyDict_GetItem_KnownHash(entries, key, kh);
-#else
-        plan = PyDict_GetItemWithError(entries, key);
-#endif
+        plan = dtd_dict_get_known_hash(entries, key, kh);
         if (plan == NULL && PyErr_Occurred())
             goto done;
         Py_XINCREF(plan);
@@ -1469,13 +1385,13 @@ static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv,
         goto done;
     if (plan == NULL || plan == Py_None) {
         /* if plan is None: counters[1] += 1; return c["slow_path"](func, args, kwargs, "miss", key, None) */
-        if (bump(counters, 1) < 0)
+        if (dtd_bump(counters, 1) < 0)
             goto done;
         result = call_slow_path(func, args, &kwargs, s_miss, key, Py_None);
         goto done;
     }
     /* cache.entries.move_to_end(key); counters[0] += 1 */
-    if (move_to_end(entries, key, kh) < 0 || bump(counters, 0) < 0)
+    if (dtd_move_to_end(entries, key, kh) < 0 || dtd_bump(counters, 0) < 0)
         goto done;
     /* if not plan.fast: return c["slow_path"](func, args, kwargs, plan.reason, key, plan) */
     if ((tmp = GET_SLOT(plan, fast)) == NULL)
@@ -1498,14 +1414,13 @@ static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv,
     if (chunks != Py_None) {
         if (cfg(cfg_explicit_local, "explicit_local") == NULL)
             goto done;
-        if (DTD_LOOKUP_ATTR(cfg_explicit_local, s_active, &tmp) < 0)
+        int active = dtd_explicit_active(cfg_explicit_local);
+        if (active < 0)
             goto done;
-        if (tmp != NULL && tmp != Py_None) {
-            Py_CLEAR(tmp);
+        if (active) {
             result = call_slow_path(func, args, &kwargs, s_explicit_reason, key, plan);
             goto done;
         }
-        Py_CLEAR(tmp);
     }
 
     /* Block: unwrap (the plan is participating, not random, and communicates nothing).
@@ -1613,7 +1528,7 @@ static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv,
         for (Py_ssize_t c = 0; c < PySequence_Fast_GET_SIZE(chunk_seq); c++) {
             PyObject *entry = PySequence_Fast(PySequence_Fast_GET_ITEM(chunk_seq, c), "cannot unpack chunk");
             Py_ssize_t index;
-            PyObject *narrowed = NULL, *cloned = NULL;
+            PyObject *cloned = NULL;
             if (entry != NULL && PySequence_Fast_GET_SIZE(entry) != 4) {
                 PyErr_Format(PyExc_ValueError, "%s values to unpack (expected 4, got %zd)",
                              PySequence_Fast_GET_SIZE(entry) > 4 ? "too many" : "not enough",
@@ -1627,13 +1542,9 @@ static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv,
             }
             if (entry != NULL && local_index(PySequence_Fast_GET_ITEM(entry, 0), local.len - 1, &index) == 0) {
                 PyObject **e = PySequence_Fast_ITEMS(entry);
-                narrowed = PyObject_VectorcallMethod(s_narrow, (PyObject *[]){local.items[1 + index], e[1], e[2], e[3]},
-                                                     4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-                if (narrowed != NULL)
-                    cloned = PyObject_VectorcallMethod(s_clone, &narrowed, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+                cloned = dtd_local_chunk(local.items[1 + index], e[1], e[2], e[3]);
             }
             Py_XDECREF(entry);
-            Py_XDECREF(narrowed);
             if (cloned == NULL) {
                 Py_DECREF(chunk_seq);
                 goto done;
@@ -1687,9 +1598,7 @@ static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv,
             if (cfg(cfg_tf_mode_enabled, "torch_function_mode_enabled") == NULL ||
                 cfg(cfg_tensor_type, "tensor_type") == NULL)
                 goto done;
-            PyObject *flag = PyObject_CallNoArgs(cfg_tf_mode_enabled);
-            int mode_on = flag != NULL ? PyObject_IsTrue(flag) : -1;
-            Py_XDECREF(flag);
+            int mode_on = dtd_call_truth(cfg_tf_mode_enabled);
             if (mode_on < 0)
                 goto done;
             int plain = !mode_on;
@@ -1890,12 +1799,6 @@ static struct PyModuleDef speedups_module = {
     NULL,
 };
 
-#define INTERN(var, text)                                                                                     \
-    do {                                                                                                       \
-        if ((var = PyUnicode_InternFromString(text)) == NULL)                                                  \
-            return NULL;                                                                                       \
-    } while (0)
-
 PyMODINIT_FUNC PyInit__speedups(void)
 {
     INTERN(s_local_tensor, "_local_tensor");
@@ -1903,7 +1806,6 @@ PyMODINIT_FUNC PyInit__speedups(void)
     INTERN(s_tensor_meta, "tensor_meta");
     INTERN(s_shape, "shape");
     INTERN(s_entries, "entries");
-    INTERN(s_move_to_end, "move_to_end");
     INTERN(s_fast, "fast");
     INTERN(s_reason, "reason");
     INTERN(s_op_call, "op_call");
@@ -1931,9 +1833,6 @@ PyMODINIT_FUNC PyInit__speedups(void)
     INTERN(s_out_names, "out_names");
     INTERN(s_alias_pairs, "alias_pairs");
     INTERN(s_local_call, "local_call");
-    INTERN(s_active, "_active");
-    INTERN(s_narrow, "narrow");
-    INTERN(s_clone, "clone");
     INTERN(s_tc_key, "dtdispatch.native._speedups.thread_cache");
     /* The twin's reason literals (slow_path compares them with ==). */
     INTERN(s_custom_handler, "custom handler");
@@ -1950,8 +1849,7 @@ PyMODINIT_FUNC PyInit__speedups(void)
         return NULL;
     }
     Py_INCREF(object_class_descr);
-    HashedKeyType.tp_base = &PyTuple_Type;
-    if (PyType_Ready(&HashedKeyType) < 0)
+    if (dtd_shared_init(speedups_module.m_name) < 0)
         return NULL;
     PyObject *collections = PyImport_ImportModule("collections");
     if (collections == NULL)
