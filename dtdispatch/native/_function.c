@@ -705,24 +705,35 @@ done:
 /* ------------------------------------------------------------------------------------------------ */
 /* torch_function: mirrors _function.torch_function block by block.                                  */
 /* ------------------------------------------------------------------------------------------------ */
-static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t nargsf,
-                                   PyObject *kwnames)
+
+/* One call's arguments as the twin's signature binds them: args a tuple, kwargs a dict. */
+typedef struct {
+    PyObject *func, *types, *args, *kwargs;
+    PyObject *own_args, *own_kwargs; /* made here (released by the caller), or NULL */
+} TfCall;
+
+/* mirrors torch_function's signature (cls, func, types, args=(), kwargs=None) and its ``if kwargs
+ * is None: kwargs = {}``. 0, or -1 with an error (the caller releases call->own_* either way). */
+static int bind_call(PyObject *const *argv, Py_ssize_t nargs, PyObject *kwnames, TfCall *call)
 {
-    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    PyObject *func, *types, *args = NULL, *kwargs = NULL;
-    /* (cls, func, types, args=(), kwargs=None), as the twin's signature */
+    PyObject *args, *kwargs;
+    call->own_args = call->own_kwargs = NULL;
     if (nargs < 3 || nargs > 5) {
-        PyErr_Format(PyExc_TypeError, "torch_function() takes 3 to 5 positional arguments (%zd given)", nargs);
-        return NULL;
+        PyErr_Format(PyExc_TypeError,
+                     "torch_function() takes 3 to 5 positional arguments (%zd given)", nargs);
+        return -1;
     }
     args = nargs > 3 ? argv[3] : NULL;
     kwargs = nargs > 4 ? argv[4] : NULL;
     for (Py_ssize_t i = 0; kwnames != NULL && i < PyTuple_GET_SIZE(kwnames); i++) {
         PyObject *name = PyTuple_GET_ITEM(kwnames, i), *value = argv[nargs + i];
-        int is_args = PyUnicode_Compare(name, s_args) == 0, is_kwargs = PyUnicode_Compare(name, s_kwargs) == 0;
+        int is_args = PyUnicode_Compare(name, s_args) == 0;
+        int is_kwargs = PyUnicode_Compare(name, s_kwargs) == 0;
         if ((!is_args && !is_kwargs) || (is_args && nargs > 3) || (is_kwargs && nargs > 4)) {
-            PyErr_Format(PyExc_TypeError, "torch_function() got an unexpected or repeated keyword argument %R", name);
-            return NULL;
+            PyErr_Format(PyExc_TypeError,
+                         "torch_function() got an unexpected or repeated keyword argument %R",
+                         name);
+            return -1;
         }
         if (is_args)
             args = value;
@@ -732,208 +743,254 @@ static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const 
     if (kwargs == Py_None)
         kwargs = NULL;
     if (!configured())
-        return NULL;
-    func = argv[1];
-    types = argv[2];
-    PyObject *own_args = NULL, *own_kwargs = NULL, *result = NULL;
+        return -1;
+    call->func = argv[1];
+    call->types = argv[2];
     if (args == NULL)
-        args = own_args = PyTuple_New(0);
+        args = call->own_args = PyTuple_New(0);
     else if (!PyTuple_Check(args))
-        args = own_args = PySequence_Tuple(args);
+        args = call->own_args = PySequence_Tuple(args);
     if (args == NULL)
-        return NULL;
+        return -1;
+    call->args = args;
     if (kwargs == NULL) {
-        if ((kwargs = own_kwargs = PyDict_New()) == NULL)
-            goto out;
+        if ((kwargs = call->own_kwargs = PyDict_New()) == NULL)
+            return -1;
     }
     else if (!PyDict_Check(kwargs)) {
         PyErr_SetString(PyExc_TypeError, "torch_function() kwargs must be a dict");
-        goto out;
+        return -1;
     }
-    /* Block: pass-through. */
-    int pass = PyDict_Contains(c_passthrough, func);
-    if (pass < 0)
-        goto out;
-    if (pass) {
-        result = call_disabled(func, types, args, kwargs);
-        goto out;
-    }
-    /* Block: step aside under compile tracing or an active mode. */
-    PyObject *hold;
-    PyObject *memo = thread_memo(&hold);
-    if (memo == NULL)
-        goto out;
-    int compiling = query_compiling(), tf_mode = compiling == 0 ? dtd_call_truth(c_tf_mode) : 0,
-        modes = compiling == 0 && tf_mode == 0 ? dtd_call_truth(c_dispatch_modes) : 0;
-    if (compiling < 0 || tf_mode < 0 || modes < 0)
-        goto out_memo;
-    if (compiling || tf_mode || modes) {
-        result = step_aside(memo, func, types, args, kwargs, s_mode_or_compiling);
-        goto out_memo;
-    }
-    /* Block: key (under the DisableTorchFunctionSubclass guard). */
-    int grad = dtd_call_truth(c_grad_enabled), inference = grad >= 0 ? dtd_call_truth(c_inference) : 0;
+    call->kwargs = kwargs;
+    return 0;
+}
+
+/* mirrors torch_function's "Block: step aside under compile tracing or an active mode": 1 when
+ * the call must step aside, 0, or -1 with an error. */
+static int mode_or_compiling(void)
+{
+    int compiling = query_compiling();
+    if (compiling != 0)
+        return compiling;
+    int tf_mode = dtd_call_truth(c_tf_mode);
+    if (tf_mode != 0)
+        return tf_mode;
+    return dtd_call_truth(c_dispatch_modes);
+}
+
+/* mirrors torch_function's "Block: key": the ambient state, then build_key under the
+ * DisableTorchFunctionSubclass guard (this thread's, from the memo). 0 with *key (a tuple) and
+ * *scalars; 1 with *key a reason str (step aside); -1 with an error. New references. */
+static int call_key(PyObject *memo, TfCall *call, PyObject **key, PyObject **scalars)
+{
+    *key = *scalars = NULL;
+    int grad = dtd_call_truth(c_grad_enabled);
+    int inference = grad >= 0 ? dtd_call_truth(c_inference) : 0;
     if (grad < 0 || inference < 0)
-        goto out_memo;
+        return -1;
     /* mirrors _function.ambient: (default dtype, autocast state or None) */
     PyObject *default_dtype = PyObject_CallNoArgs(c_default_dtype), *autocast = NULL;
     if (default_dtype == NULL)
-        goto out_memo;
+        return -1;
     int any_autocast = dtd_call_truth(c_any_autocast);
-    if (any_autocast < 0 || (autocast = any_autocast ? PyObject_CallNoArgs(c_autocast_state) : Py_NewRef(Py_None)) == NULL) {
+    if (any_autocast < 0 ||
+        (autocast = any_autocast ? PyObject_CallNoArgs(c_autocast_state) : Py_NewRef(Py_None)) ==
+            NULL) {
         Py_DECREF(default_dtype);
-        goto out_memo;
+        return -1;
     }
     PyObject *entered = PyObject_CallNoArgs(PyTuple_GET_ITEM(memo, M_ENTER));
     if (entered == NULL) {
         Py_DECREF(default_dtype);
         Py_DECREF(autocast);
-        goto out_memo;
+        return -1;
     }
     Py_DECREF(entered);
-    PyObject *key_list, *scalars;
-    int krc = build_key_impl(func, args, kwargs, grad, inference, default_dtype, autocast, &key_list, &scalars);
+    PyObject *key_list;
+    int krc = build_key_impl(call->func, call->args, call->kwargs, grad, inference, default_dtype,
+                             autocast, &key_list, scalars);
     Py_DECREF(default_dtype);
     Py_DECREF(autocast);
     if (dtd_with_exit(PyTuple_GET_ITEM(memo, M_EXIT)) < 0) {
         Py_XDECREF(key_list);
-        Py_XDECREF(scalars);
-        goto out_memo;
+        Py_CLEAR(*scalars);
+        return -1;
     }
-    if (krc < 0)
-        goto out_memo;
-    if (krc == 1) {
-        result = step_aside(memo, func, types, args, kwargs, key_list);
-        Py_DECREF(key_list);
-        goto out_memo;
+    if (krc != 0) {
+        *key = krc == 1 ? key_list : NULL;
+        return krc;
     }
-    PyObject *key = PyList_AsTuple(key_list);
+    /* key = tuple(key_list) */
+    *key = PyList_AsTuple(key_list);
     Py_DECREF(key_list);
-    if (key == NULL) {
-        Py_DECREF(scalars);
-        goto out_memo;
+    if (*key == NULL) {
+        Py_CLEAR(*scalars);
+        return -1;
+    }
+    return 0;
+}
+
+/* mirrors torch_function's "Block: negative entry" (also the negative entry for the call's
+ * structure found in "Block: miss"): counted by reason, then stock behaviour. */
+static PyObject *negative_entry(PyObject *memo, TfCall *call, PyObject *counters,
+                                PyObject *reason)
+{
+    if (dtd_bump(counters, 2) < 0 || count_reason(PyTuple_GET_ITEM(memo, M_NEGATIVE), reason) < 0)
+        return NULL;
+    return call_disabled(call->func, call->types, call->args, call->kwargs);
+}
+
+/* mirrors torch_function's "Block: miss": a negative entry for the call's structure (scalars by
+ * type) first, else above.miss observes the call and writes its plan. */
+static PyObject *miss(PyObject *memo, TfCall *call, PyObject *key, PyObject *scalars,
+                      PyObject *counters)
+{
+    PyObject *entries = PyTuple_GET_ITEM(memo, M_ENTRIES);
+    PyObject *structure = NULL, *result = NULL;
+    if (PyList_GET_SIZE(scalars) > 0) {
+        /* structure = [structure_marker, *key]; structure[position + 1] = value_marker */
+        Py_ssize_t k = PyTuple_GET_SIZE(key);
+        if ((structure = PyList_New(k + 1)) == NULL)
+            return NULL;
+        PyList_SET_ITEM(structure, 0, Py_NewRef(c_structure_marker));
+        for (Py_ssize_t i = 0; i < k; i++)
+            PyList_SET_ITEM(structure, i + 1, Py_NewRef(PyTuple_GET_ITEM(key, i)));
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(scalars); i++) {
+            Py_ssize_t position = PyLong_AsSsize_t(PyList_GET_ITEM(scalars, i));
+            if (position < 0 || position >= k) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_IndexError, "scalar position out of range");
+                Py_DECREF(structure);
+                return NULL;
+            }
+            PyObject *old = PyList_GET_ITEM(structure, position + 1);
+            PyList_SET_ITEM(structure, position + 1, Py_NewRef(c_value_marker));
+            Py_DECREF(old);
+        }
+        /* negative = cache.entries.get(tuple(structure)) */
+        PyObject *structure_key = PyList_AsTuple(structure);
+        if (structure_key == NULL) {
+            Py_DECREF(structure);
+            return NULL;
+        }
+        PyObject *negative = PyDict_GetItemWithError(entries, structure_key); /* borrowed */
+        Py_DECREF(structure_key);
+        if (negative == NULL && PyErr_Occurred()) {
+            Py_DECREF(structure);
+            return NULL;
+        }
+        if (negative != NULL) {
+            Py_DECREF(structure);
+            return negative_entry(memo, call, counters, negative);
+        }
+    }
+    /* counters[1] += 1; return c["miss"](cache, func, types, args, kwargs, key, structure) */
+    if (dtd_bump(counters, 1) == 0) {
+        PyObject *miss_argv[7] = {PyTuple_GET_ITEM(memo, M_CACHE), call->func, call->types,
+                                  call->args, call->kwargs, key,
+                                  structure != NULL ? structure : Py_None};
+        result = PyObject_Vectorcall(c_miss, miss_argv, 7, NULL);
+    }
+    Py_XDECREF(structure);
+    return result;
+}
+
+/* mirrors torch_function's "Block: custom handlers" and the explicit-redistribution check of
+ * "Block: replay on the locals", then replays (``replay``) a hit on a replay plan. */
+static PyObject *hit(PyObject *memo, TfCall *call, PyObject *plan, PyObject *counters)
+{
+    /* ReplayPlan is a NamedTuple (out, bumps, below, chunks, ops). */
+    if (!PyTuple_Check(plan) || PyTuple_GET_SIZE(plan) != 5) {
+        PyErr_SetString(PyExc_TypeError, "a replay plan must be an above.ReplayPlan");
+        return NULL;
+    }
+    /* Custom handlers are read live: see the twin. */
+    int handled = plan_ops_handled(PyTuple_GET_ITEM(plan, 4));
+    if (handled != 0)
+        return handled > 0 ? step_aside(memo, call->func, call->types, call->args, call->kwargs,
+                                        s_custom_handler)
+                           : NULL;
+    if (dtd_bump(counters, 0) < 0)
+        return NULL;
+    if (PyTuple_GET_ITEM(plan, 3) != Py_None) {
+        /* Under ExplicitRedistributionContext every implicit redistribution must be observed (and
+         * may raise): the dispatch path handles it. */
+        int explicit_ = dtd_explicit_active(c_explicit_local);
+        if (explicit_ != 0)
+            return explicit_ > 0 ? step_aside(memo, call->func, call->types, call->args,
+                                              call->kwargs, s_explicit)
+                                 : NULL;
+    }
+    return replay(plan, call->func, call->args, call->kwargs);
+}
+
+/* mirrors torch_function: the blocks in the twin's order (pass-through, step aside, key, lookup;
+ * then miss, negative entry or a hit). */
+static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const *argv,
+                                   Py_ssize_t nargsf, PyObject *kwnames)
+{
+    TfCall call;
+    PyObject *result = NULL, *hold = NULL, *key = NULL, *scalars = NULL;
+    if (bind_call(argv, PyVectorcall_NARGS(nargsf), kwnames, &call) < 0)
+        goto out;
+    /* Block: pass-through. */
+    int pass = PyDict_Contains(c_passthrough, call.func);
+    if (pass != 0) {
+        if (pass > 0)
+            result = call_disabled(call.func, call.types, call.args, call.kwargs);
+        goto out;
+    }
+    /* Block: step aside under compile tracing or an active mode. */
+    PyObject *memo = thread_memo(&hold);
+    if (memo == NULL)
+        goto out;
+    int modes = mode_or_compiling();
+    if (modes != 0) {
+        if (modes > 0)
+            result = step_aside(memo, call.func, call.types, call.args, call.kwargs,
+                                s_mode_or_compiling);
+        goto out;
+    }
+    /* Block: key. */
+    int krc = call_key(memo, &call, &key, &scalars);
+    if (krc != 0) {
+        if (krc > 0)
+            result = step_aside(memo, call.func, call.types, call.args, call.kwargs, key);
+        goto out;
     }
     /* Block: lookup (an unhashable key: the twin's TypeError from entries.get). */
     PyObject *entries = PyTuple_GET_ITEM(memo, M_ENTRIES);
     Py_hash_t kh = PyObject_Hash(key);
     PyObject *plan = kh == -1 ? NULL : dtd_dict_get_known_hash(entries, key, kh); /* borrowed */
     if (plan == NULL && PyErr_Occurred()) {
-        if (!PyErr_ExceptionMatches(PyExc_TypeError))
-            goto out_key;
-        PyErr_Clear();
-        result = step_aside(memo, func, types, args, kwargs, s_unhashable);
-        goto out_key;
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            result = step_aside(memo, call.func, call.types, call.args, call.kwargs,
+                                s_unhashable);
+        }
+        goto out;
     }
-    PyObject *counters = func_counters(PyTuple_GET_ITEM(memo, M_PER_FUNC), func);
+    PyObject *counters = func_counters(PyTuple_GET_ITEM(memo, M_PER_FUNC), call.func);
     if (counters == NULL)
-        goto out_key;
+        goto out;
     if (plan == NULL) {
-        /* Block: miss. A negative entry for the call's structure (scalars by type) first. */
-        PyObject *structure = NULL;
-        if (PyList_GET_SIZE(scalars) > 0) {
-            Py_ssize_t k = PyTuple_GET_SIZE(key);
-            if ((structure = PyList_New(k + 1)) == NULL)
-                goto out_key;
-            PyList_SET_ITEM(structure, 0, Py_NewRef(c_structure_marker));
-            for (Py_ssize_t i = 0; i < k; i++)
-                PyList_SET_ITEM(structure, i + 1, Py_NewRef(PyTuple_GET_ITEM(key, i)));
-            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(scalars); i++) {
-                Py_ssize_t position = PyLong_AsSsize_t(PyList_GET_ITEM(scalars, i));
-                if (position < 0 || position >= k) {
-                    if (!PyErr_Occurred())
-                        PyErr_SetString(PyExc_IndexError, "scalar position out of range");
-                    Py_DECREF(structure);
-                    goto out_key;
-                }
-                PyObject *old = PyList_GET_ITEM(structure, position + 1);
-                PyList_SET_ITEM(structure, position + 1, Py_NewRef(c_value_marker));
-                Py_DECREF(old);
-            }
-            PyObject *structure_key = PyList_AsTuple(structure);
-            if (structure_key == NULL) {
-                Py_DECREF(structure);
-                goto out_key;
-            }
-            PyObject *negative = PyDict_GetItemWithError(entries, structure_key); /* borrowed */
-            Py_DECREF(structure_key);
-            if (negative == NULL && PyErr_Occurred()) {
-                Py_DECREF(structure);
-                goto out_key;
-            }
-            if (negative != NULL) {
-                Py_DECREF(structure);
-                if (dtd_bump(counters, 2) < 0 || count_reason(PyTuple_GET_ITEM(memo, M_NEGATIVE), negative) < 0)
-                    goto out_key;
-                result = call_disabled(func, types, args, kwargs);
-                goto out_key;
-            }
-        }
-        if (dtd_bump(counters, 1) < 0) {
-            Py_XDECREF(structure);
-            goto out_key;
-        }
-        PyObject *miss_argv[7] = {PyTuple_GET_ITEM(memo, M_CACHE), func, types, args, kwargs, key,
-                                  structure != NULL ? structure : Py_None};
-        result = PyObject_Vectorcall(c_miss, miss_argv, 7, NULL);
-        Py_XDECREF(structure);
-        goto out_key;
+        result = miss(memo, &call, key, scalars, counters);
+        goto out;
     }
     Py_INCREF(plan);
-    if (dtd_move_to_end(entries, key, kh) < 0) {
-        Py_DECREF(plan);
-        goto out_key;
+    if (dtd_move_to_end(entries, key, kh) == 0) {
+        if (PyUnicode_CheckExact(plan))
+            result = negative_entry(memo, &call, counters, plan);
+        else
+            result = hit(memo, &call, plan, counters);
     }
-    if (PyUnicode_CheckExact(plan)) {
-        /* Block: negative entry. */
-        if (dtd_bump(counters, 2) == 0 && count_reason(PyTuple_GET_ITEM(memo, M_NEGATIVE), plan) == 0)
-            result = call_disabled(func, types, args, kwargs);
-        Py_DECREF(plan);
-        goto out_key;
-    }
-    /* ReplayPlan is a NamedTuple (out, bumps, below, chunks, ops). */
-    if (!PyTuple_Check(plan) || PyTuple_GET_SIZE(plan) != 5) {
-        Py_DECREF(plan);
-        PyErr_SetString(PyExc_TypeError, "a replay plan must be an above.ReplayPlan");
-        goto out_key;
-    }
-    /* Block: custom handlers (read live: see the twin). */
-    {
-        int handled = plan_ops_handled(PyTuple_GET_ITEM(plan, 4));
-        if (handled != 0) {
-            Py_DECREF(plan);
-            if (handled > 0)
-                result = step_aside(memo, func, types, args, kwargs, s_custom_handler);
-            goto out_key;
-        }
-    }
-    if (dtd_bump(counters, 0) < 0) {
-        Py_DECREF(plan);
-        goto out_key;
-    }
-    if (PyTuple_GET_ITEM(plan, 3) != Py_None) {
-        /* Under ExplicitRedistributionContext every implicit redistribution must be observed (and may
-         * raise): the dispatch path handles it. getattr(explicit_local, "_active", None) is not None */
-        int explicit_ = dtd_explicit_active(c_explicit_local);
-        if (explicit_ < 0) {
-            Py_DECREF(plan);
-            goto out_key;
-        }
-        if (explicit_) {
-            Py_DECREF(plan);
-            result = step_aside(memo, func, types, args, kwargs, s_explicit);
-            goto out_key;
-        }
-    }
-    result = replay(plan, func, args, kwargs);
     Py_DECREF(plan);
-out_key:
-    Py_DECREF(key);
-    Py_DECREF(scalars);
-out_memo:
-    Py_XDECREF(hold);
 out:
-    Py_XDECREF(own_args);
-    Py_XDECREF(own_kwargs);
+    Py_XDECREF(key);
+    Py_XDECREF(scalars);
+    Py_XDECREF(hold);
+    Py_XDECREF(call.own_args);
+    Py_XDECREF(call.own_kwargs);
     return result;
 }
 

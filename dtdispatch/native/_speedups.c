@@ -1311,87 +1311,82 @@ static int local_index(PyObject *index_obj, Py_ssize_t n, Py_ssize_t *out)
     return 0;
 }
 
-/* ------------------------------------------------------------------------------------------------------ */
-/* dispatch: mirrors _native.dispatch                                                                       */
-/* ------------------------------------------------------------------------------------------------------ */
+/* ---------------------------------------------------------------------------------------------- */
+/* dispatch: mirrors _native.dispatch, one function per block of the twin                         */
+/* ---------------------------------------------------------------------------------------------- */
 
-static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t nargsf,
-                             PyObject *kwnames)
+/* One dispatch call: the twin's locals that its blocks share. The object fields are owned (NULL
+ * until set) and released by sp_dispatch. */
+typedef struct {
+    PyObject *func, *args; /* borrowed: the call's arguments */
+    PyObject *kwargs;      /* NULL until the twin's ``kwargs = {}`` is needed (call_slow_path, OUT) */
+    Py_hash_t h;           /* hash(func) */
+    PyObject *key, *plan, *chunks;
+    ObjBuf local; /* the locals; items[0] a spare slot, so calls may use ARGUMENTS_OFFSET */
+} DispatchCall;
+
+/* c["slow_path"](func, args, kwargs, reason, key, plan) for this call. */
+static PyObject *dc_slow_path(DispatchCall *dc, PyObject *reason, PyObject *key, PyObject *plan)
 {
-    static const char *const names[] = {"cls", "func", "types", "args", "kwargs"};
-    PyObject *a[5];
-    if (parse_args("dispatch", argv, PyVectorcall_NARGS(nargsf), kwnames, names, 5, 3, a) < 0)
-        return NULL;
-    PyObject *func = a[1];
-    PyObject *args = a[3] != NULL ? a[3] : empty_tuple; /* args=() */
-    /* if kwargs is None: kwargs = {} (made only when the object itself is needed: call_slow_path, OUT) */
-    PyObject *kwargs = (a[4] == NULL || a[4] == Py_None) ? NULL : Py_NewRef(a[4]);
-    PyObject *result = NULL, *key = NULL, *cache = NULL, *entries = NULL, *plan = NULL, *counters = NULL,
-             *tmp = NULL, *chunks = NULL, *seq = NULL, *local_kwargs = NULL, *local_result = NULL, *kind = NULL,
-             *spec = NULL;
-    ObjBuf local;
-    buf_init(&local);
-    if (load_cache_names() < 0)
-        goto done;
+    return call_slow_path(dc->func, dc->args, &dc->kwargs, reason, key, plan);
+}
 
-    /* Block: custom handlers (torch runs these before any sharding logic). NOTE: read live (see the twin).
-     * if func in c["op_dispatcher"]._custom_op_handlers:
-     *     return c["slow_path"](func, args, kwargs, "custom handler", None, None) */
+/* mirrors dispatch's "Block: custom handlers": ``func in
+ * c["op_dispatcher"]._custom_op_handlers`` (read live: see the twin). Sets dc->h (hash(func)) on
+ * the way. 1, 0, or -1 with an error. */
+static int custom_handled(DispatchCall *dc)
+{
     if (cfg(cfg_op_dispatcher, "op_dispatcher") == NULL)
-        goto done;
-    Py_hash_t h = op_hash(func);
-    if (h == -1)
-        goto done; /* ``func in handlers`` raises the same TypeError */
+        return -1;
+    if ((dc->h = op_hash(dc->func)) == -1)
+        return -1; /* ``func in handlers`` raises the same TypeError */
     PyObject *handlers = PyObject_GetAttr(cfg_op_dispatcher, s_custom_op_handlers);
     if (handlers == NULL)
-        goto done;
-    int custom = contains_op(handlers, PyDict_CheckExact(handlers) ? handlers : NULL, func, h);
+        return -1;
+    int custom = contains_op(handlers, PyDict_CheckExact(handlers) ? handlers : NULL, dc->func,
+                             dc->h);
     Py_DECREF(handlers);
-    if (custom < 0)
-        goto done;
-    if (custom) {
-        result = call_slow_path(func, args, &kwargs, s_custom_handler, Py_None, Py_None);
-        goto done;
-    }
+    return custom;
+}
 
-    /* Block: key. key = build_key(func, args, kwargs); if key is None: slow_path(..., "no key", None, None) */
-    key = build_key_full(func, h, args, kwargs);
-    if (key == NULL)
-        goto done;
-    if (key == Py_None) {
-        result = call_slow_path(func, args, &kwargs, s_no_key, Py_None, Py_None);
-        goto done;
-    }
-
-    /* Block: lookup. cache = thread_cache(); plan = cache.entries.get(key); counters = cache.op_counters(func) */
+/* mirrors dispatch's "Block: lookup", dc->key being a key tuple: the plan, counted, moved to the
+ * end of the LRU, and the checks that send a hit to the slow path. 1: a fast plan (dc->plan and
+ * dc->chunks set), go on; 0: the call is done, *result its result (NULL with an error). */
+static int lookup(DispatchCall *dc, PyObject **result)
+{
+    PyObject *cache = NULL, *entries = NULL, *plan = NULL, *counters = NULL, *tmp = NULL;
+    int go_on = 0;
+    *result = NULL;
+    /* cache = thread_cache(); plan = cache.entries.get(key); counters = cache.op_counters(func) */
     if ((cache = get_thread_cache()) == NULL || (entries = GET_SLOT(cache, entries)) == NULL)
         goto done;
     Py_hash_t kh = -1;
-    if (((PyObject *)Py_TYPE(entries) == odict_type || PyDict_CheckExact(entries)) && PyTuple_CheckExact(key)) {
-        /* OrderedDict.get is dict.get (odict does not override it): a dict lookup with the key's hash. */
-        if ((kh = key_hash(key)) == -1)
+    if (((PyObject *)Py_TYPE(entries) == odict_type || PyDict_CheckExact(entries)) &&
+        PyTuple_CheckExact(dc->key)) {
+        /* OrderedDict.get is dict.get (odict does not override it): a dict lookup with the key's
+         * hash. */
+        if ((kh = key_hash(dc->key)) == -1)
             goto done;
-        plan = dtd_dict_get_known_hash(entries, key, kh);
+        plan = dtd_dict_get_known_hash(entries, dc->key, kh);
         if (plan == NULL && PyErr_Occurred())
             goto done;
         Py_XINCREF(plan);
     } else {
-        plan = PyObject_VectorcallMethod(s_get, (PyObject *[]){entries, key}, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
-                                         NULL);
+        plan = PyObject_VectorcallMethod(s_get, (PyObject *[]){entries, dc->key},
+                                         2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
         if (plan == NULL)
             goto done;
     }
-    if ((counters = op_counters(cache, func, h)) == NULL)
+    if ((counters = op_counters(cache, dc->func, dc->h)) == NULL)
         goto done;
     if (plan == NULL || plan == Py_None) {
-        /* if plan is None: counters[1] += 1; return c["slow_path"](func, args, kwargs, "miss", key, None) */
-        if (dtd_bump(counters, 1) < 0)
-            goto done;
-        result = call_slow_path(func, args, &kwargs, s_miss, key, Py_None);
+        /* if plan is None: counters[1] += 1; return c["slow_path"](..., "miss", key, None) */
+        if (dtd_bump(counters, 1) == 0)
+            *result = dc_slow_path(dc, s_miss, dc->key, Py_None);
         goto done;
     }
     /* cache.entries.move_to_end(key); counters[0] += 1 */
-    if (dtd_move_to_end(entries, key, kh) < 0 || dtd_bump(counters, 0) < 0)
+    if (dtd_move_to_end(entries, dc->key, kh) < 0 || dtd_bump(counters, 0) < 0)
         goto done;
     /* if not plan.fast: return c["slow_path"](func, args, kwargs, plan.reason, key, plan) */
     if ((tmp = GET_SLOT(plan, fast)) == NULL)
@@ -1401,375 +1396,504 @@ static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv,
     if (fast < 0)
         goto done;
     if (!fast) {
-        if ((tmp = GET_SLOT(plan, reason)) == NULL)
-            goto done;
-        result = call_slow_path(func, args, &kwargs, tmp, key, plan);
+        if ((tmp = GET_SLOT(plan, reason)) != NULL)
+            *result = dc_slow_path(dc, tmp, dc->key, plan);
         goto done;
     }
-    /* chunks = plan.chunks; under ExplicitRedistributionContext every implicit redistribution must be
-     * observed: if chunks is not None and getattr(c["explicit_local"], "_active", None) is not None:
-     *     return c["slow_path"](func, args, kwargs, "explicit redistribution context", key, plan) */
-    if ((chunks = GET_SLOT(plan, chunks)) == NULL)
+    /* chunks = plan.chunks; under ExplicitRedistributionContext every implicit redistribution
+     * must be observed: if chunks is not None and getattr(c["explicit_local"], "_active", None)
+     * is not None: return c["slow_path"](..., "explicit redistribution context", key, plan) */
+    PyObject *chunks = GET_SLOT(plan, chunks);
+    if (chunks == NULL)
         goto done;
     if (chunks != Py_None) {
-        if (cfg(cfg_explicit_local, "explicit_local") == NULL)
-            goto done;
-        int active = dtd_explicit_active(cfg_explicit_local);
-        if (active < 0)
-            goto done;
-        if (active) {
-            result = call_slow_path(func, args, &kwargs, s_explicit_reason, key, plan);
+        int active = cfg(cfg_explicit_local, "explicit_local") == NULL
+                         ? -1
+                         : dtd_explicit_active(cfg_explicit_local);
+        if (active != 0) {
+            Py_DECREF(chunks);
+            if (active > 0)
+                *result = dc_slow_path(dc, s_explicit_reason, dc->key, plan);
             goto done;
         }
     }
+    dc->plan = Py_NewRef(plan);
+    dc->chunks = chunks;
+    go_on = 1;
+done:
+    Py_XDECREF(cache);
+    Py_XDECREF(entries);
+    Py_XDECREF(plan);
+    Py_XDECREF(counters);
+    Py_XDECREF(tmp);
+    return go_on;
+}
 
-    /* Block: unwrap (the plan is participating, not random, and communicates nothing).
-     * dtensor_type = c["dtensor_type"] */
-    PyObject *dtensor_type = cfg(cfg_dtensor_type, "dtensor_type");
-    /* args as a tuple (torch passes one: no copy); a list given directly is snapshot, so nothing below
-     * can see it change */
-    if (dtensor_type == NULL || (seq = PySequence_Tuple(args)) == NULL)
-        goto done;
+/* mirrors dispatch's "Block: unwrap", its ``if plan.needs_pytree:`` branch (aten lists nest one
+ * level): [type(a)(unwrap(e) for e in a) if type(a) is list or type(a) is tuple else unwrap(a)
+ * for a in args], appended to local. 0, or -1 with an error. */
+static int unwrap_nested(PyObject **items, Py_ssize_t nargs, PyObject *dtensor_type,
+                         ObjBuf *local)
+{
+    for (Py_ssize_t i = 0; i < nargs; i++) {
+        PyObject *arg = items[i], *value;
+        if (PyList_CheckExact(arg) || PyTuple_CheckExact(arg)) {
+            Py_ssize_t m = PySequence_Fast_GET_SIZE(arg);
+            value = PyList_CheckExact(arg) ? PyList_New(m) : PyTuple_New(m);
+            for (Py_ssize_t j = 0; value != NULL && j < m; j++) {
+                /* (a list can only change under us if unwrap ran Python code; re-read its size) */
+                if (j >= PySequence_Fast_GET_SIZE(arg)) {
+                    Py_CLEAR(value);
+                    PyErr_SetString(PyExc_RuntimeError, "list changed size during iteration");
+                    break;
+                }
+                PyObject *e = unwrap_one(PySequence_Fast_GET_ITEM(arg, j), dtensor_type);
+                if (e == NULL) {
+                    Py_CLEAR(value);
+                    break;
+                }
+                if (PyList_CheckExact(value))
+                    PyList_SET_ITEM(value, j, e);
+                else
+                    PyTuple_SET_ITEM(value, j, e);
+            }
+        } else {
+            value = unwrap_one(arg, dtensor_type);
+        }
+        if (buf_push(local, value) < 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* mirrors dispatch's "Block: unwrap", its sharded-views branch: non-tensor positions take the
+ * plan's rewritten values (local shapes), and values the rewrite appended come last.
+ * local = [a._local_tensor if isinstance(a, dtensor_type) else (a if isinstance(a, tensor_type)
+ *          else rewritten[i]) for i, a in enumerate(args)]; local.extend(rewritten[len(args):])
+ * 0, or -1 with an error. */
+static int unwrap_rewritten(PyObject **items, Py_ssize_t nargs, PyObject *rewritten,
+                            PyObject *dtensor_type, ObjBuf *local)
+{
+    PyObject *tensor_t = cfg(cfg_tensor_type, "tensor_type"), *tmp = NULL;
+    int ok = tensor_t != NULL;
+    for (Py_ssize_t i = 0; ok && i < nargs; i++) {
+        PyObject *arg = items[i], *value = NULL;
+        int isdt = is_instance(arg, dtensor_type, dtensor_check_is_plain);
+        if (isdt > 0) {
+            value = GET_SLOT(arg, local_tensor);
+        } else if (isdt == 0) {
+            int ist = is_instance(arg, tensor_t, tensor_cfg_check_is_plain);
+            if (ist > 0)
+                value = Py_NewRef(arg);
+            else if (ist == 0 && PyTuple_CheckExact(rewritten))
+                value = PySequence_GetItem(rewritten, i); /* rewritten[i] */
+            else if (ist == 0 && (tmp = PyLong_FromSsize_t(i)) != NULL)
+                value = PyObject_GetItem(rewritten, tmp);
+            Py_CLEAR(tmp);
+        }
+        ok = buf_push(local, value) == 0;
+    }
+    if (ok) {
+        PyObject *rest = PySequence_GetSlice(rewritten, nargs, PY_SSIZE_T_MAX);
+        PyObject *rest_seq =
+            rest != NULL ? PySequence_Fast(rest, "rewritten_args must be iterable") : NULL;
+        ok = rest_seq != NULL;
+        for (Py_ssize_t j = 0; ok && j < PySequence_Fast_GET_SIZE(rest_seq); j++)
+            ok = buf_push(local, Py_NewRef(PySequence_Fast_GET_ITEM(rest_seq, j))) == 0;
+        Py_XDECREF(rest);
+        Py_XDECREF(rest_seq);
+    }
+    return ok ? 0 : -1;
+}
+
+/* mirrors dispatch's "Block: local chunks" (communication-free redistribution, Replicate ->
+ * Shard: the plan's verified local chunk).
+ * for index, dim, offset, length in chunks:
+ *     if length is not None: local[index] = local[index].narrow(dim, offset, length).clone()
+ * 0, or -1 with an error. */
+static int apply_chunks(PyObject *chunks, ObjBuf *local)
+{
+    PyObject *chunk_seq = PySequence_Fast(chunks, "chunks must be iterable");
+    if (chunk_seq == NULL)
+        return -1;
+    for (Py_ssize_t c = 0; c < PySequence_Fast_GET_SIZE(chunk_seq); c++) {
+        PyObject *entry =
+            PySequence_Fast(PySequence_Fast_GET_ITEM(chunk_seq, c), "cannot unpack chunk");
+        Py_ssize_t index;
+        PyObject *cloned = NULL;
+        if (entry != NULL && PySequence_Fast_GET_SIZE(entry) != 4) {
+            PyErr_Format(PyExc_ValueError, "%s values to unpack (expected 4, got %zd)",
+                         PySequence_Fast_GET_SIZE(entry) > 4 ? "too many" : "not enough",
+                         PySequence_Fast_GET_SIZE(entry));
+            Py_CLEAR(entry);
+        }
+        if (entry != NULL && PySequence_Fast_GET_ITEM(entry, 3) == Py_None) {
+            /* Length None: torch hands the local itself back; keep it. */
+            Py_DECREF(entry);
+            continue;
+        }
+        if (entry != NULL &&
+            local_index(PySequence_Fast_GET_ITEM(entry, 0), local->len - 1, &index) == 0) {
+            PyObject **e = PySequence_Fast_ITEMS(entry);
+            cloned = dtd_local_chunk(local->items[1 + index], e[1], e[2], e[3]);
+        }
+        Py_XDECREF(entry);
+        if (cloned == NULL) {
+            Py_DECREF(chunk_seq);
+            return -1;
+        }
+        Py_SETREF(local->items[1 + index], cloned);
+    }
+    Py_DECREF(chunk_seq);
+    return 0;
+}
+
+/* mirrors dispatch's "Block: unwrap" (the plan is participating, not random, and communicates
+ * nothing) and "Block: local chunks": dc->local filled. 0, or -1 with an error. */
+static int unwrap_args(DispatchCall *dc, PyObject *dtensor_type)
+{
+    /* args as a tuple (torch passes one: no copy); a list given directly is snapshot, so nothing
+     * below can see it change */
+    PyObject *seq = PySequence_Tuple(dc->args), *tmp = NULL;
+    int rc = -1;
+    if (seq == NULL)
+        return -1;
     Py_ssize_t nargs = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
     /* local[-1]: a spare slot, so the op call may use PY_VECTORCALL_ARGUMENTS_OFFSET */
-    if (buf_push(&local, Py_NewRef(Py_None)) < 0 || (tmp = GET_SLOT(plan, needs_pytree)) == NULL)
+    if (buf_push(&dc->local, Py_NewRef(Py_None)) < 0 ||
+        (tmp = GET_SLOT(dc->plan, needs_pytree)) == NULL)
         goto done;
     int needs_pytree = PyObject_IsTrue(tmp);
     Py_CLEAR(tmp);
     if (needs_pytree < 0)
         goto done;
     if (needs_pytree) {
-        /* aten lists nest one level: [type(a)(unwrap(e) for e in a) if type(a) is list or type(a) is tuple
-         * else unwrap(a) for a in args] */
-        for (Py_ssize_t i = 0; i < nargs; i++) {
-            PyObject *arg = items[i], *value;
-            if (PyList_CheckExact(arg) || PyTuple_CheckExact(arg)) {
-                Py_ssize_t m = PySequence_Fast_GET_SIZE(arg);
-                value = PyList_CheckExact(arg) ? PyList_New(m) : PyTuple_New(m);
-                for (Py_ssize_t j = 0; value != NULL && j < m; j++) {
-                    /* (a list can only change under us if unwrap ran Python code; re-read its size) */
-                    if (j >= PySequence_Fast_GET_SIZE(arg)) {
-                        Py_CLEAR(value);
-                        PyErr_SetString(PyExc_RuntimeError, "list changed size during iteration");
-                        break;
-                    }
-                    PyObject *e = unwrap_one(PySequence_Fast_GET_ITEM(arg, j), dtensor_type);
-                    if (e == NULL) {
-                        Py_CLEAR(value);
-                        break;
-                    }
-                    if (PyList_CheckExact(value))
-                        PyList_SET_ITEM(value, j, e);
-                    else
-                        PyTuple_SET_ITEM(value, j, e);
-                }
-            } else {
-                value = unwrap_one(arg, dtensor_type);
-            }
-            if (buf_push(&local, value) < 0)
-                goto done;
-        }
+        if (unwrap_nested(items, nargs, dtensor_type, &dc->local) < 0)
+            goto done;
     } else {
-        PyObject *rewritten = GET_SLOT(plan, rewritten_args);
-        if (rewritten == NULL)
+        if ((tmp = GET_SLOT(dc->plan, rewritten_args)) == NULL)
             goto done;
-        if (rewritten == Py_None) {
+        if (tmp == Py_None) {
             /* local = [a._local_tensor if isinstance(a, dtensor_type) else a for a in args] */
-            Py_DECREF(rewritten);
             for (Py_ssize_t i = 0; i < nargs; i++)
-                if (buf_push(&local, unwrap_one(items[i], dtensor_type)) < 0)
+                if (buf_push(&dc->local, unwrap_one(items[i], dtensor_type)) < 0)
                     goto done;
-        } else {
-            /* Sharded views: non-tensor positions take the plan's rewritten values (local shapes), and values
-             * the rewrite appended come last.
-             * local = [a._local_tensor if isinstance(a, dtensor_type) else (a if isinstance(a, tensor_type)
-             *          else rewritten[i]) for i, a in enumerate(args)]; local.extend(rewritten[len(args):]) */
-            PyObject *tensor_t = cfg(cfg_tensor_type, "tensor_type");
-            int ok = tensor_t != NULL;
-            for (Py_ssize_t i = 0; ok && i < nargs; i++) {
-                PyObject *arg = items[i], *value = NULL;
-                int isdt = is_instance(arg, dtensor_type, dtensor_check_is_plain);
-                if (isdt > 0) {
-                    value = GET_SLOT(arg, local_tensor);
-                } else if (isdt == 0) {
-                    int ist = is_instance(arg, tensor_t, tensor_cfg_check_is_plain);
-                    if (ist > 0)
-                        value = Py_NewRef(arg);
-                    else if (ist == 0 && PyTuple_CheckExact(rewritten))
-                        value = PySequence_GetItem(rewritten, i); /* rewritten[i] */
-                    else if (ist == 0 && (tmp = PyLong_FromSsize_t(i)) != NULL)
-                        value = PyObject_GetItem(rewritten, tmp);
-                    Py_CLEAR(tmp);
-                }
-                ok = buf_push(&local, value) == 0;
-            }
-            if (ok) {
-                PyObject *rest = PySequence_GetSlice(rewritten, nargs, PY_SSIZE_T_MAX);
-                PyObject *rest_seq = rest != NULL ? PySequence_Fast(rest, "rewritten_args must be iterable") : NULL;
-                ok = rest_seq != NULL;
-                for (Py_ssize_t j = 0; ok && j < PySequence_Fast_GET_SIZE(rest_seq); j++)
-                    ok = buf_push(&local, Py_NewRef(PySequence_Fast_GET_ITEM(rest_seq, j))) == 0;
-                Py_XDECREF(rest);
-                Py_XDECREF(rest_seq);
-            }
-            Py_DECREF(rewritten);
-            if (!ok)
-                goto done;
-        }
-    }
-    if (chunks != Py_None) {
-        /* Communication-free redistribution (Replicate -> Shard): the plan's verified local chunk.
-         * for index, dim, offset, length in chunks:
-         *     if length is not None: local[index] = local[index].narrow(dim, offset, length).clone() */
-        PyObject *chunk_seq = PySequence_Fast(chunks, "chunks must be iterable");
-        if (chunk_seq == NULL)
+        } else if (unwrap_rewritten(items, nargs, tmp, dtensor_type, &dc->local) < 0) {
             goto done;
-        for (Py_ssize_t c = 0; c < PySequence_Fast_GET_SIZE(chunk_seq); c++) {
-            PyObject *entry = PySequence_Fast(PySequence_Fast_GET_ITEM(chunk_seq, c), "cannot unpack chunk");
-            Py_ssize_t index;
-            PyObject *cloned = NULL;
-            if (entry != NULL && PySequence_Fast_GET_SIZE(entry) != 4) {
-                PyErr_Format(PyExc_ValueError, "%s values to unpack (expected 4, got %zd)",
-                             PySequence_Fast_GET_SIZE(entry) > 4 ? "too many" : "not enough",
-                             PySequence_Fast_GET_SIZE(entry));
-                Py_CLEAR(entry);
-            }
-            if (entry != NULL && PySequence_Fast_GET_ITEM(entry, 3) == Py_None) {
-                /* Length None: torch hands the local itself back; keep it. */
-                Py_DECREF(entry);
-                continue;
-            }
-            if (entry != NULL && local_index(PySequence_Fast_GET_ITEM(entry, 0), local.len - 1, &index) == 0) {
-                PyObject **e = PySequence_Fast_ITEMS(entry);
-                cloned = dtd_local_chunk(local.items[1 + index], e[1], e[2], e[3]);
-            }
-            Py_XDECREF(entry);
-            if (cloned == NULL) {
-                Py_DECREF(chunk_seq);
-                goto done;
-            }
-            Py_SETREF(local.items[1 + index], cloned);
         }
-        Py_DECREF(chunk_seq);
     }
+    if (dc->chunks != Py_None && apply_chunks(dc->chunks, &dc->local) < 0)
+        goto done;
+    rc = 0;
+done:
+    Py_XDECREF(tmp);
+    Py_DECREF(seq);
+    return rc;
+}
 
-    /* Block: local op.
-     * if kwargs: local_kwargs = {k: unwrap(v) for k, v in kwargs.items()}; result = plan.op_call(*local,
-     * **local_kwargs) else: result = plan.op_call(*local) */
-    int has_kwargs = kwargs != NULL ? PyObject_IsTrue(kwargs) : 0;
+/* mirrors dispatch's "Block: local op", its ``if kwargs:`` part:
+ * {k: (v._local_tensor if isinstance(v, dtensor_type) else v) for k, v in kwargs.items()}.
+ * New reference. */
+static PyObject *unwrap_kwargs(PyObject *kwargs, PyObject *dtensor_type)
+{
+    PyObject *pairs = PyDict_CheckExact(kwargs) ? PyDict_Items(kwargs) : PyMapping_Items(kwargs);
+    PyObject *pairs_seq = pairs != NULL ? PySequence_Fast(pairs, "items() must be iterable") : NULL;
+    PyObject *local_kwargs = NULL;
+    Py_XDECREF(pairs);
+    if (pairs_seq == NULL || (local_kwargs = PyDict_New()) == NULL) {
+        Py_XDECREF(pairs_seq);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(pairs_seq); i++) {
+        PyObject *pair = PySequence_Fast_GET_ITEM(pairs_seq, i);
+        PyObject *value = NULL;
+        int rc = -1;
+        if (PyTuple_CheckExact(pair) && PyTuple_GET_SIZE(pair) == 2 &&
+            (value = unwrap_one(PyTuple_GET_ITEM(pair, 1), dtensor_type)) != NULL)
+            rc = PyDict_SetItem(local_kwargs, PyTuple_GET_ITEM(pair, 0), value);
+        else if (value == NULL && !PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "kwargs.items() must yield pairs");
+        Py_XDECREF(value);
+        if (rc < 0) {
+            Py_DECREF(pairs_seq);
+            Py_DECREF(local_kwargs);
+            return NULL;
+        }
+    }
+    Py_DECREF(pairs_seq);
+    return local_kwargs;
+}
+
+/* mirrors dispatch's "Block: local op", its public-function condition: ``not
+ * c["torch_function_mode_enabled"]() and _plain_tensors(local, c["tensor_type"])``. 1, 0, or -1
+ * with an error. */
+static int local_call_allowed(const ObjBuf *local)
+{
+    if (cfg(cfg_tf_mode_enabled, "torch_function_mode_enabled") == NULL ||
+        cfg(cfg_tensor_type, "tensor_type") == NULL)
+        return -1;
+    int mode_on = dtd_call_truth(cfg_tf_mode_enabled);
+    if (mode_on != 0)
+        return mode_on < 0 ? -1 : 0;
+    /* mirrors _native._plain_tensors: all(type(v) is tensor_type or not isinstance(v,
+     * tensor_type) for v in local) */
+    for (Py_ssize_t i = 1; i < local->len; i++) {
+        PyObject *a = local->items[i];
+        if ((PyObject *)Py_TYPE(a) != cfg_tensor_type) {
+            int ist = is_instance(a, cfg_tensor_type, tensor_cfg_check_is_plain);
+            if (ist != 0)
+                return ist < 0 ? -1 : 0;
+        }
+    }
+    return 1;
+}
+
+/* mirrors dispatch's "Block: local op": plan.op_call(*local, **local_kwargs) with kwargs, else
+ * plan.local_call(*local) where allowed, else plan.op_call(*local). New reference. */
+static PyObject *local_op(DispatchCall *dc, PyObject *dtensor_type)
+{
+    PyObject *local_kwargs = NULL, *tmp = NULL, *result = NULL;
+    int has_kwargs = dc->kwargs != NULL ? PyObject_IsTrue(dc->kwargs) : 0;
     if (has_kwargs < 0)
-        goto done;
+        return NULL;
+    PyObject **local = dc->local.items + 1;
+    Py_ssize_t n = dc->local.len - 1;
     if (has_kwargs) {
-        PyObject *pairs = PyDict_CheckExact(kwargs) ? PyDict_Items(kwargs) : PyMapping_Items(kwargs);
-        PyObject *pairs_seq = pairs != NULL ? PySequence_Fast(pairs, "items() must be iterable") : NULL;
-        Py_XDECREF(pairs);
-        if (pairs_seq == NULL || (local_kwargs = PyDict_New()) == NULL) {
-            Py_XDECREF(pairs_seq);
-            goto done;
-        }
-        for (Py_ssize_t i = 0; i < PySequence_Fast_GET_SIZE(pairs_seq); i++) {
-            PyObject *pair = PySequence_Fast_GET_ITEM(pairs_seq, i);
-            PyObject *value = NULL;
-            int rc = -1;
-            if (PyTuple_CheckExact(pair) && PyTuple_GET_SIZE(pair) == 2 &&
-                (value = unwrap_one(PyTuple_GET_ITEM(pair, 1), dtensor_type)) != NULL)
-                rc = PyDict_SetItem(local_kwargs, PyTuple_GET_ITEM(pair, 0), value);
-            else if (value == NULL && !PyErr_Occurred())
-                PyErr_SetString(PyExc_TypeError, "kwargs.items() must yield pairs");
-            Py_XDECREF(value);
-            if (rc < 0) {
-                Py_DECREF(pairs_seq);
-                goto done;
+        if ((local_kwargs = unwrap_kwargs(dc->kwargs, dtensor_type)) == NULL)
+            return NULL;
+    } else {
+        /* The public function verified when planned (Plan.local_call): it skips
+         * OpOverload._op's second, schema-driven parse. NOTE: a torch function mode, or a local
+         * tensor subclass's __torch_function__, would see it instead of the aten op (the key
+         * holds neither), so then op_call stays. */
+        if ((tmp = GET_SLOT(dc->plan, local_call)) == NULL)
+            return NULL;
+        if (tmp != Py_None) {
+            int allowed = local_call_allowed(&dc->local);
+            if (allowed < 0) {
+                Py_DECREF(tmp);
+                return NULL;
+            }
+            if (allowed) {
+                result = PyObject_Vectorcall(tmp, local, (size_t)n | PY_VECTORCALL_ARGUMENTS_OFFSET,
+                                             NULL);
+                Py_DECREF(tmp);
+                return result;
             }
         }
-        Py_DECREF(pairs_seq);
+        Py_CLEAR(tmp);
     }
-    if (!has_kwargs) {
-        /* elif plan.local_call is not None and not c["torch_function_mode_enabled"]() and all(type(a) is
-         * c["tensor_type"] or not isinstance(a, c["tensor_type"]) for a in local) (_plain_tensors): result =
-         * plan.local_call(*local).
-         * The public function verified when planned (Plan.local_call): it skips OpOverload._op's second,
-         * schema-driven parse. NOTE: a torch function mode, or a local tensor subclass's __torch_function__,
-         * would see it instead of the aten op (the key holds neither), so then op_call stays. */
-        if ((tmp = GET_SLOT(plan, local_call)) == NULL)
-            goto done;
-        if (tmp != Py_None) {
-            if (cfg(cfg_tf_mode_enabled, "torch_function_mode_enabled") == NULL ||
-                cfg(cfg_tensor_type, "tensor_type") == NULL)
-                goto done;
-            int mode_on = dtd_call_truth(cfg_tf_mode_enabled);
-            if (mode_on < 0)
-                goto done;
-            int plain = !mode_on;
-            for (Py_ssize_t i = 1; plain && i < local.len; i++) {
-                PyObject *a = local.items[i];
-                if ((PyObject *)Py_TYPE(a) != cfg_tensor_type) {
-                    int ist = is_instance(a, cfg_tensor_type, tensor_cfg_check_is_plain);
-                    if (ist < 0)
-                        goto done;
-                    plain = !ist;
+    /* else: result = plan.op_call(*local) (or with **local_kwargs) */
+    if ((tmp = GET_SLOT(dc->plan, op_call)) != NULL) {
+        result = call_op(tmp, local, n, local_kwargs);
+        Py_DECREF(tmp);
+    }
+    Py_XDECREF(local_kwargs);
+    return result;
+}
+
+/* mirrors dispatch's "Block: out= outputs" (kind == OUT):
+ * spec = plan.output_spec; specs = spec if isinstance(spec, tuple) else (spec,)
+ * outs = [kwargs[name] for name in plan.out_names]
+ * for out, out_spec in zip(outs, specs): out._spec = out_spec
+ * return tuple(outs) if len(outs) > 1 else outs[0]
+ * New reference. */
+static PyObject *return_out(DispatchCall *dc)
+{
+    PyObject *spec = NULL, *specs = NULL, *out_names = NULL, *names_seq = NULL, *outs = NULL,
+             *spec_it = NULL, *result = NULL;
+    if ((spec = GET_SLOT(dc->plan, output_spec)) == NULL)
+        return NULL;
+    int spec_is_tuple = is_instance_builtin(spec, &PyTuple_Type);
+    if (spec_is_tuple < 0) {
+        Py_DECREF(spec);
+        return NULL;
+    }
+    specs = spec_is_tuple ? Py_NewRef(spec) : PyTuple_Pack(1, spec);
+    if (specs != NULL && (dc->kwargs != NULL || (dc->kwargs = PyDict_New()) != NULL) &&
+        (out_names = GET_SLOT(dc->plan, out_names)) != NULL &&
+        (names_seq = PySequence_Fast(out_names, "out_names must be iterable")) != NULL &&
+        (outs = PyList_New(0)) != NULL) {
+        int ok = 1;
+        for (Py_ssize_t i = 0; ok && i < PySequence_Fast_GET_SIZE(names_seq); i++) {
+            PyObject *out = PyObject_GetItem(dc->kwargs, PySequence_Fast_GET_ITEM(names_seq, i));
+            ok = out != NULL && PyList_Append(outs, out) == 0;
+            Py_XDECREF(out);
+        }
+        if (ok && (spec_it = PyObject_GetIter(specs)) != NULL) {
+            for (Py_ssize_t i = 0; ok && i < PyList_GET_SIZE(outs); i++) {
+                PyObject *out_spec = PyIter_Next(spec_it);
+                if (out_spec == NULL)
+                    break;
+                ok = PyObject_SetAttr(PyList_GET_ITEM(outs, i), s_spec, out_spec) == 0;
+                Py_DECREF(out_spec);
+            }
+            ok = ok && !PyErr_Occurred();
+        } else {
+            ok = 0;
+        }
+        if (ok)
+            result = PyList_GET_SIZE(outs) > 1 ? PyList_AsTuple(outs)
+                                               : PySequence_GetItem(outs, 0);
+    }
+    Py_DECREF(spec);
+    Py_XDECREF(specs);
+    Py_XDECREF(out_names);
+    Py_XDECREF(names_seq);
+    Py_XDECREF(outs);
+    Py_XDECREF(spec_it);
+    return result;
+}
+
+/* mirrors dispatch's "Block: view aliasing" (kind == VIEW: return_and_correct_aliasing's storage
+ * fix, torch._functionalize_unsafe_set):
+ * outs_tuple = wrapped if isinstance(wrapped, tuple) else (wrapped,)
+ * for arg_index, return_index in plan.alias_pairs:
+ *     ret = outs_tuple[return_index]
+ *     for r in ret if isinstance(ret, list) else (ret,): unsafe_set(r, args[arg_index])
+ * 0, or -1 with an error. */
+static int view_aliasing(DispatchCall *dc, PyObject *wrapped)
+{
+    PyObject *outs_tuple = NULL, *pairs = NULL, *pairs_seq = NULL;
+    int ok = 0;
+    int w_tuple = is_instance_builtin(wrapped, &PyTuple_Type);
+    if (w_tuple >= 0 &&
+        (outs_tuple = w_tuple ? Py_NewRef(wrapped) : PyTuple_Pack(1, wrapped)) != NULL &&
+        cfg(cfg_unsafe_set, "unsafe_set") != NULL &&
+        (pairs = GET_SLOT(dc->plan, alias_pairs)) != NULL &&
+        (pairs_seq = PySequence_Fast(pairs, "alias_pairs must be iterable")) != NULL) {
+        ok = 1;
+        for (Py_ssize_t i = 0; ok && i < PySequence_Fast_GET_SIZE(pairs_seq); i++) {
+            PyObject *pair = PySequence_Fast(PySequence_Fast_GET_ITEM(pairs_seq, i),
+                                             "cannot unpack alias pair");
+            PyObject *ret = NULL, *targets = NULL, *source = NULL;
+            ok = 0;
+            if (pair != NULL && PySequence_Fast_GET_SIZE(pair) != 2)
+                PyErr_Format(PyExc_ValueError, "%s values to unpack (expected 2, got %zd)",
+                             PySequence_Fast_GET_SIZE(pair) > 2 ? "too many" : "not enough",
+                             PySequence_Fast_GET_SIZE(pair));
+            else if (pair != NULL &&
+                     (ret = PyObject_GetItem(outs_tuple, PySequence_Fast_GET_ITEM(pair, 1))) !=
+                         NULL) {
+                int r_list = is_instance_builtin(ret, &PyList_Type);
+                if (r_list >= 0 &&
+                    (targets = r_list ? PySequence_Fast(ret, "") : PyTuple_Pack(1, ret)) != NULL) {
+                    ok = 1;
+                    for (Py_ssize_t j = 0; ok && j < PySequence_Fast_GET_SIZE(targets); j++) {
+                        /* args[arg_index] is read per target, as the twin's expression is */
+                        source = PyObject_GetItem(dc->args, PySequence_Fast_GET_ITEM(pair, 0));
+                        PyObject *res =
+                            source != NULL
+                                ? PyObject_Vectorcall(
+                                      cfg_unsafe_set,
+                                      (PyObject *[]){PySequence_Fast_GET_ITEM(targets, j), source},
+                                      2, NULL)
+                                : NULL;
+                        Py_CLEAR(source);
+                        ok = res != NULL;
+                        Py_XDECREF(res);
+                    }
                 }
             }
-            if (plain) {
-                local_result = PyObject_Vectorcall(tmp, local.items + 1,
-                                                   (size_t)(local.len - 1) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-                Py_CLEAR(tmp);
-                if (local_result == NULL)
-                    goto done;
-            }
+            Py_XDECREF(pair);
+            Py_XDECREF(ret);
+            Py_XDECREF(targets);
         }
-        Py_CLEAR(tmp);
     }
-    if (local_result == NULL) {
-        /* else: result = plan.op_call(*local) (or with **local_kwargs) */
-        if ((tmp = GET_SLOT(plan, op_call)) == NULL)
-            goto done;
-        local_result = call_op(tmp, local.items + 1, local.len - 1, local_kwargs);
-        Py_CLEAR(tmp);
-        if (local_result == NULL)
-            goto done;
-    }
+    Py_XDECREF(outs_tuple);
+    Py_XDECREF(pairs);
+    Py_XDECREF(pairs_seq);
+    return ok ? 0 : -1;
+}
 
-    /* Block: return, by output kind (torch's _dispatch_fast_path_python_tail and wrap). kind = plan.kind */
-    if ((kind = GET_SLOT(plan, kind)) == NULL)
-        goto done;
+/* mirrors dispatch's "Block: return, by output kind" (torch's _dispatch_fast_path_python_tail
+ * and wrap), with "Block: out= outputs" and "Block: view aliasing". New reference. */
+static PyObject *return_by_kind(DispatchCall *dc, PyObject *local_result)
+{
+    PyObject *kind = GET_SLOT(dc->plan, kind), *spec = NULL, *result = NULL;
+    if (kind == NULL)
+        return NULL;
     int is_kind = kind_is(kind, kind_inplace);
-    if (is_kind < 0)
-        goto done;
-    if (is_kind) {
+    if (is_kind != 0) {
         /* The plan is fast only when placements do not change: return self, as torch does.
          * return args[0] if plan.output_spec is not None else None */
-        if ((spec = GET_SLOT(plan, output_spec)) == NULL)
-            goto done;
-        result = spec != Py_None ? PySequence_GetItem(args, 0) : Py_NewRef(Py_None);
+        if (is_kind > 0 && (spec = GET_SLOT(dc->plan, output_spec)) != NULL)
+            result = spec != Py_None ? PySequence_GetItem(dc->args, 0) : Py_NewRef(Py_None);
         goto done;
     }
-    if ((is_kind = kind_is(kind, kind_out)) < 0)
-        goto done;
-    if (is_kind) {
-        /* spec = plan.output_spec; specs = spec if isinstance(spec, tuple) else (spec,)
-         * outs = [kwargs[name] for name in plan.out_names]
-         * for out, out_spec in zip(outs, specs): out._spec = out_spec
-         * return tuple(outs) if len(outs) > 1 else outs[0] */
-        PyObject *specs = NULL, *out_names = NULL, *names_seq = NULL, *outs = NULL, *spec_it = NULL;
-        if ((spec = GET_SLOT(plan, output_spec)) == NULL)
-            goto done;
-        int spec_is_tuple = is_instance_builtin(spec, &PyTuple_Type);
-        if (spec_is_tuple < 0)
-            goto done;
-        specs = spec_is_tuple ? Py_NewRef(spec) : PyTuple_Pack(1, spec);
-        if (specs != NULL && (kwargs != NULL || (kwargs = PyDict_New()) != NULL) &&
-            (out_names = GET_SLOT(plan, out_names)) != NULL &&
-            (names_seq = PySequence_Fast(out_names, "out_names must be iterable")) != NULL &&
-            (outs = PyList_New(0)) != NULL) {
-            int ok = 1;
-            for (Py_ssize_t i = 0; ok && i < PySequence_Fast_GET_SIZE(names_seq); i++) {
-                PyObject *out = PyObject_GetItem(kwargs, PySequence_Fast_GET_ITEM(names_seq, i));
-                ok = out != NULL && PyList_Append(outs, out) == 0;
-                Py_XDECREF(out);
-            }
-            if (ok && (spec_it = PyObject_GetIter(specs)) != NULL) {
-                for (Py_ssize_t i = 0; ok && i < PyList_GET_SIZE(outs); i++) {
-                    PyObject *out_spec = PyIter_Next(spec_it);
-                    if (out_spec == NULL)
-                        break;
-                    ok = PyObject_SetAttr(PyList_GET_ITEM(outs, i), s_spec, out_spec) == 0;
-                    Py_DECREF(out_spec);
-                }
-                ok = ok && !PyErr_Occurred();
-            } else {
-                ok = 0;
-            }
-            if (ok)
-                result = PyList_GET_SIZE(outs) > 1 ? PyList_AsTuple(outs) : PySequence_GetItem(outs, 0);
-        }
-        Py_XDECREF(specs);
-        Py_XDECREF(out_names);
-        Py_XDECREF(names_seq);
-        Py_XDECREF(outs);
-        Py_XDECREF(spec_it);
+    if ((is_kind = kind_is(kind, kind_out)) != 0) {
+        if (is_kind > 0)
+            result = return_out(dc);
         goto done;
     }
     /* wrapped = _wrap(result, plan.output_spec, c["fast_type"], c["new"], c["tensor_type"]) */
-    if ((spec = GET_SLOT(plan, output_spec)) == NULL || cfg(cfg_fast_type, "fast_type") == NULL ||
-        cfg(cfg_new, "new") == NULL || cfg(cfg_tensor_type, "tensor_type") == NULL)
+    if ((spec = GET_SLOT(dc->plan, output_spec)) == NULL ||
+        cfg(cfg_fast_type, "fast_type") == NULL || cfg(cfg_new, "new") == NULL ||
+        cfg(cfg_tensor_type, "tensor_type") == NULL)
         goto done;
-    PyObject *wrapped = wrap(local_result, spec, cfg_fast_type, cfg_new, cfg_tensor_type);
-    if (wrapped == NULL)
-        goto done;
-    if ((is_kind = kind_is(kind, kind_view)) <= 0) {
-        if (is_kind < 0)
-            Py_CLEAR(wrapped);
-        result = wrapped;
-        goto done;
-    }
-    {
-        /* return_and_correct_aliasing's storage fix for views (torch._functionalize_unsafe_set).
-         * outs_tuple = wrapped if isinstance(wrapped, tuple) else (wrapped,)
-         * for arg_index, return_index in plan.alias_pairs:
-         *     ret = outs_tuple[return_index]
-         *     for r in ret if isinstance(ret, list) else (ret,): unsafe_set(r, args[arg_index]) */
-        PyObject *outs_tuple = NULL, *pairs = NULL, *pairs_seq = NULL;
-        int ok = 0;
-        int w_tuple = is_instance_builtin(wrapped, &PyTuple_Type);
-        if (w_tuple >= 0 && (outs_tuple = w_tuple ? Py_NewRef(wrapped) : PyTuple_Pack(1, wrapped)) != NULL &&
-            cfg(cfg_unsafe_set, "unsafe_set") != NULL && (pairs = GET_SLOT(plan, alias_pairs)) != NULL &&
-            (pairs_seq = PySequence_Fast(pairs, "alias_pairs must be iterable")) != NULL) {
-            ok = 1;
-            for (Py_ssize_t i = 0; ok && i < PySequence_Fast_GET_SIZE(pairs_seq); i++) {
-                PyObject *pair = PySequence_Fast(PySequence_Fast_GET_ITEM(pairs_seq, i), "cannot unpack alias pair");
-                PyObject *ret = NULL, *targets = NULL, *source = NULL;
-                ok = 0;
-                if (pair != NULL && PySequence_Fast_GET_SIZE(pair) != 2)
-                    PyErr_Format(PyExc_ValueError, "%s values to unpack (expected 2, got %zd)",
-                                 PySequence_Fast_GET_SIZE(pair) > 2 ? "too many" : "not enough",
-                                 PySequence_Fast_GET_SIZE(pair));
-                else if (pair != NULL && (ret = PyObject_GetItem(outs_tuple, PySequence_Fast_GET_ITEM(pair, 1))) != NULL) {
-                    int r_list = is_instance_builtin(ret, &PyList_Type);
-                    if (r_list >= 0 && (targets = r_list ? PySequence_Fast(ret, "") : PyTuple_Pack(1, ret)) != NULL) {
-                        ok = 1;
-                        for (Py_ssize_t j = 0; ok && j < PySequence_Fast_GET_SIZE(targets); j++) {
-                            /* args[arg_index] is read per target, as the twin's expression is */
-                            source = PyObject_GetItem(args, PySequence_Fast_GET_ITEM(pair, 0));
-                            PyObject *res = source != NULL
-                                                ? PyObject_Vectorcall(cfg_unsafe_set,
-                                                                      (PyObject *[]){PySequence_Fast_GET_ITEM(targets, j), source},
-                                                                      2, NULL)
-                                                : NULL;
-                            Py_CLEAR(source);
-                            ok = res != NULL;
-                            Py_XDECREF(res);
-                        }
-                    }
-                }
-                Py_XDECREF(pair);
-                Py_XDECREF(ret);
-                Py_XDECREF(targets);
-            }
-        }
-        Py_XDECREF(outs_tuple);
-        Py_XDECREF(pairs);
-        Py_XDECREF(pairs_seq);
-        if (!ok)
-            Py_CLEAR(wrapped);
-        result = wrapped; /* return wrapped */
-    }
+    result = wrap(local_result, spec, cfg_fast_type, cfg_new, cfg_tensor_type);
+    if (result != NULL && ((is_kind = kind_is(kind, kind_view)) < 0 ||
+                           (is_kind > 0 && view_aliasing(dc, result) < 0)))
+        Py_CLEAR(result);
 done:
-    buf_clear(&local);
-    Py_XDECREF(kwargs);
-    Py_XDECREF(key);
-    Py_XDECREF(cache);
-    Py_XDECREF(entries);
-    Py_XDECREF(plan);
-    Py_XDECREF(counters);
-    Py_XDECREF(tmp);
-    Py_XDECREF(chunks);
-    Py_XDECREF(seq);
-    Py_XDECREF(local_kwargs);
-    Py_XDECREF(local_result);
-    Py_XDECREF(kind);
+    Py_DECREF(kind);
     Py_XDECREF(spec);
+    return result; /* return wrapped */
+}
+
+/* mirrors _native.dispatch: the blocks in the twin's order. */
+static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv,
+                             Py_ssize_t nargsf, PyObject *kwnames)
+{
+    static const char *const names[] = {"cls", "func", "types", "args", "kwargs"};
+    PyObject *a[5];
+    if (parse_args("dispatch", argv, PyVectorcall_NARGS(nargsf), kwnames, names, 5, 3, a) < 0)
+        return NULL;
+    DispatchCall dc = {
+        .func = a[1],
+        .args = a[3] != NULL ? a[3] : empty_tuple, /* args=() */
+        /* if kwargs is None: kwargs = {} (made only when the object itself is needed) */
+        .kwargs = (a[4] == NULL || a[4] == Py_None) ? NULL : Py_NewRef(a[4]),
+    };
+    PyObject *result = NULL, *local_result = NULL;
+    buf_init(&dc.local);
+    if (load_cache_names() < 0)
+        goto done;
+    /* Block: custom handlers. */
+    int custom = custom_handled(&dc);
+    if (custom != 0) {
+        if (custom > 0)
+            result = dc_slow_path(&dc, s_custom_handler, Py_None, Py_None);
+        goto done;
+    }
+    /* Block: key. key = build_key(func, args, kwargs); if key is None: c["slow_path"](func, args,
+     * kwargs, "no key", None, None) */
+    if ((dc.key = build_key_full(dc.func, dc.h, dc.args, dc.kwargs)) == NULL)
+        goto done;
+    if (dc.key == Py_None) {
+        result = dc_slow_path(&dc, s_no_key, Py_None, Py_None);
+        goto done;
+    }
+    /* Block: lookup. */
+    if (!lookup(&dc, &result))
+        goto done;
+    /* Block: unwrap, Block: local chunks. dtensor_type = c["dtensor_type"] */
+    PyObject *dtensor_type = cfg(cfg_dtensor_type, "dtensor_type");
+    if (dtensor_type == NULL || unwrap_args(&dc, dtensor_type) < 0)
+        goto done;
+    /* Block: local op. */
+    if ((local_result = local_op(&dc, dtensor_type)) == NULL)
+        goto done;
+    /* Block: return, by output kind. */
+    result = return_by_kind(&dc, local_result);
+done:
+    buf_clear(&dc.local);
+    Py_XDECREF(dc.kwargs);
+    Py_XDECREF(dc.key);
+    Py_XDECREF(dc.plan);
+    Py_XDECREF(dc.chunks);
+    Py_XDECREF(local_result);
     return result;
 }
 
