@@ -2,22 +2,22 @@
  * dtdispatch.native._function_c: the C hot path above dispatch (FastDTensor.__torch_function__,
  * ARCHITECTURE "The path above dispatch").
  *
- * The specification is Python: dtdispatch/native/_function.py (``configure``, ``ambient``, ``build_key``,
- * ``_entry``, ``_unwrap``, ``torch_function``, ``_step_aside``, ``_output``). Every block below names
- * the Python block it mirrors; change both together. CPython C API only: no torch headers. Everything
- * torch-specific (types, the disabled implementation, mode and grad queries, guards, markers) is taken
- * from Python at ``configure`` time. The miss (observing a call and writing its plan) stays Python
- * (dtdispatch.above.miss).
+ * The specification is Python: dtdispatch/native/_function.py (``configure``, ``ambient``,
+ * ``build_key``, ``_entry``, ``_unwrap``, ``torch_function``, ``_step_aside``, ``_output``). Every
+ * block below names the Python block it mirrors; change both together. CPython C API only: no torch
+ * headers. Everything torch-specific (types, the disabled implementation, mode and grad queries,
+ * guards, markers) is taken from Python at ``configure`` time. The miss (observing a call and
+ * writing its plan) stays Python (dtdispatch.above.miss).
  *
  * Shortcuts whose answer is provably the twin's:
  *   - this thread's AboveCache and its containers (entries, per_func, negative, stepped_aside) are
- *     remembered in the thread-state dict, tagged with the thread_cache callable they came from. NOTE:
- *     valid because AboveCache never rebinds those attributes (it clears them in place).
- *   - ``isinstance(a, torch.Tensor)`` is skipped for exact int/float/bool/complex/str/None, which are
- *     never tensors.
+ *     remembered in the thread-state dict, tagged with the thread_cache callable they came from.
+ *     NOTE: valid because AboveCache never rebinds those attributes (it clears them in place).
+ *   - ``isinstance(a, torch.Tensor)`` is skipped for exact int/float/bool/complex/str/None, which
+ *     are never tensors.
  *   - the twin's ``with DisableTorchFunctionSubclass():`` around the key uses one guard object per
- *     thread (in the same thread-state memo): its __enter__/__exit__ pairs never nest, because nothing
- *     between them can re-enter this handler (torch function is off for subclasses there).
+ *     thread (in the same thread-state memo): its __enter__/__exit__ pairs never nest, because
+ *     nothing between them can re-enter this handler (torch function is off for subclasses there).
  *
  * Threading: module state is written by ``configure`` and read by the hot path, with the GIL held.
  */
@@ -80,7 +80,8 @@ static struct {
 static PyObject *fn_configure(PyObject *Py_UNUSED(module), PyObject *config)
 {
     if (!PyDict_Check(config)) {
-        PyErr_Format(PyExc_TypeError, "configure() expects a dict, got %s", Py_TYPE(config)->tp_name);
+        PyErr_Format(PyExc_TypeError, "configure() expects a dict, got %s",
+                     Py_TYPE(config)->tp_name);
         return NULL;
     }
     for (Py_ssize_t i = 0; i < N_CONFIG; i++) {
@@ -103,10 +104,10 @@ static int configured(void)
     return 1;
 }
 
-/* ------------------------------------------------------------------------------------------------ */
-/* The thread's cache: (thread_cache, cache, entries, per_func, negative, stepped_aside, guard_enter,  */
-/* guard_exit), memoized in the thread-state dict.                                                   */
-/* ------------------------------------------------------------------------------------------------ */
+/* ---------------------------------------------------------------------------------------------- */
+/* The thread's cache: (thread_cache, cache, entries, per_func, negative, stepped_aside,          */
+/* guard_enter, guard_exit), memoized in the thread-state dict.                                   */
+/* ---------------------------------------------------------------------------------------------- */
 enum { M_TC, M_CACHE, M_ENTRIES, M_PER_FUNC, M_NEGATIVE, M_STEPPED, M_ENTER, M_EXIT, M_SIZE };
 
 /* Borrowed reference to this thread's memo tuple (owned by the thread-state dict, or by *hold). */
@@ -127,11 +128,12 @@ static PyObject *thread_memo(PyObject **hold)
     PyObject *enter = guard ? PyObject_GetAttr(guard, dtd_s_enter) : NULL;
     PyObject *exit_ = enter ? PyObject_GetAttr(guard, dtd_s_exit) : NULL;
     if (exit_ != NULL) {
-        if (!PyDict_CheckExact(per_func) || !PyDict_CheckExact(negative) || !PyDict_CheckExact(stepped) ||
-            !PyDict_Check(entries))
+        if (!PyDict_CheckExact(per_func) || !PyDict_CheckExact(negative) ||
+            !PyDict_CheckExact(stepped) || !PyDict_Check(entries))
             PyErr_SetString(PyExc_TypeError, "AboveCache containers must be dicts");
         else
-            memo = PyTuple_Pack(M_SIZE, c_thread_cache, cache, entries, per_func, negative, stepped, enter, exit_);
+            memo = PyTuple_Pack(M_SIZE, c_thread_cache, cache, entries, per_func, negative, stepped,
+                                enter, exit_);
     }
     Py_DECREF(cache);
     Py_XDECREF(entries);
@@ -191,17 +193,17 @@ static PyObject *call_disabled(PyObject *func, PyObject *types, PyObject *args, 
 }
 
 /* mirrors _function._step_aside */
-static PyObject *step_aside(PyObject *memo, PyObject *func, PyObject *types, PyObject *args, PyObject *kwargs,
-                            PyObject *reason)
+static PyObject *step_aside(PyObject *memo, PyObject *func, PyObject *types, PyObject *args,
+                            PyObject *kwargs, PyObject *reason)
 {
     if (count_reason(PyTuple_GET_ITEM(memo, M_STEPPED), reason) < 0)
         return NULL;
     return call_disabled(func, types, args, kwargs);
 }
 
-/* ------------------------------------------------------------------------------------------------ */
-/* Key: mirrors _function.build_key / _entry.                                                        */
-/* ------------------------------------------------------------------------------------------------ */
+/* ---------------------------------------------------------------------------------------------- */
+/* Key: mirrors _function.build_key / _entry.                                                     */
+/* ---------------------------------------------------------------------------------------------- */
 
 /* a.name() as a truth value: 1, 0, or -1 on error. */
 static int call_flag(PyObject *a, PyObject *name)
@@ -221,7 +223,8 @@ static int entry(PyObject *a, PyObject *key, PyObject *scalars, int grad, PyObje
 {
     PyTypeObject *t = Py_TYPE(a);
     if ((PyObject *)t == c_fast_type) {
-        /* Block: FastDTensor -> (fast_type, spec, requires_grad, flags); autograd needed -> step aside. */
+        /* Block: FastDTensor -> (fast_type, spec, requires_grad, flags); autograd needed -> step
+         * aside. */
         PyObject *rg = PyObject_GetAttr(a, s_requires_grad);
         if (rg == NULL)
             return -1;
@@ -236,8 +239,8 @@ static int entry(PyObject *a, PyObject *key, PyObject *scalars, int grad, PyObje
             return *reason == NULL ? -1 : 1;
         }
         PyObject *spec = PyObject_GetAttr(a, s_spec);
-        int rc = spec == NULL || PyList_Append(key, (PyObject *)t) < 0 || PyList_Append(key, spec) < 0 ||
-                         PyList_Append(key, rg) < 0
+        int rc = spec == NULL || PyList_Append(key, (PyObject *)t) < 0 ||
+                         PyList_Append(key, spec) < 0 || PyList_Append(key, rg) < 0
                      ? -1
                      : 0;
         Py_XDECREF(spec);
@@ -257,8 +260,8 @@ static int entry(PyObject *a, PyObject *key, PyObject *scalars, int grad, PyObje
         Py_DECREF(flags);
         return rc;
     }
-    int never_tensor = t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type || t == &PyComplex_Type ||
-                       t == &PyUnicode_Type || a == Py_None;
+    int never_tensor = t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type ||
+                       t == &PyComplex_Type || t == &PyUnicode_Type || a == Py_None;
     if (!never_tensor) {
         /* Block: another tensor -> "foreign tensor". */
         int is_tensor = PyObject_IsInstance(a, c_tensor_type);
@@ -277,7 +280,8 @@ static int entry(PyObject *a, PyObject *key, PyObject *scalars, int grad, PyObje
             }
             Py_DECREF(n);
             for (Py_ssize_t i = 0; i < Py_SIZE(a); i++) {
-                /* NOTE: re-read each time: a list may change while Python code runs (isinstance). */
+                /* NOTE: re-read each time: a list may change while Python code runs
+                 * (isinstance). */
                 if (i >= Py_SIZE(a))
                     break;
                 PyObject *e = t == &PyList_Type ? PyList_GET_ITEM(a, i) : PyTuple_GET_ITEM(a, i);
@@ -317,10 +321,11 @@ static int entry(PyObject *a, PyObject *key, PyObject *scalars, int grad, PyObje
     return PyList_Append(key, a);
 }
 
-/* mirrors _function.build_key: 0 with *key_out, *scalars_out set; 1 with *key_out a reason str; -1. The
- * caller holds the DisableTorchFunctionSubclass guard. */
+/* mirrors _function.build_key: 0 with *key_out, *scalars_out set; 1 with *key_out a reason str; -1.
+ * The caller holds the DisableTorchFunctionSubclass guard. */
 static int build_key_impl(PyObject *func, PyObject *args, PyObject *kwargs, int grad, int inference,
-                          PyObject *default_dtype, PyObject *autocast, PyObject **key_out, PyObject **scalars_out)
+                          PyObject *default_dtype, PyObject *autocast, PyObject **key_out,
+                          PyObject **scalars_out)
 {
     *key_out = *scalars_out = NULL;
     PyObject *nargs = PyLong_FromSsize_t(PyTuple_GET_SIZE(args));
@@ -347,7 +352,8 @@ static int build_key_impl(PyObject *func, PyObject *args, PyObject *kwargs, int 
         PyObject *name, *value;
         Py_ssize_t pos = 0;
         /* NOTE: kwargs is a fresh dict torch built for this call; no Python code here can change it
-         * except entry()'s isinstance on exotic objects, which we accept like the twin's iteration. */
+         * except entry()'s isinstance on exotic objects, which we accept like the twin's
+         * iteration. */
         while (rc == 0 && PyDict_Next(kwargs, &pos, &name, &value)) {
             Py_INCREF(name);
             Py_INCREF(value);
@@ -374,9 +380,10 @@ static int build_key_impl(PyObject *func, PyObject *args, PyObject *kwargs, int 
 }
 
 /* is_compiling(): torch.compiler.is_compiling() is ``False if torch.jit.is_scripting() else
- * _is_compiling_flag``, and scripting never runs this C code, so the module flag is read directly (the
- * function, two Python frames, is called when the flag is missing). NOTE: tied to torch 2.13-2.15's
- * is_compiling; if it ever tests more than the flag, call it instead (the twin always calls it). */
+ * _is_compiling_flag``, and scripting never runs this C code, so the module flag is read directly
+ * (the function, two Python frames, is called when the flag is missing). NOTE: tied to torch
+ * 2.13-2.15's is_compiling; if it ever tests more than the flag, call it instead (the twin always
+ * calls it). */
 static int query_compiling(void)
 {
     if (c_compiler_module == NULL) {
@@ -389,7 +396,8 @@ static int query_compiling(void)
             c_compiler_module = Py_NewRef(Py_None);
     }
     if (c_compiler_module != Py_None) {
-        PyObject *flag = PyDict_GetItemWithError(c_compiler_module, s_compiling_flag); /* borrowed */
+        /* borrowed */
+        PyObject *flag = PyDict_GetItemWithError(c_compiler_module, s_compiling_flag);
         if (flag != NULL)
             return PyObject_IsTrue(flag);
         if (PyErr_Occurred())
@@ -398,13 +406,15 @@ static int query_compiling(void)
     return dtd_call_truth(c_is_compiling);
 }
 
-/* build_key(func, args, kwargs, grad, inference, default_dtype, autocast): mirrors _function.build_key
- * (for the differential tests; the hot path calls build_key_impl under the guard). */
+/* build_key(func, args, kwargs, grad, inference, default_dtype, autocast): mirrors
+ * _function.build_key (for the differential tests; the hot path calls build_key_impl under the
+ * guard). */
 static PyObject *fn_build_key(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t nargs)
 {
     if (nargs != 7 || !PyTuple_Check(argv[1]) || (argv[2] != Py_None && !PyDict_Check(argv[2]))) {
-        PyErr_SetString(PyExc_TypeError,
-                        "build_key(func, args: tuple, kwargs: dict, grad, inference, default_dtype, autocast)");
+        PyErr_SetString(
+            PyExc_TypeError,
+            "build_key(func, args: tuple, kwargs: dict, grad, inference, default_dtype, autocast)");
         return NULL;
     }
     if (!configured())
@@ -435,12 +445,12 @@ static PyObject *fn_build_key(PyObject *Py_UNUSED(module), PyObject *const *argv
     return Py_BuildValue("(NN)", key, scalars);
 }
 
-/* ------------------------------------------------------------------------------------------------ */
-/* Replay: mirrors _function._unwrap and _function._output.                                          */
-/* ------------------------------------------------------------------------------------------------ */
+/* ---------------------------------------------------------------------------------------------- */
+/* Replay: mirrors _function._unwrap and _function._output.                                       */
+/* ---------------------------------------------------------------------------------------------- */
 
-/* mirrors _function._unwrap; chunks is the plan's tuple of (flat index, dim, offset, length) or None.
- * New reference. */
+/* mirrors _function._unwrap; chunks is the plan's tuple of (flat index, dim, offset, length) or
+ * None. New reference. */
 static PyObject *unwrap(PyObject *a, PyObject *flat, PyObject *chunks)
 {
     PyTypeObject *t = Py_TYPE(a);
@@ -528,7 +538,8 @@ static PyObject *output(PyObject *entry_, PyObject *result, PyObject *flat)
     if (kind == OUT_NONE)
         Py_RETURN_NONE;
     /* OUT_SEQ: container([_output(e, r) for e, r in zip(entries, result, strict=True)]) */
-    if (!PyTuple_Check(data) || PyTuple_GET_SIZE(data) != 2 || !PyTuple_Check(PyTuple_GET_ITEM(data, 1))) {
+    if (!PyTuple_Check(data) || PyTuple_GET_SIZE(data) != 2 ||
+        !PyTuple_Check(PyTuple_GET_ITEM(data, 1))) {
         PyErr_SetString(PyExc_TypeError, "malformed replay plan sequence entry");
         return NULL;
     }
@@ -619,12 +630,13 @@ static int plan_ops_handled(PyObject *ops)
     return found;
 }
 
-/* Block: replay on the locals (mirrors the twin's "replay on the locals" and "wrap outputs"). The caller
- * has checked that plan is a 5-tuple and, for a plan with chunks, that no explicit-redistribution
- * context is active. */
+/* Block: replay on the locals (mirrors the twin's "replay on the locals" and "wrap outputs"). The
+ * caller has checked that plan is a 5-tuple and, for a plan with chunks, that no
+ * explicit-redistribution context is active. */
 static PyObject *replay(PyObject *plan, PyObject *func, PyObject *args, PyObject *kwargs)
 {
-    PyObject *flat = PyList_New(0), *local_args = NULL, *local_kwargs = NULL, *result = NULL, *out = NULL;
+    PyObject *flat = PyList_New(0), *local_args = NULL, *local_kwargs = NULL, *result = NULL,
+             *out = NULL;
     PyObject *below_obj = NULL, *bumps = NULL, *out_entry = NULL;
     PyObject *chunks = PyTuple_GET_ITEM(plan, 3);
     if (flat == NULL)
@@ -702,9 +714,9 @@ done:
     return out;
 }
 
-/* ------------------------------------------------------------------------------------------------ */
-/* torch_function: mirrors _function.torch_function block by block.                                  */
-/* ------------------------------------------------------------------------------------------------ */
+/* ---------------------------------------------------------------------------------------------- */
+/* torch_function: mirrors _function.torch_function block by block.                               */
+/* ---------------------------------------------------------------------------------------------- */
 
 /* One call's arguments as the twin's signature binds them: args a tuple, kwargs a dict. */
 typedef struct {
@@ -996,11 +1008,13 @@ out:
 
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)fn_configure, METH_O,
-     "configure(config: dict) -> None\n\nHand over what the hot path needs (see _function.configure)."},
+     "configure(config: dict) -> None\n\n"
+     "Hand over what the hot path needs (see _function.configure)."},
     {"build_key", (PyCFunction)(void (*)(void))fn_build_key, METH_FASTCALL,
-     "build_key(func, args, kwargs, grad, inference, default_dtype, autocast) -> (key list | reason, scalar "
-     "positions)"},
-    {"torch_function", (PyCFunction)(void (*)(void))fn_torch_function, METH_FASTCALL | METH_KEYWORDS,
+     "build_key(func, args, kwargs, grad, inference, default_dtype, autocast)"
+     " -> (key list | reason, scalar positions)"},
+    {"torch_function", (PyCFunction)(void (*)(void))fn_torch_function,
+     METH_FASTCALL | METH_KEYWORDS,
      "FastDTensor.__torch_function__ (installed as a classmethod): see _function.torch_function."},
     {NULL, NULL, 0, NULL},
 };
@@ -1032,7 +1046,8 @@ PyMODINIT_FUNC PyInit__function_c(void)
     INTERN(s_is_inference, "is_inference");
     INTERN(s_is_conj, "is_conj");
     INTERN(s_is_neg, "is_neg");
-    if ((s_kwnames_rg = Py_BuildValue("(s)", "requires_grad")) == NULL || (small_one = PyLong_FromLong(1)) == NULL)
+    if ((s_kwnames_rg = Py_BuildValue("(s)", "requires_grad")) == NULL ||
+        (small_one = PyLong_FromLong(1)) == NULL)
         return NULL;
     if (dtd_shared_init(function_module.m_name) < 0)
         return NULL;

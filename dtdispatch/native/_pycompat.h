@@ -1,8 +1,8 @@
-/* CPython-level helpers shared by dtdispatch's C files (_speedups.c, _function.c): version shims and
- * the small mechanisms both hot paths use. No twin of its own: each helper is one Python expression
- * of the twins (named in its comment), done with the fastest exported CPython calls. Included by
- * each extension module, so each has its own copy of the state below; ``dtd_shared_init`` sets it
- * up from the module's init function. */
+/* CPython-level helpers shared by dtdispatch's C files (_speedups.c, _function.c): version shims
+ * and the small mechanisms both hot paths use. No twin of its own: each helper is one Python
+ * expression of the twins (named in its comment), done with the fastest exported CPython calls.
+ * Included by each extension module, so each has its own copy of the state below;
+ * ``dtd_shared_init`` sets it up from the module's init function. */
 #ifndef DTDISPATCH_PYCOMPAT_H
 #define DTDISPATCH_PYCOMPAT_H
 

@@ -1,37 +1,39 @@
 /*
  * dtdispatch.native._speedups: the C hot path of dtdispatch (ARCHITECTURE "Layers", "Native part").
  *
- * The specification is Python: dtdispatch/native/_native.py (``configure``, ``dispatch``, ``_wrap``) and
- * dtdispatch/cache.py (``build_key`` and its helpers, ``ThreadCache.op_counters``). Every block below names
- * the Python block it mirrors; change both together. CPython C API only: no torch headers, no libtorch, so
- * it builds in seconds and does not depend on the torch version. Everything torch-specific (types, op sets,
- * the schema registry, marker objects, output kinds) is taken from Python at ``configure`` time (or on first
- * use); no op name appears here.
+ * The specification is Python: dtdispatch/native/_native.py (``configure``, ``dispatch``,
+ * ``_wrap``) and dtdispatch/cache.py (``build_key`` and its helpers, ``ThreadCache.op_counters``).
+ * Every block below names the Python block it mirrors; change both together. CPython C API only: no
+ * torch headers, no libtorch, so it builds in seconds and does not depend on the torch version.
+ * Everything torch-specific (types, op sets, the schema registry, marker objects, output kinds) is
+ * taken from Python at ``configure`` time (or on first use); no op name appears here.
  *
- * Behaviour contract: for every input each function returns what its twin returns (keys ==, same hash) and
- * raises where its twin raises. The C only adds shortcuts whose answer is provably the twin's:
- *   - ``isinstance`` answered from the type's MRO when the object's ``__class__`` cannot differ from its
- *     type (``is_instance``); otherwise the real ``PyObject_IsInstance``.
- *   - ``obj.attr`` for ``__slots__`` attributes (Plan, ThreadCache, DTensor) read from the slot when the
- *     object's type resolves the name to the very member descriptor seen at load (``slot_get``); otherwise
- *     (or when the slot is empty) the real ``PyObject_GetAttr``.
- *   - ``hash(op)`` (OpOverload.__hash__ is a Python function, ~0.25 us a call) computed once per op object
- *     (``op_hash``) and reused through the known-hash dict API; frozensets of ops are mirrored as dicts.
- *   - the key's hash computed once per call with CPython's tuple-hash algorithm (self-checked at load) and
- *     used for the lookup and for ``move_to_end`` (``key_hash``, ``HashedKey``).
- *   - ``OpOverload.__call__`` (``return self._op(*args, **kwargs)``) skipped by calling ``_op`` directly,
- *     only when the op's type really resolves ``__call__`` to that function.
+ * Behaviour contract: for every input each function returns what its twin returns (keys ==, same
+ * hash) and raises where its twin raises. The C only adds shortcuts whose answer is provably the
+ * twin's:
+ *   - ``isinstance`` answered from the type's MRO when the object's ``__class__`` cannot differ
+ *     from its type (``is_instance``); otherwise the real ``PyObject_IsInstance``.
+ *   - ``obj.attr`` for ``__slots__`` attributes (Plan, ThreadCache, DTensor) read from the slot
+ *     when the object's type resolves the name to the very member descriptor seen at load
+ *     (``slot_get``); otherwise (or when the slot is empty) the real ``PyObject_GetAttr``.
+ *   - ``hash(op)`` (OpOverload.__hash__ is a Python function, ~0.25 us a call) computed once per op
+ *     object (``op_hash``) and reused through the known-hash dict API; frozensets of ops are
+ *     mirrored as dicts.
+ *   - the key's hash computed once per call with CPython's tuple-hash algorithm (self-checked at
+ *     load) and used for the lookup and for ``move_to_end`` (``key_hash``, ``HashedKey``).
+ *   - ``OpOverload.__call__`` (``return self._op(*args, **kwargs)``) skipped by calling ``_op``
+ *     directly, only when the op's type really resolves ``__call__`` to that function.
  *   - this thread's ThreadCache remembered in the thread-state dict (``get_thread_cache``).
- * Where the C meets something its fast code does not model (a list subclass with its own ``__iter__``, a
- * kwargs object that is not a dict, an exception from a Python-level call while building a key ...), it
- * hands the whole ``build_key`` to the Python twin (cache.build_key), so the result, or the exception, is
- * by construction the twin's.
+ * Where the C meets something its fast code does not model (a list subclass with its own
+ * ``__iter__``, a kwargs object that is not a dict, an exception from a Python-level call while
+ * building a key ...), it hands the whole ``build_key`` to the Python twin (cache.build_key), so
+ * the result, or the exception, is by construction the twin's.
  *
- * Threading: all module state below is written by ``configure`` / ``load_cache_names`` and read by the hot
- * path, always with the GIL held (free-threaded builds are not supported: see setup.py / the module guard).
- * Per-thread data (the plan cache and its counters) lives in the ThreadCache object that
- * dtdispatch.cache.thread_cache() returns for the calling thread: each ThreadCache is only touched by its own
- * thread, under the GIL.
+ * Threading: all module state below is written by ``configure`` / ``load_cache_names`` and read by
+ * the hot path, always with the GIL held (free-threaded builds are not supported: see setup.py /
+ * the module guard). Per-thread data (the plan cache and its counters) lives in the ThreadCache
+ * object that dtdispatch.cache.thread_cache() returns for the calling thread: each ThreadCache is
+ * only touched by its own thread, under the GIL.
  */
 
 #define PY_SSIZE_T_CLEAN
@@ -50,14 +52,14 @@
 #error "dtdispatch._speedups relies on the GIL (module state and ThreadCache are unlocked)"
 #endif
 
-/* ------------------------------------------------------------------------------------------------------ */
-/* Module state. Protected by the GIL; written by configure / load_cache_names only.                       */
-/* ------------------------------------------------------------------------------------------------------ */
+/* ---------------------------------------------------------------------------------------------- */
+/* Module state. Protected by the GIL; written by configure / load_cache_names only.              */
+/* ---------------------------------------------------------------------------------------------- */
 
-/* mirrors _native._config: what configure() receives from dispatcher.install() (NULL: never given; the use
- * site raises the twin's KeyError). */
+/* mirrors _native._config: what configure() receives from dispatcher.install() (NULL: never given;
+ * the use site raises the twin's KeyError). */
 static PyObject *cfg_slow_path;      /* c["slow_path"] */
-static PyObject *cfg_op_dispatcher;  /* c["op_dispatcher"]: its _custom_op_handlers are read per call */
+static PyObject *cfg_op_dispatcher;  /* c["op_dispatcher"]: _custom_op_handlers read per call */
 static PyObject *cfg_dtensor_type;   /* c["dtensor_type"] */
 static PyObject *cfg_tensor_type;    /* c["tensor_type"] */
 static PyObject *cfg_fast_type;      /* c["fast_type"] */
@@ -65,13 +67,14 @@ static PyObject *cfg_new;            /* c["new"]: torch.Tensor._dtensor__new__ *
 static PyObject *cfg_thread_cache;   /* c["thread_cache"] */
 static PyObject *cfg_unsafe_set;     /* c["unsafe_set"]: torch._functionalize_unsafe_set */
 static PyObject *cfg_explicit_local; /* c["explicit_local"]: ExplicitRedistributionContext._local */
-static PyObject *cfg_tf_mode_enabled; /* c["torch_function_mode_enabled"]: torch._C._is_torch_function_mode_enabled */
+/* c["torch_function_mode_enabled"]: torch._C._is_torch_function_mode_enabled */
+static PyObject *cfg_tf_mode_enabled;
 static int dtensor_check_is_plain;   /* type(dtensor_type) keeps type.__instancecheck__ */
 static int tensor_cfg_check_is_plain;
 
 /* From dtdispatch.cache (what cache.build_key uses), loaded once by load_cache_names(). */
 static int cache_loaded;
-static PyObject *cache_dict;           /* dtdispatch.cache.__dict__: _VALUE_FREE_OPS is re-read per call */
+static PyObject *cache_dict;           /* cache.__dict__: _VALUE_FREE_OPS is read per call */
 static PyObject *tensor_type;          /* torch.Tensor (cache.py's ``torch.Tensor``) */
 static PyObject *key_dtensor_type;     /* DTensor as cache.py imports it */
 static PyObject *kwarg_separator;      /* cache.KWARG_SEPARATOR, compared/stored by identity */
@@ -80,46 +83,50 @@ static PyObject *scalar_tensor_marker; /* cache._SCALAR_TENSOR */
 static PyObject *unkeyed_marker;       /* cache._UNKEYED */
 static PyObject *default_schema_info;  /* cache._DEFAULT_SCHEMA_INFO */
 static PyObject *schema_dict;          /* cache._propagator.op_to_schema_info */
-static PyObject *schema_dict_single;   /* cache._compat.single_dim_schema_infos ({} where torch has none) */
-static PyObject *py_build_key;         /* cache.build_key: the twin, for inputs the C does not model */
-static PyObject *thread_cache_type;    /* cache.ThreadCache: op_counters is inlined for exactly this type */
-static PyObject *value_free_src;       /* the _VALUE_FREE_OPS object value_free_dict was made from */
-static PyObject *value_free_dict;      /* value_free_src as a dict, or NULL when it is not a frozenset */
+/* cache._compat.single_dim_schema_infos ({} where torch has none) */
+static PyObject *schema_dict_single;
+static PyObject *py_build_key;         /* cache.build_key: the twin, for what C does not model */
+static PyObject *thread_cache_type;    /* cache.ThreadCache: op_counters inlined for exactly it */
+static PyObject *value_free_src;       /* the _VALUE_FREE_OPS object value_free_dict mirrors */
+static PyObject *value_free_dict;      /* value_free_src as a dict, or NULL: not a frozenset */
 static PyObject *kind_inplace, *kind_out, *kind_view; /* cache.INPLACE / OUT / VIEW */
 static PyObject *opoverload_type;      /* torch._ops.OpOverload (hash memo, __call__ shortcut) */
 static PyObject *opoverload_call;      /* OpOverload.__call__ (the function object), or NULL */
 static PyObject *spec_type;            /* DTensorSpec */
-static PyObject *spec_hash_fn;         /* DTensorSpec.__hash__ (``return self._hash`` once computed), or NULL */
+/* DTensorSpec.__hash__ (``return self._hash`` once computed), or NULL */
+static PyObject *spec_hash_fn;
 static PyObject *meta_type;            /* TensorMeta (a NamedTuple) */
-static PyObject *meta_shape_descr;     /* TensorMeta.shape, the tuple getter of field meta_shape_index */
+static PyObject *meta_shape_descr;     /* TensorMeta.shape: the getter of field meta_shape_index */
 static Py_ssize_t meta_shape_index;
 static int tensor_check_is_plain;      /* type(torch.Tensor) keeps type.__instancecheck__ */
 static int key_dtensor_check_is_plain; /* type(DTensor) keeps type.__instancecheck__ */
 static int own_tuple_hash_ok;          /* key_hash reproduces tuple.__hash__ (checked at load) */
 
 /* Looked up once at module init. */
-static PyObject *odict_type;           /* collections.OrderedDict: .get is dict's for exactly this type */
+static PyObject *odict_type;           /* collections.OrderedDict: its .get is dict's */
 static PyObject *object_class_descr;   /* object.__dict__["__class__"] */
 static PyObject *small_one, *small_zero, *empty_tuple;
 
 /* Interned attribute / method names. */
-static PyObject *s_local_tensor, *s_spec, *s_tensor_meta, *s_shape, *s_entries, *s_fast,
-    *s_reason, *s_op_call, *s_output_spec, *s_requires_grad, *s_per_op, *s_op, *s_numel, *s_ndim, *s_stride,
-    *s_dtype, *s_get, *s_op_counters, *s_static_argnum, *s_static_kwargkey, *s_class, *s_call_dunder,
-    *s_hash_dunder, *s_hash_attr, *s_value_free_ops, *s_chunks, *s_needs_pytree, *s_rewritten_args, *s_kind,
-    *s_out_names, *s_alias_pairs, *s_local_call, *s_tc_key, *s_custom_handler, *s_no_key,
-    *s_miss, *s_custom_op_handlers, *s_explicit_reason;
+static PyObject *s_local_tensor, *s_spec, *s_tensor_meta, *s_shape, *s_entries, *s_fast, *s_reason,
+    *s_op_call, *s_output_spec, *s_requires_grad, *s_per_op, *s_op, *s_numel, *s_ndim, *s_stride,
+    *s_dtype, *s_get, *s_op_counters, *s_static_argnum, *s_static_kwargkey, *s_class,
+    *s_call_dunder, *s_hash_dunder, *s_hash_attr, *s_value_free_ops, *s_chunks, *s_needs_pytree,
+    *s_rewritten_args, *s_kind, *s_out_names, *s_alias_pairs, *s_local_call, *s_tc_key,
+    *s_custom_handler, *s_no_key, *s_miss, *s_custom_op_handlers, *s_explicit_reason;
 
-/* ------------------------------------------------------------------------------------------------------ */
-/* Small helpers                                                                                            */
-/* ------------------------------------------------------------------------------------------------------ */
+/* ---------------------------------------------------------------------------------------------- */
+/* Small helpers                                                                                  */
+/* ---------------------------------------------------------------------------------------------- */
 
-/* True when obj.__class__ is type(obj) for every instance of tp: attribute lookup is the generic one and
- * the __class__ found on the type is object's descriptor. Then object.__instancecheck__'s __class__ fallback
- * can never change an MRO-based answer. (_PyType_Lookup uses the type attribute cache: a few ns.) */
+/* True when obj.__class__ is type(obj) for every instance of tp: attribute lookup is the generic
+ * one and the __class__ found on the type is object's descriptor. Then object.__instancecheck__'s
+ * __class__ fallback can never change an MRO-based answer. (_PyType_Lookup uses the type attribute
+ * cache: a few ns.) */
 static int honest_class(PyTypeObject *tp)
 {
-    return tp->tp_getattro == PyObject_GenericGetAttr && _PyType_Lookup(tp, s_class) == object_class_descr;
+    return tp->tp_getattro == PyObject_GenericGetAttr &&
+           _PyType_Lookup(tp, s_class) == object_class_descr;
 }
 
 /* isinstance(obj, cls), exactly. ``plain`` says cls's metaclass keeps type.__instancecheck__. */
@@ -158,17 +165,18 @@ static int plain_instancecheck(PyObject *cls)
     return plain;
 }
 
-/* obj.name for a __slots__ attribute. ``descr`` is the member descriptor found on the owning class at load;
- * when obj's type resolves ``name`` to that very descriptor with the generic getattr, the value is the slot
- * (what the descriptor's __get__ returns). Empty slot, other type: PyObject_GetAttr (its AttributeError,
- * its __getattr__). New reference. */
+/* obj.name for a __slots__ attribute. ``descr`` is the member descriptor found on the owning class
+ * at load; when obj's type resolves ``name`` to that very descriptor with the generic getattr, the
+ * value is the slot (what the descriptor's __get__ returns). Empty slot, other type:
+ * PyObject_GetAttr (its AttributeError, its __getattr__). New reference. */
 typedef struct {
     PyObject *descr;
     Py_ssize_t offset;
 } SlotAttr;
 
-static SlotAttr sa_local_tensor, sa_spec, sa_entries, sa_per_op, sa_fast, sa_reason, sa_chunks, sa_needs_pytree,
-    sa_rewritten_args, sa_op_call, sa_kind, sa_output_spec, sa_out_names, sa_alias_pairs, sa_local_call;
+static SlotAttr sa_local_tensor, sa_spec, sa_entries, sa_per_op, sa_fast, sa_reason, sa_chunks,
+    sa_needs_pytree, sa_rewritten_args, sa_op_call, sa_kind, sa_output_spec, sa_out_names,
+    sa_alias_pairs, sa_local_call;
 
 static void slot_init(SlotAttr *a, PyObject *owner, PyObject *name)
 {
@@ -188,7 +196,8 @@ static void slot_init(SlotAttr *a, PyObject *owner, PyObject *name)
 static inline PyObject *slot_get(PyObject *obj, const SlotAttr *a, PyObject *name)
 {
     PyTypeObject *tp = Py_TYPE(obj);
-    if (a->descr != NULL && tp->tp_getattro == PyObject_GenericGetAttr && _PyType_Lookup(tp, name) == a->descr) {
+    if (a->descr != NULL && tp->tp_getattro == PyObject_GenericGetAttr &&
+        _PyType_Lookup(tp, name) == a->descr) {
         PyObject *v = *(PyObject **)((char *)obj + a->offset);
         if (v != NULL)
             return Py_NewRef(v);
@@ -198,10 +207,10 @@ static inline PyObject *slot_get(PyObject *obj, const SlotAttr *a, PyObject *nam
 
 #define GET_SLOT(obj, field) slot_get((obj), &sa_##field, s_##field)
 
-/* hash(op), computed once per OpOverload object. OpOverload.__hash__ is ``hash(self._op)``, a builtin that
- * never changes, so the value is stable; the memo holds a strong reference so a slot's pointer is never
- * reused by another object. Direct-mapped by address; a collision just recomputes. Other types of ``op``
- * (only seen when build_key is called directly) are hashed every time. */
+/* hash(op), computed once per OpOverload object. OpOverload.__hash__ is ``hash(self._op)``, a
+ * builtin that never changes, so the value is stable; the memo holds a strong reference so a slot's
+ * pointer is never reused by another object. Direct-mapped by address; a collision just recomputes.
+ * Other types of ``op`` (only seen when build_key is called directly) are hashed every time. */
 #define OP_MEMO_SIZE 512
 static struct {
     PyObject *op;
@@ -261,7 +270,8 @@ static PyObject *frozenset_as_dict(PyObject *set)
     return d;
 }
 
-/* ``op in container`` where ``as_dict`` is container mirrored as a dict (or NULL: generic containment). */
+/* ``op in container`` where ``as_dict`` is container mirrored as a dict (or NULL: generic
+ * containment). */
 static int contains_op(PyObject *container, PyObject *as_dict, PyObject *op, Py_hash_t h)
 {
     if (as_dict != NULL) {
@@ -272,8 +282,9 @@ static int contains_op(PyObject *container, PyObject *as_dict, PyObject *op, Py_
     return PySequence_Contains(container, op);
 }
 
-/* A list/tuple whose len() and iteration are the builtin ones, so PySequence_Fast_ITEMS sees exactly what
- * ``for e in seq`` / ``len(seq)`` see (exact list/tuple, torch.Size, structseq, namedtuples ...). */
+/* A list/tuple whose len() and iteration are the builtin ones, so PySequence_Fast_ITEMS sees
+ * exactly what ``for e in seq`` / ``len(seq)`` see (exact list/tuple, torch.Size, structseq,
+ * namedtuples ...). */
 static int plain_sequence(PyObject *o)
 {
     PyTypeObject *tp = Py_TYPE(o);
@@ -288,13 +299,16 @@ static int plain_sequence(PyObject *o)
             tp->tp_as_mapping->mp_length == base->tp_as_mapping->mp_length);
 }
 
-/* Argument parsing with Python-function semantics (positional or keyword, defaults for the tail). */
+/* Argument parsing with Python-function semantics (positional or keyword, defaults for the
+ * tail). */
 static int parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames,
-                      const char *const *names, Py_ssize_t nnames, Py_ssize_t nrequired, PyObject **out)
+                      const char *const *names, Py_ssize_t nnames, Py_ssize_t nrequired,
+                      PyObject **out)
 {
     if (nargs > nnames) {
-        PyErr_Format(PyExc_TypeError, "%s() takes from %zd to %zd positional arguments but %zd were given",
-                     fname, nrequired, nnames, nargs);
+        PyErr_Format(PyExc_TypeError,
+                     "%s() takes from %zd to %zd positional arguments but %zd were given", fname,
+                     nrequired, nnames, nargs);
         return -1;
     }
     for (Py_ssize_t i = 0; i < nnames; i++)
@@ -308,11 +322,13 @@ static int parse_args(const char *fname, PyObject *const *args, Py_ssize_t nargs
                 if (PyUnicode_CompareWithASCIIString(name, names[i]) == 0)
                     break;
             if (i == nnames) {
-                PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'", fname, name);
+                PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument '%U'", fname,
+                             name);
                 return -1;
             }
             if (out[i] != NULL) {
-                PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", fname, names[i]);
+                PyErr_Format(PyExc_TypeError, "%s() got multiple values for argument '%s'", fname,
+                             names[i]);
                 return -1;
             }
             out[i] = args[nargs + k];
@@ -385,10 +401,11 @@ static PyObject *buf_to_tuple(ObjBuf *b, Py_ssize_t start)
     return t;
 }
 
-/* ------------------------------------------------------------------------------------------------------ */
-/* The key's hash: CPython's tuple hash (xxHash-style lanes), with cheap lanes for the two Python-level      */
-/* __hash__ methods a key holds: the op (memoized, op_hash) and DTensorSpec (its cached ``_hash``).        */
-/* ------------------------------------------------------------------------------------------------------ */
+/* ---------------------------------------------------------------------------------------------- */
+/* The key's hash: CPython's tuple hash (xxHash-style lanes), with cheap lanes for the two        */
+/* Python-level __hash__ methods a key holds: the op (memoized, op_hash) and DTensorSpec (its     */
+/* cached ``_hash``).                                                                             */
+/* ---------------------------------------------------------------------------------------------- */
 
 #if SIZEOF_PY_UHASH_T > 4
 #define XXPRIME_1 ((Py_uhash_t)11400714785074694791ULL)
@@ -403,13 +420,15 @@ static PyObject *buf_to_tuple(ObjBuf *b, Py_ssize_t start)
 #endif
 
 /* hash(item), exactly. DTensorSpec.__hash__ is ``if self._hash is None: self._hash = ...; return
- * self._hash``: when the cached value is an int, hash(spec) is that int as slot_tp_hash converts it. */
+ * self._hash``: when the cached value is an int, hash(spec) is that int as slot_tp_hash converts
+ * it. */
 static Py_hash_t item_hash(PyObject *item)
 {
     PyTypeObject *tp = Py_TYPE(item);
     if ((PyObject *)tp == opoverload_type)
         return op_hash(item);
-    if ((PyObject *)tp == spec_type && spec_hash_fn != NULL && _PyType_Lookup(tp, s_hash_dunder) == spec_hash_fn) {
+    if ((PyObject *)tp == spec_type && spec_hash_fn != NULL &&
+        _PyType_Lookup(tp, s_hash_dunder) == spec_hash_fn) {
         PyObject *cached = PyObject_GetAttr(item, s_hash_attr);
         if (cached == NULL) {
             PyErr_Clear();
@@ -428,7 +447,8 @@ static Py_hash_t item_hash(PyObject *item)
     return PyObject_Hash(item);
 }
 
-static Py_hash_t tuple_hash_of(PyObject *const *items, Py_ssize_t len, Py_hash_t (*lane_hash)(PyObject *))
+static Py_hash_t tuple_hash_of(PyObject *const *items, Py_ssize_t len,
+                               Py_hash_t (*lane_hash)(PyObject *))
 {
     Py_uhash_t acc = XXPRIME_5;
     for (Py_ssize_t i = 0; i < len; i++) {
@@ -456,12 +476,13 @@ static Py_hash_t key_hash(PyObject *key)
 /* The load-time check that tuple_hash_of is CPython's tuple hash. */
 static int check_tuple_hash(void)
 {
-    PyObject *sample = Py_BuildValue("(Oidns(is)O)", Py_None, 7, 0.5, (Py_ssize_t)-1, "dtdispatch", 3, "x",
-                                     (PyObject *)&PyFloat_Type);
+    PyObject *sample = Py_BuildValue("(Oidns(is)O)", Py_None, 7, 0.5, (Py_ssize_t)-1, "dtdispatch",
+                                     3, "x", (PyObject *)&PyFloat_Type);
     if (sample == NULL)
         return -1;
     Py_hash_t expected = PyObject_Hash(sample);
-    Py_hash_t ours = tuple_hash_of(&PyTuple_GET_ITEM(sample, 0), PyTuple_GET_SIZE(sample), PyObject_Hash);
+    Py_hash_t ours =
+        tuple_hash_of(&PyTuple_GET_ITEM(sample, 0), PyTuple_GET_SIZE(sample), PyObject_Hash);
     Py_DECREF(sample);
     if (expected == -1 || ours == -1)
         return -1;
@@ -469,12 +490,12 @@ static int check_tuple_hash(void)
     return 0;
 }
 
-/* ------------------------------------------------------------------------------------------------------ */
-/* Names from dtdispatch.cache                                                                              */
-/* ------------------------------------------------------------------------------------------------------ */
+/* ---------------------------------------------------------------------------------------------- */
+/* Names from dtdispatch.cache                                                                    */
+/* ---------------------------------------------------------------------------------------------- */
 
-/* Import dtdispatch.cache once and take what cache.build_key, the Plan and ThreadCache use. Called by
- * configure, and lazily by build_key / dispatch when they run before configure. */
+/* Import dtdispatch.cache once and take what cache.build_key, the Plan and ThreadCache use. Called
+ * by configure, and lazily by build_key / dispatch when they run before configure. */
 static int load_cache_names(void)
 {
     if (cache_loaded)
@@ -485,11 +506,11 @@ static int load_cache_names(void)
     PyObject *torch = NULL, *propagator = NULL, *compat = NULL, *plan_type = NULL, *fields = NULL,
              *shape_name = NULL;
     int rc = -1;
-#define TAKE(var, obj, name)                                                                                 \
-    do {                                                                                                       \
-        Py_XSETREF(var, PyObject_GetAttrString(obj, name));                                                   \
-        if (var == NULL)                                                                                       \
-            goto done;                                                                                         \
+#define TAKE(var, obj, name)                                                                       \
+    do {                                                                                           \
+        Py_XSETREF(var, PyObject_GetAttrString(obj, name));                                        \
+        if (var == NULL)                                                                           \
+            goto done;                                                                             \
     } while (0)
     Py_XSETREF(cache_dict, Py_NewRef(PyModule_GetDict(mod)));
     TAKE(torch, mod, "torch");
@@ -513,16 +534,19 @@ static int load_cache_names(void)
     TAKE(compat, mod, "_compat");
     TAKE(schema_dict_single, compat, "single_dim_schema_infos");
 #undef TAKE
-    if (!PyType_Check(tensor_type) || !PyType_Check(key_dtensor_type) || !PyType_Check(opoverload_type) ||
-        !PyType_Check(spec_type) || !PyType_Check(plan_type) || !PyType_Check(thread_cache_type) ||
-        !PyDict_CheckExact(schema_dict) || !PyDict_CheckExact(schema_dict_single)) {
-        PyErr_SetString(PyExc_TypeError, "dtdispatch._speedups: dtdispatch.cache does not have the expected types");
+    if (!PyType_Check(tensor_type) || !PyType_Check(key_dtensor_type) ||
+        !PyType_Check(opoverload_type) || !PyType_Check(spec_type) || !PyType_Check(plan_type) ||
+        !PyType_Check(thread_cache_type) || !PyDict_CheckExact(schema_dict) ||
+        !PyDict_CheckExact(schema_dict_single)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "dtdispatch._speedups: dtdispatch.cache does not have the expected types");
         goto done;
     }
     tensor_check_is_plain = plain_instancecheck(tensor_type);
     key_dtensor_check_is_plain = plain_instancecheck(key_dtensor_type);
     /* OpOverload.__call__ and DTensorSpec.__hash__, for the shortcuts that stand in for them. */
-    Py_XSETREF(opoverload_call, Py_XNewRef(_PyType_Lookup((PyTypeObject *)opoverload_type, s_call_dunder)));
+    Py_XSETREF(opoverload_call,
+               Py_XNewRef(_PyType_Lookup((PyTypeObject *)opoverload_type, s_call_dunder)));
     Py_XSETREF(spec_hash_fn, Py_XNewRef(_PyType_Lookup((PyTypeObject *)spec_type, s_hash_dunder)));
     if (spec_hash_fn != NULL && !PyFunction_Check(spec_hash_fn))
         Py_CLEAR(spec_hash_fn);
@@ -533,12 +557,14 @@ static int load_cache_names(void)
         Py_XSETREF(meta_type, PyObject_GetAttrString(meta_mod, "TensorMeta"));
         Py_DECREF(meta_mod);
     }
-    if (meta_type != NULL && PyType_Check(meta_type) && PyType_IsSubtype((PyTypeObject *)meta_type, &PyTuple_Type) &&
+    if (meta_type != NULL && PyType_Check(meta_type) &&
+        PyType_IsSubtype((PyTypeObject *)meta_type, &PyTuple_Type) &&
         (fields = PyObject_GetAttrString(meta_type, "_fields")) != NULL && PyTuple_Check(fields) &&
         (shape_name = PyUnicode_FromString("shape")) != NULL) {
         Py_ssize_t index = PySequence_Index(fields, shape_name);
         PyObject *d = _PyType_Lookup((PyTypeObject *)meta_type, s_shape);
-        if (index >= 0 && d != NULL && strcmp(Py_TYPE(d)->tp_name, "_collections._tuplegetter") == 0) {
+        if (index >= 0 && d != NULL &&
+            strcmp(Py_TYPE(d)->tp_name, "_collections._tuplegetter") == 0) {
             meta_shape_descr = Py_NewRef(d);
             meta_shape_index = index;
         }
@@ -575,14 +601,14 @@ done:
     return rc;
 }
 
-/* ------------------------------------------------------------------------------------------------------ */
-/* build_key: mirrors dtdispatch.cache.build_key                                                            */
-/* ------------------------------------------------------------------------------------------------------ */
+/* ---------------------------------------------------------------------------------------------- */
+/* build_key: mirrors dtdispatch.cache.build_key                                                  */
+/* ---------------------------------------------------------------------------------------------- */
 
 enum { K_NOKEY = 0, K_OK = 1, K_ERR = -1, K_DELEGATE = -2 };
 
-/* mirrors cache._tensor_entry (rules 2-3). On K_OK *entry is a new reference and *is_dtensor says whether
- * ``arg`` is a DTensor. */
+/* mirrors cache._tensor_entry (rules 2-3). On K_OK *entry is a new reference and *is_dtensor says
+ * whether ``arg`` is a DTensor. */
 static int tensor_entry(PyObject *arg, PyObject **entry, int *is_dtensor)
 {
     *entry = NULL;
@@ -608,8 +634,10 @@ static int tensor_entry(PyObject *arg, PyObject **entry, int *is_dtensor)
         }
         PyObject *shape;
         if ((PyObject *)Py_TYPE(meta) == meta_type && meta_shape_descr != NULL &&
-            _PyType_Lookup(Py_TYPE(meta), s_shape) == meta_shape_descr && PyTuple_GET_SIZE(meta) > meta_shape_index)
-            shape = Py_NewRef(PyTuple_GET_ITEM(meta, meta_shape_index)); /* the NamedTuple field getter */
+            _PyType_Lookup(Py_TYPE(meta), s_shape) == meta_shape_descr &&
+            PyTuple_GET_SIZE(meta) > meta_shape_index)
+            /* the NamedTuple field getter */
+            shape = Py_NewRef(PyTuple_GET_ITEM(meta, meta_shape_index));
         else
             shape = PyObject_GetAttr(meta, s_shape);
         Py_DECREF(meta);
@@ -649,8 +677,10 @@ static int tensor_entry(PyObject *arg, PyObject **entry, int *is_dtensor)
         *entry = spec; /* return spec */
         return K_OK;
     }
-    /* if arg.numel() == 1 and arg.ndim == 0: return (_SCALAR_TENSOR, tuple(arg.shape), arg.stride(), arg.dtype) */
-    PyObject *numel = PyObject_VectorcallMethod(s_numel, &arg, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    /* if arg.numel() == 1 and arg.ndim == 0: return (_SCALAR_TENSOR, tuple(arg.shape),
+     * arg.stride(), arg.dtype) */
+    PyObject *numel =
+        PyObject_VectorcallMethod(s_numel, &arg, 1 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     if (numel == NULL)
         return K_ERR;
     int one = PyObject_RichCompareBool(numel, small_one, Py_EQ);
@@ -664,7 +694,8 @@ static int tensor_entry(PyObject *arg, PyObject **entry, int *is_dtensor)
     Py_DECREF(ndim);
     if (zero <= 0)
         return zero < 0 ? K_ERR : K_NOKEY;
-    PyObject *shape = PyObject_GetAttr(arg, s_shape), *shape_tuple = NULL, *stride = NULL, *dtype = NULL;
+    PyObject *shape = PyObject_GetAttr(arg, s_shape), *shape_tuple = NULL, *stride = NULL,
+             *dtype = NULL;
     if (shape == NULL)
         return K_ERR;
     shape_tuple = PySequence_Tuple(shape);
@@ -703,18 +734,21 @@ static PyObject *value_entry(PyObject *value, int keyed, int by_type)
     if (!keyed) {
         int floats = by_type || tp == &PyFloat_Type || tp == &PyComplex_Type;
         if (!floats && (tp == &PyList_Type || tp == &PyTuple_Type)) {
-            /* mirrors cache._is_float_value for a list/tuple: non-empty, every element float/complex */
+            /* mirrors cache._is_float_value for a list/tuple: non-empty, every element
+             * float/complex */
             Py_ssize_t n = PySequence_Fast_GET_SIZE(value);
             PyObject **items = PySequence_Fast_ITEMS(value);
             floats = n > 0;
             for (Py_ssize_t i = 0; i < n && floats; i++)
-                floats = Py_IS_TYPE(items[i], &PyFloat_Type) || Py_IS_TYPE(items[i], &PyComplex_Type);
+                floats =
+                    Py_IS_TYPE(items[i], &PyFloat_Type) || Py_IS_TYPE(items[i], &PyComplex_Type);
         }
         if (floats)
             return Py_NewRef(unkeyed_marker);
     }
     /* if by_type and type(value) in _SCALAR_TYPES: return type(value) */
-    if (by_type && (tp == &PyBool_Type || tp == &PyLong_Type || tp == &PyFloat_Type || tp == &PyComplex_Type))
+    if (by_type &&
+        (tp == &PyBool_Type || tp == &PyLong_Type || tp == &PyFloat_Type || tp == &PyComplex_Type))
         return Py_NewRef((PyObject *)tp);
     /* if isinstance(value, list): return tuple(value) */
     int is_list = is_instance_builtin(value, &PyList_Type);
@@ -756,10 +790,12 @@ static int is_tensor_list(PyObject *x)
     return r < 0 ? K_ERR : r;
 }
 
-/* The op's RuntimeSchemaInfo fields the key needs: mirrors cache.schema_info(op) (borrowed info). */
+/* The op's RuntimeSchemaInfo fields the key needs: mirrors cache.schema_info(op) (borrowed
+ * info). */
 static int schema_fields(PyObject *op, Py_hash_t h, Py_ssize_t *static_argnum, PyObject **info_out)
 {
-    /* info = _propagator.op_to_schema_info.get(op); if None: _compat.single_dim_schema_infos.get(op) */
+    /* info = _propagator.op_to_schema_info.get(op); if None:
+     * _compat.single_dim_schema_infos.get(op) */
     PyObject *info = dtd_dict_get_known_hash(schema_dict, op, h);
     if (info == NULL && PyErr_Occurred())
         return K_ERR;
@@ -803,7 +839,8 @@ static int value_free(PyObject *op, Py_hash_t h)
         return -1;
     }
     if (ops != value_free_src) {
-        /* First call, or the global was replaced: mirror the new object (a dict only for a frozenset). */
+        /* First call, or the global was replaced: mirror the new object (a dict only for a
+         * frozenset). */
         Py_CLEAR(value_free_dict);
         Py_XSETREF(value_free_src, Py_NewRef(ops));
         if (PyFrozenSet_CheckExact(ops) && (value_free_dict = frozenset_as_dict(ops)) == NULL) {
@@ -814,14 +851,15 @@ static int value_free(PyObject *op, Py_hash_t h)
     return contains_op(value_free_src, value_free_dict, op, h);
 }
 
-/* mirrors cache.build_key for the inputs the C models; K_DELEGATE for the rest. On K_OK *key is a new
- * tuple. */
+/* mirrors cache.build_key for the inputs the C models; K_DELEGATE for the rest. On K_OK *key is a
+ * new tuple. */
 static int build_key_c(PyObject *op, Py_hash_t h, PyObject *args, PyObject *kwargs, PyObject **key)
 {
     *key = NULL;
     if (!plain_sequence(args) || (kwargs != NULL && !PyDict_CheckExact(kwargs)))
         return K_DELEGATE;
-    /* info = schema_info(op); static_argnum = info.static_argnum; by_type = op in _VALUE_FREE_OPS */
+    /* info = schema_info(op); static_argnum = info.static_argnum; by_type = op in
+     * _VALUE_FREE_OPS */
     Py_ssize_t static_argnum;
     PyObject *info;
     int rc = schema_fields(op, h, &static_argnum, &info);
@@ -838,10 +876,12 @@ static int build_key_c(PyObject *op, Py_hash_t h, PyObject *args, PyObject *kwar
     int has_dtensor = 0, is_dt;
     PyObject *entry, *arg = NULL, *element = NULL;
     /* Rule 1: key = [op, len(args)] */
-    if (buf_push(&kb, Py_NewRef(op)) < 0 || buf_push(&kb, PyLong_FromSsize_t(PySequence_Fast_GET_SIZE(args))) < 0)
+    if (buf_push(&kb, Py_NewRef(op)) < 0 ||
+        buf_push(&kb, PyLong_FromSsize_t(PySequence_Fast_GET_SIZE(args))) < 0)
         goto error;
-    /* for index, arg in enumerate(args): (args / a list argument may be a live list: bounds are re-read and
-     * the element held each step, as Python's iterators do, since Python code can run in between) */
+    /* for index, arg in enumerate(args): (args / a list argument may be a live list: bounds are
+     * re-read and the element held each step, as Python's iterators do, since Python code can run
+     * in between) */
     for (Py_ssize_t index = 0; index < PySequence_Fast_GET_SIZE(args); index++) {
         Py_XSETREF(arg, Py_NewRef(PySequence_Fast_GET_ITEM(args, index)));
         /* if isinstance(arg, torch.Tensor): entry = _tensor_entry(arg) ... */
@@ -857,7 +897,8 @@ static int build_key_c(PyObject *op, Py_hash_t h, PyObject *args, PyObject *kwar
                 goto error;
             continue;
         }
-        /* elif isinstance(arg, (list, tuple)) and any(isinstance(e, torch.Tensor) for e in arg): rule 4 */
+        /* elif isinstance(arg, (list, tuple)) and any(isinstance(e, torch.Tensor) for e in arg):
+         * rule 4 */
         r = is_tensor_list(arg);
         if (r < 0) {
             rc = r;
@@ -893,8 +934,8 @@ static int build_key_c(PyObject *op, Py_hash_t h, PyObject *args, PyObject *kwar
             goto error;
     }
     if (kwargs != NULL && PyDict_GET_SIZE(kwargs) > 0) {
-        /* Rule 6: static_kwargs = info.static_kwargkey or (); the separator only appears when an entry
-         * follows (separated). */
+        /* Rule 6: static_kwargs = info.static_kwargkey or (); the separator only appears when an
+         * entry follows (separated). */
         PyObject *static_kwargs = PyObject_GetAttr(info, s_static_kwargkey);
         if (static_kwargs == NULL)
             goto error;
@@ -916,13 +957,15 @@ static int build_key_c(PyObject *op, Py_hash_t h, PyObject *args, PyObject *kwar
             rc = K_OK;
             int r = is_instance(value, tensor_type, tensor_check_is_plain);
             if (r > 0) {
-                /* if isinstance(value, torch.Tensor): entry = _tensor_entry(value) (None: return None) */
+                /* if isinstance(value, torch.Tensor): entry = _tensor_entry(value) (None: return
+                 * None) */
                 rc = tensor_entry(value, &entry, &is_dt);
                 if (rc == K_OK)
                     has_dtensor |= is_dt;
             } else if (r == 0) {
                 /* elif name in static_kwargs: entry = _value_entry(value, True, by_type) */
-                int in_static = static_kwargs != NULL ? PySequence_Contains(static_kwargs, name) : 0;
+                int in_static =
+                    static_kwargs != NULL ? PySequence_Contains(static_kwargs, name) : 0;
                 if (in_static > 0) {
                     if ((entry = value_entry(value, 1, by_type)) == NULL)
                         r = -1;
@@ -982,8 +1025,8 @@ fail:
     return rc;
 }
 
-/* build_key(op, args, kwargs) as dispatch needs it: a new key tuple, Py_None (new ref) for "no key", or
- * NULL with the exception the twin raises. */
+/* build_key(op, args, kwargs) as dispatch needs it: a new key tuple, Py_None (new ref) for "no
+ * key", or NULL with the exception the twin raises. */
 static PyObject *build_key_full(PyObject *op, Py_hash_t h, PyObject *args, PyObject *kwargs)
 {
     PyObject *key;
@@ -993,8 +1036,9 @@ static PyObject *build_key_full(PyObject *op, Py_hash_t h, PyObject *args, PyObj
     if (rc == K_NOKEY)
         Py_RETURN_NONE;
     if (rc == K_ERR) {
-        /* An exception from a Python-level call (or an attribute the C expected): let the twin decide, so
-         * the result or the exception is exactly its own. BaseExceptions (KeyboardInterrupt ...) propagate. */
+        /* An exception from a Python-level call (or an attribute the C expected): let the twin
+         * decide, so the result or the exception is exactly its own. BaseExceptions
+         * (KeyboardInterrupt ...) propagate. */
         if (!PyErr_ExceptionMatches(PyExc_Exception))
             return NULL;
         PyErr_Clear();
@@ -1030,9 +1074,9 @@ static PyObject *sp_build_key(PyObject *Py_UNUSED(module), PyObject *const *args
     return build_key_full(a[0], h, a[1], a[2]);
 }
 
-/* ------------------------------------------------------------------------------------------------------ */
-/* configure: mirrors _native.configure (``_config.update(config)``)                                       */
-/* ------------------------------------------------------------------------------------------------------ */
+/* ---------------------------------------------------------------------------------------------- */
+/* configure: mirrors _native.configure (``_config.update(config)``)                              */
+/* ---------------------------------------------------------------------------------------------- */
 
 static void take_config(PyObject *config, const char *name, PyObject **slot)
 {
@@ -1070,9 +1114,9 @@ static PyObject *sp_configure(PyObject *Py_UNUSED(module), PyObject *const *args
     Py_RETURN_NONE;
 }
 
-/* ------------------------------------------------------------------------------------------------------ */
-/* dispatch helpers                                                                                         */
-/* ------------------------------------------------------------------------------------------------------ */
+/* ---------------------------------------------------------------------------------------------- */
+/* dispatch helpers                                                                               */
+/* ---------------------------------------------------------------------------------------------- */
 
 /* c[name]: the configured object (borrowed), or NULL with the twin's KeyError. */
 static PyObject *cfg(PyObject *value, const char *name)
@@ -1087,8 +1131,8 @@ static PyObject *cfg(PyObject *value, const char *name)
     return value;
 }
 
-/* c["slow_path"](func, args, kwargs, reason, key, plan). *kwargs NULL means the twin's ``kwargs = {}``, made
- * here when first needed. */
+/* c["slow_path"](func, args, kwargs, reason, key, plan). *kwargs NULL means the twin's ``kwargs =
+ * {}``, made here when first needed. */
 static PyObject *call_slow_path(PyObject *func, PyObject *args, PyObject **kwargs, PyObject *reason,
                                 PyObject *key, PyObject *plan)
 {
@@ -1100,10 +1144,10 @@ static PyObject *call_slow_path(PyObject *func, PyObject *args, PyObject **kwarg
     return PyObject_Vectorcall(cfg_slow_path, call_args, 6, NULL);
 }
 
-/* cache = thread_cache(). The ThreadCache is remembered in this thread's thread-state dict (freed with
- * the thread), tagged with the thread_cache callable it came from, so a re-configure is never served a
- * stale object. thread_cache() returns the same object for the life of the thread (cache.registry keeps
- * it in a threading.local, set once and never replaced). New reference. */
+/* cache = thread_cache(). The ThreadCache is remembered in this thread's thread-state dict (freed
+ * with the thread), tagged with the thread_cache callable it came from, so a re-configure is never
+ * served a stale object. thread_cache() returns the same object for the life of the thread
+ * (cache.registry keeps it in a threading.local, set once and never replaced). New reference. */
 static PyObject *get_thread_cache(void)
 {
     if (cfg(cfg_thread_cache, "thread_cache") == NULL)
@@ -1124,13 +1168,13 @@ static PyObject *get_thread_cache(void)
     return cache;
 }
 
-/* counters = cache.op_counters(func): mirrors ThreadCache.op_counters, inlined for ThreadCache itself (a
- * subclass's method is called). New reference. */
+/* counters = cache.op_counters(func): mirrors ThreadCache.op_counters, inlined for ThreadCache
+ * itself (a subclass's method is called). New reference. */
 static PyObject *op_counters(PyObject *cache, PyObject *op, Py_hash_t h)
 {
     if ((PyObject *)Py_TYPE(cache) != thread_cache_type)
-        return PyObject_VectorcallMethod(s_op_counters, (PyObject *[]){cache, op}, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
-                                         NULL);
+        return PyObject_VectorcallMethod(s_op_counters, (PyObject *[]){cache, op},
+                                         2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     /* counters = self.per_op.get(op) */
     PyObject *per_op = GET_SLOT(cache, per_op);
     if (per_op == NULL)
@@ -1144,8 +1188,8 @@ static PyObject *op_counters(PyObject *cache, PyObject *op, Py_hash_t h)
         }
         Py_XINCREF(counters);
     } else {
-        counters = PyObject_VectorcallMethod(s_get, (PyObject *[]){per_op, op}, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET,
-                                             NULL);
+        counters = PyObject_VectorcallMethod(s_get, (PyObject *[]){per_op, op},
+                                             2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
         if (counters == NULL) {
             Py_DECREF(per_op);
             return NULL;
@@ -1181,7 +1225,8 @@ static PyObject *unwrap_one(PyObject *a, PyObject *dtensor_type)
 }
 
 /* mirrors _native._wrap (torch's OpDispatcher.wrap with FastDTensor outputs). New reference. */
-static PyObject *wrap(PyObject *result, PyObject *spec, PyObject *fast_type, PyObject *new_fn, PyObject *tensor_t)
+static PyObject *wrap(PyObject *result, PyObject *spec, PyObject *fast_type, PyObject *new_fn,
+                      PyObject *tensor_t)
 {
     /* if isinstance(result, tensor_type): ... */
     int is_tensor = is_instance(result, tensor_t, tensor_cfg_check_is_plain);
@@ -1191,12 +1236,14 @@ static PyObject *wrap(PyObject *result, PyObject *spec, PyObject *fast_type, PyO
         /* if spec is None: return result */
         if (spec == Py_None)
             return Py_NewRef(result);
-        /* return new(fast_type, result, spec, result.requires_grad) (by position: no kwargs dict per call) */
+        /* return new(fast_type, result, spec, result.requires_grad) (by position: no kwargs dict
+         * per call) */
         PyObject *rg = PyObject_GetAttr(result, s_requires_grad);
         if (rg == NULL)
             return NULL;
         PyObject *call_args[5] = {NULL, fast_type, result, spec, rg};
-        PyObject *out = PyObject_Vectorcall(new_fn, call_args + 1, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+        PyObject *out =
+            PyObject_Vectorcall(new_fn, call_args + 1, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
         Py_DECREF(rg);
         return out;
     }
@@ -1212,7 +1259,8 @@ static PyObject *wrap(PyObject *result, PyObject *spec, PyObject *fast_type, PyO
     if (Py_EnterRecursiveCall(" in dtdispatch wrap"))
         return NULL;
     PyObject *wrapped = PyList_New(0), *rit = NULL, *sit = NULL, *r = NULL, *s = NULL;
-    if (wrapped == NULL || (rit = PyObject_GetIter(result)) == NULL || (sit = PyObject_GetIter(spec)) == NULL)
+    if (wrapped == NULL || (rit = PyObject_GetIter(result)) == NULL ||
+        (sit = PyObject_GetIter(spec)) == NULL)
         goto error;
     /* wrapped = [_wrap(r, s, ...) for r, s in zip(result, spec)] */
     for (;;) {
@@ -1253,12 +1301,13 @@ error:
 }
 
 /* plan.op_call(*local) / plan.op_call(*local, **local_kwargs). OpOverload.__call__ is ``return
- * self._op(*args, **kwargs)``: when the op's type resolves __call__ to exactly that function, call self._op
- * directly (one Python frame less). ``local`` has a writable slot at local[-1]. */
+ * self._op(*args, **kwargs)``: when the op's type resolves __call__ to exactly that function, call
+ * self._op directly (one Python frame less). ``local`` has a writable slot at local[-1]. */
 static PyObject *call_op(PyObject *op_call, PyObject **local, Py_ssize_t n, PyObject *local_kwargs)
 {
     PyObject *callee = op_call, *inner = NULL, *res;
-    if (opoverload_call != NULL && _PyType_Lookup(Py_TYPE(op_call), s_call_dunder) == opoverload_call) {
+    if (opoverload_call != NULL &&
+        _PyType_Lookup(Py_TYPE(op_call), s_call_dunder) == opoverload_call) {
         if ((inner = PyObject_GetAttr(op_call, s_op)) == NULL)
             return NULL;
         callee = inner;
@@ -1287,8 +1336,10 @@ static int kind_is(PyObject *kind, PyObject *constant)
         return 1;
     if (PyLong_CheckExact(kind) && PyLong_CheckExact(constant)) {
         int overflow_a, overflow_b;
-        long a = PyLong_AsLongAndOverflow(kind, &overflow_a), b = PyLong_AsLongAndOverflow(constant, &overflow_b);
-        if (!overflow_a && !overflow_b && !(a == -1 && PyErr_Occurred()) && !(b == -1 && PyErr_Occurred()))
+        long a = PyLong_AsLongAndOverflow(kind, &overflow_a),
+             b = PyLong_AsLongAndOverflow(constant, &overflow_b);
+        if (!overflow_a && !overflow_b && !(a == -1 && PyErr_Occurred()) &&
+            !(b == -1 && PyErr_Occurred()))
             return a == b;
         PyErr_Clear();
     }
@@ -1319,7 +1370,7 @@ static int local_index(PyObject *index_obj, Py_ssize_t n, Py_ssize_t *out)
  * until set) and released by sp_dispatch. */
 typedef struct {
     PyObject *func, *args; /* borrowed: the call's arguments */
-    PyObject *kwargs;      /* NULL until the twin's ``kwargs = {}`` is needed (call_slow_path, OUT) */
+    PyObject *kwargs;      /* NULL until the twin's ``kwargs = {}`` is needed (slow path, OUT) */
     Py_hash_t h;           /* hash(func) */
     PyObject *key, *plan, *chunks;
     ObjBuf local; /* the locals; items[0] a spare slot, so calls may use ARGUMENTS_OFFSET */
@@ -1897,24 +1948,28 @@ done:
     return result;
 }
 
-/* ------------------------------------------------------------------------------------------------------ */
-/* Module                                                                                                   */
-/* ------------------------------------------------------------------------------------------------------ */
+/* ---------------------------------------------------------------------------------------------- */
+/* Module                                                                                         */
+/* ---------------------------------------------------------------------------------------------- */
 
 static PyMethodDef speedups_methods[] = {
     {"configure", (PyCFunction)(void (*)(void))sp_configure, METH_FASTCALL | METH_KEYWORDS,
-     "configure(config: dict) -> None\n\nHand over what the hot path needs (see _native.configure)."},
+     "configure(config: dict) -> None\n\n"
+     "Hand over what the hot path needs (see _native.configure)."},
     {"build_key", (PyCFunction)(void (*)(void))sp_build_key, METH_FASTCALL | METH_KEYWORDS,
-     "build_key(op, args, kwargs) -> tuple | None\n\nThe plan-cache key of one call (see cache.build_key)."},
+     "build_key(op, args, kwargs) -> tuple | None\n\n"
+     "The plan-cache key of one call (see cache.build_key)."},
     {"dispatch", (PyCFunction)(void (*)(void))sp_dispatch, METH_FASTCALL | METH_KEYWORDS,
-     "dispatch(cls, func, types, args=(), kwargs=None)\n\nFastDTensor.__torch_dispatch__ (see _native.dispatch)."},
+     "dispatch(cls, func, types, args=(), kwargs=None)\n\n"
+     "FastDTensor.__torch_dispatch__ (see _native.dispatch)."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef speedups_module = {
     PyModuleDef_HEAD_INIT,
     "dtdispatch.native._speedups",
-    "The C hot path of dtdispatch; its specification is dtdispatch.native._native (the Python twin).",
+    "The C hot path of dtdispatch; its specification is "
+    "dtdispatch.native._native (the Python twin).",
     -1, /* process-global state (see the top of the file): single-phase init, no sub-interpreters */
     speedups_methods,
     NULL,
