@@ -2,22 +2,22 @@
  * dtdispatch._native._function: the C hot path above dispatch (FastDTensor.__torch_function__,
  * ARCHITECTURE "The path above dispatch").
  *
- * The specification is Python: dtdispatch/_native/function.py (``configure``, ``ambient``, ``build_key``,
- * ``_entry``, ``_unwrap``, ``torch_function``, ``_step_aside``, ``_output``). Every block below names
- * the Python block it mirrors; change both together. CPython C API only: no torch headers. Everything
- * torch-specific (types, the disabled implementation, mode and grad queries, guards, markers) is taken
- * from Python at ``configure`` time. The miss (observing a call and writing its plan) stays Python
- * (dtdispatch._above.miss).
+ * The specification is Python: dtdispatch/_native/function.py (``configure``, ``ambient``,
+ * ``build_key``, ``_entry``, ``_unwrap``, ``torch_function``, ``_step_aside``, ``_output``). Every
+ * block below names the Python block it mirrors; change both together. CPython C API only: no torch
+ * headers. Everything torch-specific (types, the disabled implementation, mode and grad queries,
+ * guards, markers) is taken from Python at ``configure`` time. The miss (observing a call and
+ * writing its plan) stays Python (dtdispatch._above.miss).
  *
  * Shortcuts whose answer is provably the twin's:
  *   - this thread's AboveCache and its containers (entries, per_func, negative, stepped_aside) are
- *     remembered in the thread-state dict, tagged with the thread_cache callable they came from. NOTE:
- *     valid because AboveCache never rebinds those attributes (it clears them in place).
- *   - ``isinstance(a, torch.Tensor)`` is skipped for exact int/float/bool/complex/str/None, which are
- *     never tensors.
+ *     remembered in the thread-state dict, tagged with the thread_cache callable they came from.
+ *     NOTE: valid because AboveCache never rebinds those attributes (it clears them in place).
+ *   - ``isinstance(a, torch.Tensor)`` is skipped for exact int/float/bool/complex/str/None, which
+ *     are never tensors.
  *   - the twin's ``with DisableTorchFunctionSubclass():`` around the key uses one guard object per
- *     thread (in the same thread-state memo): its __enter__/__exit__ pairs never nest, because nothing
- *     between them can re-enter this handler (torch function is off for subclasses there).
+ *     thread (in the same thread-state memo): its __enter__/__exit__ pairs never nest, because
+ *     nothing between them can re-enter this handler (torch function is off for subclasses there).
  *
  * Threading: module state is written by ``configure`` and read by the hot path, with the GIL held.
  */
@@ -26,40 +26,22 @@
 #include <Python.h>
 #include "_pycompat.h"
 
-/* PyErr_GetRaisedException / PyErr_SetRaisedException are 3.12+; the fetch/restore triple works
- * everywhere. */
-typedef struct {
-    PyObject *type, *value, *tb;
-} SavedError;
-static SavedError save_error(void)
-{
-    SavedError e;
-    PyErr_Fetch(&e.type, &e.value, &e.tb);
-    return e;
-}
-static void restore_error(SavedError e) { PyErr_Restore(e.type, e.value, e.tb); }
-static void drop_error(SavedError e)
-{
-    Py_XDECREF(e.type);
-    Py_XDECREF(e.value);
-    Py_XDECREF(e.tb);
-}
-
 #ifdef Py_GIL_DISABLED
 #error "dtdispatch._native._function relies on the GIL (module state and AboveCache are unlocked)"
 #endif
 
 /* Module state: mirrors _native.function._config. */
-static PyObject *c_fast_type, *c_autograd_type, *c_tensor_type, *c_new, *c_disabled, *c_passthrough, *c_thread_cache,
+static PyObject *c_fast_type, *c_autograd_type, *c_tensor_type, *c_new, *c_disabled, *c_passthrough,
+    *c_thread_cache,
     *c_miss, *c_is_compiling, *c_tf_mode, *c_dispatch_modes, *c_grad_enabled, *c_inference,
     *c_default_dtype, *c_any_autocast, *c_autocast_state, *c_disable_subclass, *c_increment_version,
     *c_below_autograd, *c_kw_marker, *c_value_marker, *c_structure_marker, *c_explicit_local,
     *c_op_dispatcher;
 
 static PyObject *s_requires_grad, *s_spec, *s_local_tensor, *s_entries, *s_per_func, *s_negative,
-    *s_stepped_aside, *s_move_to_end, *s_enter, *s_exit, *s_memo_key,
-    *s_mode_or_compiling, *s_unhashable, *s_kwnames_rg, *s_args, *s_kwargs, *small_one, *s_active,
-    *s_narrow, *s_clone, *s_explicit, *s_compiling_flag, *c_compiler_module, *s_is_inference, *s_is_conj,
+    *s_stepped_aside, *s_memo_key,
+    *s_mode_or_compiling, *s_unhashable, *s_kwnames_rg, *s_args, *s_kwargs, *small_one,
+    *s_explicit, *s_compiling_flag, *c_compiler_module, *s_is_inference, *s_is_conj,
     *s_is_neg, *s_custom_op_handlers, *s_custom_handler;
 
 /* Output entry kinds: mirrors _native.function.OUT_*. */
@@ -100,7 +82,8 @@ static struct {
 static PyObject *fn_configure(PyObject *Py_UNUSED(module), PyObject *config)
 {
     if (!PyDict_Check(config)) {
-        PyErr_Format(PyExc_TypeError, "configure() expects a dict, got %s", Py_TYPE(config)->tp_name);
+        PyErr_Format(PyExc_TypeError, "configure() expects a dict, got %s",
+                     Py_TYPE(config)->tp_name);
         return NULL;
     }
     for (Py_ssize_t i = 0; i < N_CONFIG; i++) {
@@ -123,25 +106,19 @@ static int configured(void)
     return 1;
 }
 
-/* ------------------------------------------------------------------------------------------------ */
-/* The thread's cache: (thread_cache, cache, entries, per_func, negative, stepped_aside, guard_enter,  */
-/* guard_exit), memoized in the thread-state dict.                                                   */
-/* ------------------------------------------------------------------------------------------------ */
+/* ---------------------------------------------------------------------------------------------- */
+/* The thread's cache: (thread_cache, cache, entries, per_func, negative, stepped_aside,          */
+/* guard_enter, guard_exit), memoized in the thread-state dict.                                   */
+/* ---------------------------------------------------------------------------------------------- */
 enum { M_TC, M_CACHE, M_ENTRIES, M_PER_FUNC, M_NEGATIVE, M_STEPPED, M_ENTER, M_EXIT, M_SIZE };
 
 /* Borrowed reference to this thread's memo tuple (owned by the thread-state dict, or by *hold). */
 static PyObject *thread_memo(PyObject **hold)
 {
     *hold = NULL;
-    PyObject *tsd = PyThreadState_GetDict(); /* borrowed */
-    if (tsd != NULL) {
-        PyObject *memo = PyDict_GetItemWithError(tsd, s_memo_key);
-        if (memo != NULL && PyTuple_CheckExact(memo) && PyTuple_GET_SIZE(memo) == M_SIZE &&
-            PyTuple_GET_ITEM(memo, M_TC) == c_thread_cache)
-            return memo;
-        if (memo == NULL && PyErr_Occurred())
-            return NULL;
-    }
+    PyObject *memo = dtd_thread_memo_get(s_memo_key, c_thread_cache, M_SIZE);
+    if (memo != NULL || PyErr_Occurred())
+        return memo;
     PyObject *cache = PyObject_CallNoArgs(c_thread_cache);
     if (cache == NULL)
         return NULL;
@@ -150,15 +127,15 @@ static PyObject *thread_memo(PyObject **hold)
     PyObject *negative = per_func ? PyObject_GetAttr(cache, s_negative) : NULL;
     PyObject *stepped = negative ? PyObject_GetAttr(cache, s_stepped_aside) : NULL;
     PyObject *guard = stepped ? PyObject_CallNoArgs(c_disable_subclass) : NULL;
-    PyObject *enter = guard ? PyObject_GetAttr(guard, s_enter) : NULL;
-    PyObject *exit_ = enter ? PyObject_GetAttr(guard, s_exit) : NULL;
-    PyObject *memo = NULL;
+    PyObject *enter = guard ? PyObject_GetAttr(guard, dtd_s_enter) : NULL;
+    PyObject *exit_ = enter ? PyObject_GetAttr(guard, dtd_s_exit) : NULL;
     if (exit_ != NULL) {
-        if (!PyDict_CheckExact(per_func) || !PyDict_CheckExact(negative) || !PyDict_CheckExact(stepped) ||
-            !PyDict_Check(entries))
+        if (!PyDict_CheckExact(per_func) || !PyDict_CheckExact(negative) ||
+            !PyDict_CheckExact(stepped) || !PyDict_Check(entries))
             PyErr_SetString(PyExc_TypeError, "AboveCache containers must be dicts");
         else
-            memo = PyTuple_Pack(M_SIZE, c_thread_cache, cache, entries, per_func, negative, stepped, enter, exit_);
+            memo = PyTuple_Pack(M_SIZE, c_thread_cache, cache, entries, per_func, negative, stepped,
+                                enter, exit_);
     }
     Py_DECREF(cache);
     Py_XDECREF(entries);
@@ -170,6 +147,7 @@ static PyObject *thread_memo(PyObject **hold)
     Py_XDECREF(exit_);
     if (memo == NULL)
         return NULL;
+    PyObject *tsd = PyThreadState_GetDict(); /* borrowed */
     if (tsd != NULL && PyDict_SetItem(tsd, s_memo_key, memo) == 0) {
         Py_DECREF(memo); /* the dict holds it for the thread's life */
         return memo;
@@ -191,18 +169,6 @@ static int count_reason(PyObject *d, PyObject *reason)
     int rc = PyDict_SetItem(d, reason, n);
     Py_DECREF(n);
     return rc;
-}
-
-/* counters[i] += 1 (counters: a list of three ints) */
-static int bump(PyObject *counters, Py_ssize_t i)
-{
-    PyObject *old = PyList_GET_ITEM(counters, i);
-    PyObject *n = PyNumber_Add(old, small_one);
-    if (n == NULL)
-        return -1;
-    PyList_SET_ITEM(counters, i, n);
-    Py_DECREF(old);
-    return 0;
 }
 
 /* mirrors AboveCache.func_counters. Borrowed reference. */
@@ -229,17 +195,17 @@ static PyObject *call_disabled(PyObject *func, PyObject *types, PyObject *args, 
 }
 
 /* mirrors _native.function._step_aside */
-static PyObject *step_aside(PyObject *memo, PyObject *func, PyObject *types, PyObject *args, PyObject *kwargs,
-                            PyObject *reason)
+static PyObject *step_aside(PyObject *memo, PyObject *func, PyObject *types, PyObject *args,
+                            PyObject *kwargs, PyObject *reason)
 {
     if (count_reason(PyTuple_GET_ITEM(memo, M_STEPPED), reason) < 0)
         return NULL;
     return call_disabled(func, types, args, kwargs);
 }
 
-/* ------------------------------------------------------------------------------------------------ */
-/* Key: mirrors _native.function.build_key / _entry.                                                 */
-/* ------------------------------------------------------------------------------------------------ */
+/* ---------------------------------------------------------------------------------------------- */
+/* Key: mirrors _native.function.build_key / _entry.                                              */
+/* ---------------------------------------------------------------------------------------------- */
 
 /* a.name() as a truth value: 1, 0, or -1 on error. */
 static int call_flag(PyObject *a, PyObject *name)
@@ -275,8 +241,8 @@ static int entry(PyObject *a, PyObject *key, PyObject *scalars, int grad, PyObje
             return *reason == NULL ? -1 : 1;
         }
         PyObject *spec = PyObject_GetAttr(a, s_spec);
-        int rc = spec == NULL || PyList_Append(key, (PyObject *)t) < 0 || PyList_Append(key, spec) < 0 ||
-                         PyList_Append(key, rg) < 0
+        int rc = spec == NULL || PyList_Append(key, (PyObject *)t) < 0 ||
+                         PyList_Append(key, spec) < 0 || PyList_Append(key, rg) < 0
                      ? -1
                      : 0;
         Py_XDECREF(spec);
@@ -296,8 +262,8 @@ static int entry(PyObject *a, PyObject *key, PyObject *scalars, int grad, PyObje
         Py_DECREF(flags);
         return rc;
     }
-    int never_tensor = t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type || t == &PyComplex_Type ||
-                       t == &PyUnicode_Type || a == Py_None;
+    int never_tensor = t == &PyLong_Type || t == &PyFloat_Type || t == &PyBool_Type ||
+                       t == &PyComplex_Type || t == &PyUnicode_Type || a == Py_None;
     if (!never_tensor) {
         /* Block: another tensor -> "foreign tensor". */
         int is_tensor = PyObject_IsInstance(a, c_tensor_type);
@@ -316,7 +282,8 @@ static int entry(PyObject *a, PyObject *key, PyObject *scalars, int grad, PyObje
             }
             Py_DECREF(n);
             for (Py_ssize_t i = 0; i < Py_SIZE(a); i++) {
-                /* NOTE: re-read each time: a list may change while Python code runs (isinstance). */
+                /* NOTE: re-read each time: a list may change while Python code runs
+                 * (isinstance). */
                 if (i >= Py_SIZE(a))
                     break;
                 PyObject *e = t == &PyList_Type ? PyList_GET_ITEM(a, i) : PyTuple_GET_ITEM(a, i);
@@ -356,10 +323,12 @@ static int entry(PyObject *a, PyObject *key, PyObject *scalars, int grad, PyObje
     return PyList_Append(key, a);
 }
 
-/* mirrors _native.function.build_key: 0 with *key_out, *scalars_out set; 1 with *key_out a reason str; -1. The
- * caller holds the DisableTorchFunctionSubclass guard. */
+/* mirrors _native.function.build_key: 0 with *key_out, *scalars_out set; 1 with *key_out a
+ * reason str; -1.
+ * The caller holds the DisableTorchFunctionSubclass guard. */
 static int build_key_impl(PyObject *func, PyObject *args, PyObject *kwargs, int grad, int inference,
-                          PyObject *default_dtype, PyObject *autocast, PyObject **key_out, PyObject **scalars_out)
+                          PyObject *default_dtype, PyObject *autocast, PyObject **key_out,
+                          PyObject **scalars_out)
 {
     *key_out = *scalars_out = NULL;
     PyObject *nargs = PyLong_FromSsize_t(PyTuple_GET_SIZE(args));
@@ -386,7 +355,8 @@ static int build_key_impl(PyObject *func, PyObject *args, PyObject *kwargs, int 
         PyObject *name, *value;
         Py_ssize_t pos = 0;
         /* NOTE: kwargs is a fresh dict torch built for this call; no Python code here can change it
-         * except entry()'s isinstance on exotic objects, which we accept like the twin's iteration. */
+         * except entry()'s isinstance on exotic objects, which we accept like the twin's
+         * iteration. */
         while (rc == 0 && PyDict_Next(kwargs, &pos, &name, &value)) {
             Py_INCREF(name);
             Py_INCREF(value);
@@ -412,20 +382,11 @@ static int build_key_impl(PyObject *func, PyObject *args, PyObject *kwargs, int 
     return -1;
 }
 
-static int query(PyObject *fn)
-{
-    PyObject *r = PyObject_CallNoArgs(fn);
-    if (r == NULL)
-        return -1;
-    int v = PyObject_IsTrue(r);
-    Py_DECREF(r);
-    return v;
-}
-
 /* is_compiling(): torch.compiler.is_compiling() is ``False if torch.jit.is_scripting() else
- * _is_compiling_flag``, and scripting never runs this C code, so the module flag is read directly (the
- * function, two Python frames, is called when the flag is missing). NOTE: tied to torch 2.13-2.15's
- * is_compiling; if it ever tests more than the flag, call it instead (the twin always calls it). */
+ * _is_compiling_flag``, and scripting never runs this C code, so the module flag is read directly
+ * (the function, two Python frames, is called when the flag is missing). NOTE: tied to torch
+ * 2.13-2.15's is_compiling; if it ever tests more than the flag, call it instead (the twin always
+ * calls it). */
 static int query_compiling(void)
 {
     if (c_compiler_module == NULL) {
@@ -438,22 +399,25 @@ static int query_compiling(void)
             c_compiler_module = Py_NewRef(Py_None);
     }
     if (c_compiler_module != Py_None) {
-        PyObject *flag = PyDict_GetItemWithError(c_compiler_module, s_compiling_flag); /* borrowed */
+        /* borrowed */
+        PyObject *flag = PyDict_GetItemWithError(c_compiler_module, s_compiling_flag);
         if (flag != NULL)
             return PyObject_IsTrue(flag);
         if (PyErr_Occurred())
             return -1;
     }
-    return query(c_is_compiling);
+    return dtd_call_truth(c_is_compiling);
 }
 
-/* build_key(func, args, kwargs, grad, inference, default_dtype, autocast): mirrors _native.function.build_key
- * (for the differential tests; the hot path calls build_key_impl under the guard). */
+/* build_key(func, args, kwargs, grad, inference, default_dtype, autocast): mirrors
+ * _function.build_key (for the differential tests; the hot path calls build_key_impl under the
+ * guard). */
 static PyObject *fn_build_key(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t nargs)
 {
     if (nargs != 7 || !PyTuple_Check(argv[1]) || (argv[2] != Py_None && !PyDict_Check(argv[2]))) {
-        PyErr_SetString(PyExc_TypeError,
-                        "build_key(func, args: tuple, kwargs: dict, grad, inference, default_dtype, autocast)");
+        PyErr_SetString(
+            PyExc_TypeError,
+            "build_key(func, args: tuple, kwargs: dict, grad, inference, default_dtype, autocast)");
         return NULL;
     }
     if (!configured())
@@ -462,28 +426,21 @@ static PyObject *fn_build_key(PyObject *Py_UNUSED(module), PyObject *const *argv
     if (grad < 0 || inference < 0)
         return NULL;
     PyObject *guard = PyObject_CallNoArgs(c_disable_subclass);
-    if (guard == NULL)
+    PyObject *exit_ = guard != NULL ? dtd_with_enter(guard) : NULL;
+    Py_XDECREF(guard);
+    if (exit_ == NULL)
         return NULL;
-    PyObject *entered = PyObject_CallMethodNoArgs(guard, s_enter);
-    if (entered == NULL) {
-        Py_DECREF(guard);
-        return NULL;
-    }
-    Py_DECREF(entered);
     PyObject *key, *scalars;
-    int rc = build_key_impl(argv[0], argv[1], argv[2] == Py_None ? NULL : argv[2], grad, inference, argv[5], argv[6],
-                            &key, &scalars);
-    SavedError exc = save_error();
-    PyObject *exited = PyObject_CallMethod(guard, "__exit__", "OOO", Py_None, Py_None, Py_None);
-    Py_DECREF(guard);
-    if (exited == NULL) {
-        drop_error(exc);
+    PyObject *kwargs = argv[2] == Py_None ? NULL : argv[2];
+    int rc = build_key_impl(argv[0], argv[1], kwargs, grad, inference, argv[5], argv[6], &key,
+                            &scalars);
+    int exited = dtd_with_exit(exit_);
+    Py_DECREF(exit_);
+    if (exited < 0) {
         Py_XDECREF(key);
         Py_XDECREF(scalars);
         return NULL;
     }
-    Py_DECREF(exited);
-    restore_error(exc);
     if (rc < 0)
         return NULL;
     if (rc == 1)
@@ -491,24 +448,13 @@ static PyObject *fn_build_key(PyObject *Py_UNUSED(module), PyObject *const *argv
     return Py_BuildValue("(NN)", key, scalars);
 }
 
-/* ------------------------------------------------------------------------------------------------ */
-/* Replay: mirrors _native.function._unwrap and _native.function._output.                            */
-/* ------------------------------------------------------------------------------------------------ */
+/* ---------------------------------------------------------------------------------------------- */
+/* Replay: mirrors _native.function._unwrap and _output.                                       */
+/* ---------------------------------------------------------------------------------------------- */
 
-/* local.narrow(dim, offset, length).clone(), chunk being (flat index, dim, offset, length). */
-static PyObject *local_chunk(PyObject *local, PyObject *chunk)
-{
-    PyObject *argv[4] = {local, PyTuple_GET_ITEM(chunk, 1), PyTuple_GET_ITEM(chunk, 2), PyTuple_GET_ITEM(chunk, 3)};
-    PyObject *narrow = PyObject_VectorcallMethod(s_narrow, argv, 4 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    if (narrow == NULL)
-        return NULL;
-    PyObject *clone = PyObject_CallMethodNoArgs(narrow, s_clone);
-    Py_DECREF(narrow);
-    return clone;
-}
-
-/* mirrors _native.function._unwrap; chunks is the plan's tuple of (flat index, dim, offset, length) or None.
- * New reference. */
+/* mirrors _native.function._unwrap; chunks is the plan's tuple of (flat index, dim, offset,
+ * length) or
+ * None. New reference. */
 static PyObject *unwrap(PyObject *a, PyObject *flat, PyObject *chunks)
 {
     PyTypeObject *t = Py_TYPE(a);
@@ -532,7 +478,10 @@ static PyObject *unwrap(PyObject *a, PyObject *flat, PyObject *chunks)
                 return NULL;
             }
             if (chunk_index == index) {
-                PyObject *out = local_chunk(local, chunk);
+                /* a._local_tensor.narrow(*chunk).clone() */
+                PyObject *out = dtd_local_chunk(local, PyTuple_GET_ITEM(chunk, 1),
+                                                PyTuple_GET_ITEM(chunk, 2),
+                                                PyTuple_GET_ITEM(chunk, 3));
                 Py_DECREF(local);
                 return out;
             }
@@ -593,7 +542,8 @@ static PyObject *output(PyObject *entry_, PyObject *result, PyObject *flat)
     if (kind == OUT_NONE)
         Py_RETURN_NONE;
     /* OUT_SEQ: container([_output(e, r) for e, r in zip(entries, result, strict=True)]) */
-    if (!PyTuple_Check(data) || PyTuple_GET_SIZE(data) != 2 || !PyTuple_Check(PyTuple_GET_ITEM(data, 1))) {
+    if (!PyTuple_Check(data) || PyTuple_GET_SIZE(data) != 2 ||
+        !PyTuple_Check(PyTuple_GET_ITEM(data, 1))) {
         PyErr_SetString(PyExc_TypeError, "malformed replay plan sequence entry");
         return NULL;
     }
@@ -633,25 +583,15 @@ static PyObject *call_local(PyObject *func, PyObject *local_args, PyObject *loca
     if (!below)
         return PyObject_Call(func, local_args, local_kwargs);
     PyObject *guard = PyObject_CallNoArgs(c_below_autograd);
-    if (guard == NULL)
+    PyObject *exit_ = guard != NULL ? dtd_with_enter(guard) : NULL;
+    Py_XDECREF(guard);
+    if (exit_ == NULL)
         return NULL;
-    PyObject *entered = PyObject_CallMethodNoArgs(guard, s_enter);
-    if (entered == NULL) {
-        Py_DECREF(guard);
-        return NULL;
-    }
-    Py_DECREF(entered);
     PyObject *result = PyObject_Call(func, local_args, local_kwargs);
-    SavedError exc = save_error();
-    PyObject *exited = PyObject_CallMethod(guard, "__exit__", "OOO", Py_None, Py_None, Py_None);
-    Py_DECREF(guard);
-    if (exited == NULL) {
-        drop_error(exc);
-        Py_XDECREF(result);
-        return NULL;
-    }
-    Py_DECREF(exited);
-    restore_error(exc);
+    int exited = dtd_with_exit(exit_);
+    Py_DECREF(exit_);
+    if (exited < 0)
+        Py_CLEAR(result);
     return result;
 }
 
@@ -694,12 +634,13 @@ static int plan_ops_handled(PyObject *ops)
     return found;
 }
 
-/* Block: replay on the locals (mirrors the twin's "replay on the locals" and "wrap outputs"). The caller
- * has checked that plan is a 5-tuple and, for a plan with chunks, that no explicit-redistribution
- * context is active. */
+/* Block: replay on the locals (mirrors the twin's "replay on the locals" and "wrap outputs"). The
+ * caller has checked that plan is a 5-tuple and, for a plan with chunks, that no
+ * explicit-redistribution context is active. */
 static PyObject *replay(PyObject *plan, PyObject *func, PyObject *args, PyObject *kwargs)
 {
-    PyObject *flat = PyList_New(0), *local_args = NULL, *local_kwargs = NULL, *result = NULL, *out = NULL;
+    PyObject *flat = PyList_New(0), *local_args = NULL, *local_kwargs = NULL, *result = NULL,
+             *out = NULL;
     PyObject *below_obj = NULL, *bumps = NULL, *out_entry = NULL;
     PyObject *chunks = PyTuple_GET_ITEM(plan, 3);
     if (flat == NULL)
@@ -777,73 +718,38 @@ done:
     return out;
 }
 
-/* ------------------------------------------------------------------------------------------------ */
-/* The key's hash, computed once per call (a key holds specs, whose __hash__ is Python code).        */
-/* ------------------------------------------------------------------------------------------------ */
+/* ---------------------------------------------------------------------------------------------- */
+/* torch_function: mirrors _native.function.torch_function block by block.                        */
+/* ---------------------------------------------------------------------------------------------- */
 
-/* A tuple equal to the key whose hash is the one already computed: the argument of move_to_end, which
- * re-hashes its argument. Only the object registered in hashed_key_obj answers from hashed_key_value;
- * any other instance (none is kept) hashes as a tuple. It compares equal to the stored key, as a tuple. */
-static PyObject *hashed_key_obj;
-static Py_hash_t hashed_key_value;
+/* One call's arguments as the twin's signature binds them: args a tuple, kwargs a dict. */
+typedef struct {
+    PyObject *func, *types, *args, *kwargs;
+    PyObject *own_args, *own_kwargs; /* made here (released by the caller), or NULL */
+} TfCall;
 
-static Py_hash_t hashed_key_hash(PyObject *self)
+/* mirrors torch_function's signature (cls, func, types, args=(), kwargs=None) and its ``if kwargs
+ * is None: kwargs = {}``. 0, or -1 with an error (the caller releases call->own_* either way). */
+static int bind_call(PyObject *const *argv, Py_ssize_t nargs, PyObject *kwnames, TfCall *call)
 {
-    if (self == hashed_key_obj)
-        return hashed_key_value;
-    return PyTuple_Type.tp_hash(self);
-}
-
-static PyTypeObject HashedKeyType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "dtdispatch._native._function.HashedKey",
-    .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "A key (a tuple) carrying its precomputed hash for one move_to_end call.",
-    .tp_hash = hashed_key_hash,
-};
-
-/* entries.move_to_end(key), the key's hash being kh. */
-static int move_to_end(PyObject *entries, PyObject *key, Py_hash_t kh)
-{
-    Py_ssize_t n = PyTuple_GET_SIZE(key);
-    PyObject *probe = HashedKeyType.tp_alloc(&HashedKeyType, n);
-    if (probe == NULL)
-        return -1;
-    for (Py_ssize_t i = 0; i < n; i++)
-        PyTuple_SET_ITEM(probe, i, Py_NewRef(PyTuple_GET_ITEM(key, i)));
-    hashed_key_obj = probe;
-    hashed_key_value = kh;
-    PyObject *argv[2] = {entries, probe};
-    PyObject *res = PyObject_VectorcallMethod(s_move_to_end, argv, 2 | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
-    if (hashed_key_obj == probe)
-        hashed_key_obj = NULL;
-    Py_DECREF(probe);
-    if (res == NULL)
-        return -1;
-    Py_DECREF(res);
-    return 0;
-}
-
-/* ------------------------------------------------------------------------------------------------ */
-/* torch_function: mirrors _native.function.torch_function block by block.                           */
-/* ------------------------------------------------------------------------------------------------ */
-static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const *argv, Py_ssize_t nargsf,
-                                   PyObject *kwnames)
-{
-    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
-    PyObject *func, *types, *args = NULL, *kwargs = NULL;
-    /* (cls, func, types, args=(), kwargs=None), as the twin's signature */
+    PyObject *args, *kwargs;
+    call->own_args = call->own_kwargs = NULL;
     if (nargs < 3 || nargs > 5) {
-        PyErr_Format(PyExc_TypeError, "torch_function() takes 3 to 5 positional arguments (%zd given)", nargs);
-        return NULL;
+        PyErr_Format(PyExc_TypeError,
+                     "torch_function() takes 3 to 5 positional arguments (%zd given)", nargs);
+        return -1;
     }
     args = nargs > 3 ? argv[3] : NULL;
     kwargs = nargs > 4 ? argv[4] : NULL;
     for (Py_ssize_t i = 0; kwnames != NULL && i < PyTuple_GET_SIZE(kwnames); i++) {
         PyObject *name = PyTuple_GET_ITEM(kwnames, i), *value = argv[nargs + i];
-        int is_args = PyUnicode_Compare(name, s_args) == 0, is_kwargs = PyUnicode_Compare(name, s_kwargs) == 0;
+        int is_args = PyUnicode_Compare(name, s_args) == 0;
+        int is_kwargs = PyUnicode_Compare(name, s_kwargs) == 0;
         if ((!is_args && !is_kwargs) || (is_args && nargs > 3) || (is_kwargs && nargs > 4)) {
-            PyErr_Format(PyExc_TypeError, "torch_function() got an unexpected or repeated keyword argument %R", name);
-            return NULL;
+            PyErr_Format(PyExc_TypeError,
+                         "torch_function() got an unexpected or repeated keyword argument %R",
+                         name);
+            return -1;
         }
         if (is_args)
             args = value;
@@ -853,229 +759,268 @@ static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const 
     if (kwargs == Py_None)
         kwargs = NULL;
     if (!configured())
-        return NULL;
-    func = argv[1];
-    types = argv[2];
-    PyObject *own_args = NULL, *own_kwargs = NULL, *result = NULL;
+        return -1;
+    call->func = argv[1];
+    call->types = argv[2];
     if (args == NULL)
-        args = own_args = PyTuple_New(0);
+        args = call->own_args = PyTuple_New(0);
     else if (!PyTuple_Check(args))
-        args = own_args = PySequence_Tuple(args);
+        args = call->own_args = PySequence_Tuple(args);
     if (args == NULL)
-        return NULL;
+        return -1;
+    call->args = args;
     if (kwargs == NULL) {
-        if ((kwargs = own_kwargs = PyDict_New()) == NULL)
-            goto out;
+        if ((kwargs = call->own_kwargs = PyDict_New()) == NULL)
+            return -1;
     }
     else if (!PyDict_Check(kwargs)) {
         PyErr_SetString(PyExc_TypeError, "torch_function() kwargs must be a dict");
-        goto out;
+        return -1;
     }
-    /* Block: pass-through. */
-    int pass = PyDict_Contains(c_passthrough, func);
-    if (pass < 0)
-        goto out;
-    if (pass) {
-        result = call_disabled(func, types, args, kwargs);
-        goto out;
-    }
-    /* Block: step aside under compile tracing or an active mode. */
-    PyObject *hold;
-    PyObject *memo = thread_memo(&hold);
-    if (memo == NULL)
-        goto out;
-    int compiling = query_compiling(), tf_mode = compiling == 0 ? query(c_tf_mode) : 0,
-        modes = compiling == 0 && tf_mode == 0 ? query(c_dispatch_modes) : 0;
-    if (compiling < 0 || tf_mode < 0 || modes < 0)
-        goto out_memo;
-    if (compiling || tf_mode || modes) {
-        result = step_aside(memo, func, types, args, kwargs, s_mode_or_compiling);
-        goto out_memo;
-    }
-    /* Block: key (under the DisableTorchFunctionSubclass guard). */
-    int grad = query(c_grad_enabled), inference = grad >= 0 ? query(c_inference) : 0;
+    call->kwargs = kwargs;
+    return 0;
+}
+
+/* mirrors torch_function's "Block: step aside under compile tracing or an active mode": 1 when
+ * the call must step aside, 0, or -1 with an error. */
+static int mode_or_compiling(void)
+{
+    int compiling = query_compiling();
+    if (compiling != 0)
+        return compiling;
+    int tf_mode = dtd_call_truth(c_tf_mode);
+    if (tf_mode != 0)
+        return tf_mode;
+    return dtd_call_truth(c_dispatch_modes);
+}
+
+/* mirrors torch_function's "Block: key": the ambient state, then build_key under the
+ * DisableTorchFunctionSubclass guard (this thread's, from the memo). 0 with *key (a tuple) and
+ * *scalars; 1 with *key a reason str (step aside); -1 with an error. New references. */
+static int call_key(PyObject *memo, TfCall *call, PyObject **key, PyObject **scalars)
+{
+    *key = *scalars = NULL;
+    int grad = dtd_call_truth(c_grad_enabled);
+    int inference = grad >= 0 ? dtd_call_truth(c_inference) : 0;
     if (grad < 0 || inference < 0)
-        goto out_memo;
+        return -1;
     /* mirrors _native.function.ambient: (default dtype, autocast state or None) */
     PyObject *default_dtype = PyObject_CallNoArgs(c_default_dtype), *autocast = NULL;
     if (default_dtype == NULL)
-        goto out_memo;
-    int any_autocast = query(c_any_autocast);
-    if (any_autocast < 0 || (autocast = any_autocast ? PyObject_CallNoArgs(c_autocast_state) : Py_NewRef(Py_None)) == NULL) {
+        return -1;
+    int any_autocast = dtd_call_truth(c_any_autocast);
+    if (any_autocast < 0 ||
+        (autocast = any_autocast ? PyObject_CallNoArgs(c_autocast_state) : Py_NewRef(Py_None)) ==
+            NULL) {
         Py_DECREF(default_dtype);
-        goto out_memo;
+        return -1;
     }
     PyObject *entered = PyObject_CallNoArgs(PyTuple_GET_ITEM(memo, M_ENTER));
     if (entered == NULL) {
         Py_DECREF(default_dtype);
         Py_DECREF(autocast);
-        goto out_memo;
+        return -1;
     }
     Py_DECREF(entered);
-    PyObject *key_list, *scalars;
-    int krc = build_key_impl(func, args, kwargs, grad, inference, default_dtype, autocast, &key_list, &scalars);
+    PyObject *key_list;
+    int krc = build_key_impl(call->func, call->args, call->kwargs, grad, inference, default_dtype,
+                             autocast, &key_list, scalars);
     Py_DECREF(default_dtype);
     Py_DECREF(autocast);
-    {
-        SavedError exc = save_error();
-        PyObject *exit_args[3] = {Py_None, Py_None, Py_None};
-        PyObject *exited = PyObject_Vectorcall(PyTuple_GET_ITEM(memo, M_EXIT), exit_args, 3, NULL);
-        if (exited == NULL) {
-            drop_error(exc);
-            Py_XDECREF(key_list);
-            Py_XDECREF(scalars);
-            goto out_memo;
-        }
-        Py_DECREF(exited);
-        restore_error(exc);
+    if (dtd_with_exit(PyTuple_GET_ITEM(memo, M_EXIT)) < 0) {
+        Py_XDECREF(key_list);
+        Py_CLEAR(*scalars);
+        return -1;
     }
-    if (krc < 0)
-        goto out_memo;
-    if (krc == 1) {
-        result = step_aside(memo, func, types, args, kwargs, key_list);
-        Py_DECREF(key_list);
-        goto out_memo;
+    if (krc != 0) {
+        *key = krc == 1 ? key_list : NULL;
+        return krc;
     }
-    PyObject *key = PyList_AsTuple(key_list);
+    /* key = tuple(key_list) */
+    *key = PyList_AsTuple(key_list);
     Py_DECREF(key_list);
-    if (key == NULL) {
-        Py_DECREF(scalars);
-        goto out_memo;
+    if (*key == NULL) {
+        Py_CLEAR(*scalars);
+        return -1;
+    }
+    return 0;
+}
+
+/* mirrors torch_function's "Block: negative entry" (also the negative entry for the call's
+ * structure found in "Block: miss"): counted by reason, then stock behaviour. */
+static PyObject *negative_entry(PyObject *memo, TfCall *call, PyObject *counters,
+                                PyObject *reason)
+{
+    if (dtd_bump(counters, 2) < 0 || count_reason(PyTuple_GET_ITEM(memo, M_NEGATIVE), reason) < 0)
+        return NULL;
+    return call_disabled(call->func, call->types, call->args, call->kwargs);
+}
+
+/* mirrors torch_function's "Block: miss": a negative entry for the call's structure (scalars by
+ * type) first, else above.miss observes the call and writes its plan. */
+static PyObject *miss(PyObject *memo, TfCall *call, PyObject *key, PyObject *scalars,
+                      PyObject *counters)
+{
+    PyObject *entries = PyTuple_GET_ITEM(memo, M_ENTRIES);
+    PyObject *structure = NULL, *result = NULL;
+    if (PyList_GET_SIZE(scalars) > 0) {
+        /* structure = [structure_marker, *key]; structure[position + 1] = value_marker */
+        Py_ssize_t k = PyTuple_GET_SIZE(key);
+        if ((structure = PyList_New(k + 1)) == NULL)
+            return NULL;
+        PyList_SET_ITEM(structure, 0, Py_NewRef(c_structure_marker));
+        for (Py_ssize_t i = 0; i < k; i++)
+            PyList_SET_ITEM(structure, i + 1, Py_NewRef(PyTuple_GET_ITEM(key, i)));
+        for (Py_ssize_t i = 0; i < PyList_GET_SIZE(scalars); i++) {
+            Py_ssize_t position = PyLong_AsSsize_t(PyList_GET_ITEM(scalars, i));
+            if (position < 0 || position >= k) {
+                if (!PyErr_Occurred())
+                    PyErr_SetString(PyExc_IndexError, "scalar position out of range");
+                Py_DECREF(structure);
+                return NULL;
+            }
+            PyObject *old = PyList_GET_ITEM(structure, position + 1);
+            PyList_SET_ITEM(structure, position + 1, Py_NewRef(c_value_marker));
+            Py_DECREF(old);
+        }
+        /* negative = cache.entries.get(tuple(structure)) */
+        PyObject *structure_key = PyList_AsTuple(structure);
+        if (structure_key == NULL) {
+            Py_DECREF(structure);
+            return NULL;
+        }
+        PyObject *negative = PyDict_GetItemWithError(entries, structure_key); /* borrowed */
+        Py_DECREF(structure_key);
+        if (negative == NULL && PyErr_Occurred()) {
+            Py_DECREF(structure);
+            return NULL;
+        }
+        if (negative != NULL) {
+            Py_DECREF(structure);
+            return negative_entry(memo, call, counters, negative);
+        }
+    }
+    /* counters[1] += 1; return c["miss"](cache, func, types, args, kwargs, key, structure) */
+    if (dtd_bump(counters, 1) == 0) {
+        PyObject *miss_argv[7] = {PyTuple_GET_ITEM(memo, M_CACHE), call->func, call->types,
+                                  call->args, call->kwargs, key,
+                                  structure != NULL ? structure : Py_None};
+        result = PyObject_Vectorcall(c_miss, miss_argv, 7, NULL);
+    }
+    Py_XDECREF(structure);
+    return result;
+}
+
+/* mirrors torch_function's "Block: custom handlers" and the explicit-redistribution check of
+ * "Block: replay on the locals", then replays (``replay``) a hit on a replay plan. */
+static PyObject *hit(PyObject *memo, TfCall *call, PyObject *plan, PyObject *counters)
+{
+    /* TorchFunctionPlan is a NamedTuple (out, bumps, below, chunks, ops). */
+    if (!PyTuple_Check(plan) || PyTuple_GET_SIZE(plan) != 5) {
+        PyErr_SetString(PyExc_TypeError, "a replay plan must be an _above.TorchFunctionPlan");
+        return NULL;
+    }
+    /* Custom handlers are read live: see the twin. */
+    int handled = plan_ops_handled(PyTuple_GET_ITEM(plan, 4));
+    if (handled != 0)
+        return handled > 0 ? step_aside(memo, call->func, call->types, call->args, call->kwargs,
+                                        s_custom_handler)
+                           : NULL;
+    if (dtd_bump(counters, 0) < 0)
+        return NULL;
+    if (PyTuple_GET_ITEM(plan, 3) != Py_None) {
+        /* Under ExplicitRedistributionContext every implicit redistribution must be observed (and
+         * may raise): the dispatch path handles it. */
+        int explicit_ = dtd_explicit_active(c_explicit_local);
+        if (explicit_ != 0)
+            return explicit_ > 0 ? step_aside(memo, call->func, call->types, call->args,
+                                              call->kwargs, s_explicit)
+                                 : NULL;
+    }
+    return replay(plan, call->func, call->args, call->kwargs);
+}
+
+/* mirrors torch_function: the blocks in the twin's order (pass-through, step aside, key, lookup;
+ * then miss, negative entry or a hit). */
+static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const *argv,
+                                   Py_ssize_t nargsf, PyObject *kwnames)
+{
+    TfCall call;
+    PyObject *result = NULL, *hold = NULL, *key = NULL, *scalars = NULL;
+    if (bind_call(argv, PyVectorcall_NARGS(nargsf), kwnames, &call) < 0)
+        goto out;
+    /* Block: pass-through. */
+    int pass = PyDict_Contains(c_passthrough, call.func);
+    if (pass != 0) {
+        if (pass > 0)
+            result = call_disabled(call.func, call.types, call.args, call.kwargs);
+        goto out;
+    }
+    /* Block: step aside under compile tracing or an active mode. */
+    PyObject *memo = thread_memo(&hold);
+    if (memo == NULL)
+        goto out;
+    int modes = mode_or_compiling();
+    if (modes != 0) {
+        if (modes > 0)
+            result = step_aside(memo, call.func, call.types, call.args, call.kwargs,
+                                s_mode_or_compiling);
+        goto out;
+    }
+    /* Block: key. */
+    int krc = call_key(memo, &call, &key, &scalars);
+    if (krc != 0) {
+        if (krc > 0)
+            result = step_aside(memo, call.func, call.types, call.args, call.kwargs, key);
+        goto out;
     }
     /* Block: lookup (an unhashable key: the twin's TypeError from entries.get). */
     PyObject *entries = PyTuple_GET_ITEM(memo, M_ENTRIES);
     Py_hash_t kh = PyObject_Hash(key);
     PyObject *plan = kh == -1 ? NULL : dtd_dict_get_known_hash(entries, key, kh); /* borrowed */
     if (plan == NULL && PyErr_Occurred()) {
-        if (!PyErr_ExceptionMatches(PyExc_TypeError))
-            goto out_key;
-        PyErr_Clear();
-        result = step_aside(memo, func, types, args, kwargs, s_unhashable);
-        goto out_key;
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_Clear();
+            result = step_aside(memo, call.func, call.types, call.args, call.kwargs,
+                                s_unhashable);
+        }
+        goto out;
     }
-    PyObject *counters = func_counters(PyTuple_GET_ITEM(memo, M_PER_FUNC), func);
+    PyObject *counters = func_counters(PyTuple_GET_ITEM(memo, M_PER_FUNC), call.func);
     if (counters == NULL)
-        goto out_key;
+        goto out;
     if (plan == NULL) {
-        /* Block: miss. A negative entry for the call's structure (scalars by type) first. */
-        PyObject *structure = NULL;
-        if (PyList_GET_SIZE(scalars) > 0) {
-            Py_ssize_t k = PyTuple_GET_SIZE(key);
-            if ((structure = PyList_New(k + 1)) == NULL)
-                goto out_key;
-            PyList_SET_ITEM(structure, 0, Py_NewRef(c_structure_marker));
-            for (Py_ssize_t i = 0; i < k; i++)
-                PyList_SET_ITEM(structure, i + 1, Py_NewRef(PyTuple_GET_ITEM(key, i)));
-            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(scalars); i++) {
-                Py_ssize_t position = PyLong_AsSsize_t(PyList_GET_ITEM(scalars, i));
-                if (position < 0 || position >= k) {
-                    if (!PyErr_Occurred())
-                        PyErr_SetString(PyExc_IndexError, "scalar position out of range");
-                    Py_DECREF(structure);
-                    goto out_key;
-                }
-                PyObject *old = PyList_GET_ITEM(structure, position + 1);
-                PyList_SET_ITEM(structure, position + 1, Py_NewRef(c_value_marker));
-                Py_DECREF(old);
-            }
-            PyObject *structure_key = PyList_AsTuple(structure);
-            if (structure_key == NULL) {
-                Py_DECREF(structure);
-                goto out_key;
-            }
-            PyObject *negative = PyDict_GetItemWithError(entries, structure_key); /* borrowed */
-            Py_DECREF(structure_key);
-            if (negative == NULL && PyErr_Occurred()) {
-                Py_DECREF(structure);
-                goto out_key;
-            }
-            if (negative != NULL) {
-                Py_DECREF(structure);
-                if (bump(counters, 2) < 0 || count_reason(PyTuple_GET_ITEM(memo, M_NEGATIVE), negative) < 0)
-                    goto out_key;
-                result = call_disabled(func, types, args, kwargs);
-                goto out_key;
-            }
-        }
-        if (bump(counters, 1) < 0) {
-            Py_XDECREF(structure);
-            goto out_key;
-        }
-        PyObject *miss_argv[7] = {PyTuple_GET_ITEM(memo, M_CACHE), func, types, args, kwargs, key,
-                                  structure != NULL ? structure : Py_None};
-        result = PyObject_Vectorcall(c_miss, miss_argv, 7, NULL);
-        Py_XDECREF(structure);
-        goto out_key;
+        result = miss(memo, &call, key, scalars, counters);
+        goto out;
     }
     Py_INCREF(plan);
-    if (move_to_end(entries, key, kh) < 0) {
-        Py_DECREF(plan);
-        goto out_key;
+    if (dtd_move_to_end(entries, key, kh) == 0) {
+        if (PyUnicode_CheckExact(plan))
+            result = negative_entry(memo, &call, counters, plan);
+        else
+            result = hit(memo, &call, plan, counters);
     }
-    if (PyUnicode_CheckExact(plan)) {
-        /* Block: negative entry. */
-        if (bump(counters, 2) == 0 && count_reason(PyTuple_GET_ITEM(memo, M_NEGATIVE), plan) == 0)
-            result = call_disabled(func, types, args, kwargs);
-        Py_DECREF(plan);
-        goto out_key;
-    }
-    /* TorchFunctionPlan is a NamedTuple (out, bumps, below, chunks, ops). */
-    if (!PyTuple_Check(plan) || PyTuple_GET_SIZE(plan) != 5) {
-        Py_DECREF(plan);
-        PyErr_SetString(PyExc_TypeError, "a replay plan must be an _above.TorchFunctionPlan");
-        goto out_key;
-    }
-    /* Block: custom handlers (read live: see the twin). */
-    {
-        int handled = plan_ops_handled(PyTuple_GET_ITEM(plan, 4));
-        if (handled != 0) {
-            Py_DECREF(plan);
-            if (handled > 0)
-                result = step_aside(memo, func, types, args, kwargs, s_custom_handler);
-            goto out_key;
-        }
-    }
-    if (bump(counters, 0) < 0) {
-        Py_DECREF(plan);
-        goto out_key;
-    }
-    if (PyTuple_GET_ITEM(plan, 3) != Py_None) {
-        /* Under ExplicitRedistributionContext every implicit redistribution must be observed (and may
-         * raise): the dispatch path handles it. getattr(explicit_local, "_active", None) is not None */
-        PyObject *active = NULL;
-        if (DTD_LOOKUP_ATTR(c_explicit_local, s_active, &active) < 0) {
-            Py_DECREF(plan);
-            goto out_key;
-        }
-        int explicit_ = active != NULL && active != Py_None;
-        Py_XDECREF(active);
-        if (explicit_) {
-            Py_DECREF(plan);
-            result = step_aside(memo, func, types, args, kwargs, s_explicit);
-            goto out_key;
-        }
-    }
-    result = replay(plan, func, args, kwargs);
     Py_DECREF(plan);
-out_key:
-    Py_DECREF(key);
-    Py_DECREF(scalars);
-out_memo:
-    Py_XDECREF(hold);
 out:
-    Py_XDECREF(own_args);
-    Py_XDECREF(own_kwargs);
+    Py_XDECREF(key);
+    Py_XDECREF(scalars);
+    Py_XDECREF(hold);
+    Py_XDECREF(call.own_args);
+    Py_XDECREF(call.own_kwargs);
     return result;
 }
 
 static PyMethodDef methods[] = {
     {"configure", (PyCFunction)fn_configure, METH_O,
-     "configure(config: dict) -> None\n\nHand over what the hot path needs (see _native.function.configure)."},
+     "configure(config: dict) -> None\n\n"
+     "Hand over what the hot path needs (see _native.function.configure)."},
     {"build_key", (PyCFunction)(void (*)(void))fn_build_key, METH_FASTCALL,
-     "build_key(func, args, kwargs, grad, inference, default_dtype, autocast) -> (key list | reason, scalar "
-     "positions)"},
-    {"torch_function", (PyCFunction)(void (*)(void))fn_torch_function, METH_FASTCALL | METH_KEYWORDS,
-     "FastDTensor.__torch_function__ (installed as a classmethod): see _native.function.torch_function."},
+     "build_key(func, args, kwargs, grad, inference, default_dtype, autocast)"
+     " -> (key list | reason, scalar positions)"},
+    {"torch_function", (PyCFunction)(void (*)(void))fn_torch_function,
+     METH_FASTCALL | METH_KEYWORDS,
+     "FastDTensor.__torch_function__ (installed as a classmethod): "
+     "see _native.function.torch_function."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1084,12 +1029,6 @@ static struct PyModuleDef function_module = {
     "The C hot path above dispatch; its Python twin is dtdispatch._native.function.", -1, methods,
     NULL, NULL, NULL, NULL,
 };
-
-#define INTERN(var, text)                                                                                   \
-    do {                                                                                                    \
-        if ((var = PyUnicode_InternFromString(text)) == NULL)                                               \
-            return NULL;                                                                                    \
-    } while (0)
 
 PyMODINIT_FUNC PyInit__function(void)
 {
@@ -1102,26 +1041,20 @@ PyMODINIT_FUNC PyInit__function(void)
     INTERN(s_per_func, "per_func");
     INTERN(s_negative, "negative");
     INTERN(s_stepped_aside, "stepped_aside");
-    INTERN(s_move_to_end, "move_to_end");
-    INTERN(s_enter, "__enter__");
-    INTERN(s_exit, "__exit__");
     INTERN(s_memo_key, "dtdispatch._native._function.thread_cache");
     INTERN(s_mode_or_compiling, "mode or compiling");
     INTERN(s_unhashable, "unhashable argument");
-    INTERN(s_active, "_active");
     INTERN(s_compiling_flag, "_is_compiling_flag");
-    INTERN(s_narrow, "narrow");
-    INTERN(s_clone, "clone");
     INTERN(s_explicit, "explicit redistribution context");
     INTERN(s_args, "args");
     INTERN(s_kwargs, "kwargs");
     INTERN(s_is_inference, "is_inference");
     INTERN(s_is_conj, "is_conj");
     INTERN(s_is_neg, "is_neg");
-    if ((s_kwnames_rg = Py_BuildValue("(s)", "requires_grad")) == NULL || (small_one = PyLong_FromLong(1)) == NULL)
+    if ((s_kwnames_rg = Py_BuildValue("(s)", "requires_grad")) == NULL ||
+        (small_one = PyLong_FromLong(1)) == NULL)
         return NULL;
-    HashedKeyType.tp_base = &PyTuple_Type;
-    if (PyType_Ready(&HashedKeyType) < 0)
+    if (dtd_shared_init(function_module.m_name) < 0)
         return NULL;
     return PyModule_Create(&function_module);
 }

@@ -88,6 +88,7 @@ def dispatch(
             for i, a in enumerate(args)
         ]
         local.extend(rewritten[len(args) :])
+    # Block: local chunks.
     if chunks is not None:
         # Communication-free redistribution (Replicate -> Shard): the plan's verified local chunk.
         # Length None: torch hands the local itself back (a size-1 mesh dim), so it is used as is.
@@ -117,6 +118,7 @@ def dispatch(
     if kind == INPLACE:
         # The plan is fast only when placements do not change: return self, as torch does.
         return args[0] if plan.output_spec is not None else None
+    # Block: out= outputs.
     if kind == OUT:
         spec = plan.output_spec
         specs = spec if isinstance(spec, tuple) else (spec,)
@@ -142,6 +144,7 @@ def dispatch(
         ):
             out_type = cls
     wrapped = _wrap(result, plan.output_spec, out_type, c["new"], c["tensor_type"])
+    # Block: view aliasing.
     if kind == VIEW:
         # return_and_correct_aliasing's storage fix for views (torch._functionalize_unsafe_set).
         outs_tuple = wrapped if isinstance(wrapped, tuple) else (wrapped,)
