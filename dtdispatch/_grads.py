@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate
 from torch.distributed.tensor._dtensor_spec import DTensorSpec
 from torch.distributed.tensor.placement_types import Placement
 
-from dtdispatch._tensor import FastDTensor
+from dtdispatch._tensor import FAST_TYPES
 
 __all__ = ["reduce_partial_grads"]
 
@@ -33,7 +33,7 @@ _COALESCED_OPS: dict[str, dist.ReduceOp.RedOpType] = {
 have. The bitwise ops (``"band"``, ``"bor"``, ``"bxor"``: nccl has none) take ``redistribute``,
 so they work or raise exactly as stock does on each backend."""
 
-_RETYPED = (DTensor, FastDTensor)
+_RETYPED = (DTensor, *FAST_TYPES)
 """Gradient types rebuilt around the reduced local tensor with their own type; a user's DTensor
 subclass takes its own ``redistribute`` instead."""
 
@@ -137,7 +137,11 @@ def reduce_partial_grads(parameters: torch.Tensor | Iterable[torch.Tensor]) -> i
         for key, members in buckets.items():
             _reduce_bucket(key, members)
         for p, grad, target in single:
-            p.grad = grad.redistribute(grad.device_mesh, target)
+            reduced = grad.redistribute(grad.device_mesh, target)
+            if type(grad) in FAST_TYPES:
+                # The gradient keeps its role (ARCHITECTURE "Two roles: replay and autograd").
+                reduced.__class__ = type(grad)
+            p.grad = reduced
     return sum(len(members) for members in buckets.values()) + len(single)
 
 
