@@ -37,6 +37,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 VARIANTS = ("local", "stock", "dtdispatch")
+ABOVE_OFF = "dtdispatch, above off"
+"""The dtdispatch model again with the path above dispatch off (``DTDISPATCH_ABOVE=0``), timed in
+the same rounds: the default must never be slower."""
 MODELS = ("throughput", "llama")
 WORKLOADS = ("no_grad forward", "training step")
 
@@ -178,14 +181,21 @@ def _runs(model_name: str, mesh: Any) -> dict[str, _Run]:
 
 
 def _interleaved(
-    fns: dict[str, Callable[[], None]], rounds: int, calls: int, barrier: Callable[[], None]
+    fns: dict[str, Callable[[], None]],
+    rounds: int,
+    calls: int,
+    barrier: Callable[[], None],
+    setup: dict[str, Callable[[], None]] | None = None,
 ) -> dict[str, float]:
-    """Median over rounds of the mean ms per call; the order rotates every round."""
+    """Median over rounds of the mean ms per call; the order rotates every round. ``setup[name]``
+    runs untimed before each of that variant's batches."""
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
+            if setup is not None and name in setup:
+                setup[name]()
             barrier()
             start = time.perf_counter()
             for _ in range(calls):
@@ -299,6 +309,12 @@ def _worker(args: argparse.Namespace) -> None:
         "api": {},
         "profile": {},
     }
+    from dtdispatch import _dispatcher, _native
+
+    setup = {
+        name: (lambda above=name != ABOVE_OFF: _dispatcher.install(_native.DEFAULT, above=above))
+        for name in (*VARIANTS, ABOVE_OFF)
+    }
     for model_name in MODELS:
         runs = _runs(model_name, mesh)
         for run in runs.values():  # warm-up: plans cached, optimizer state created
@@ -309,13 +325,15 @@ def _worker(args: argparse.Namespace) -> None:
             fns = {
                 v: (runs[v].forward if workload == WORKLOADS[0] else runs[v].step) for v in VARIANTS
             }
+            fns[ABOVE_OFF] = fns["dtdispatch"]
             calls = args.calls if workload == WORKLOADS[0] else max(1, args.calls // 4)
-            ms = _interleaved(fns, args.rounds, calls, barrier)
+            ms = _interleaved(fns, args.rounds, calls, barrier, setup)
             result["steps"][f"{model_name}: {workload}"] = ms
             if args.profile and info.world_size == 1:
                 result["profile"][f"{model_name}: {workload}"] = {
                     v: _profile(fns[v], calls * 3) for v in ("stock", "dtdispatch")
                 }
+    _dispatcher.install(_native.DEFAULT)  # the defaults again (the last round may have been off)
     for case, (stock, fast) in _api_cases(mesh).items():
         us = _interleaved({"stock": stock, "dtdispatch": fast}, args.rounds, 200, lambda: None)
         result["api"][case] = {k: v * 1e3 for k, v in us.items()}
@@ -333,13 +351,15 @@ def _table(results: list[dict[str, Any]]) -> str:
             f"World size {res['world_size']} ({res['backend']}, torch {res['torch']}), ms, "
             f"median of {res['rounds']} interleaved rounds:",
             "",
-            "| workload | local | stock | dtdispatch | dtdispatch/stock | dtdispatch/local |",
-            "|---|---|---|---|---|---|",
+            "| workload | local | stock | dtdispatch | dtdispatch/stock | dtdispatch/local "
+            "| above off/stock |",
+            "|---|---|---|---|---|---|---|",
         ]
         for name, ms in res["steps"].items():
             lines.append(
                 f"| {name} | {ms['local']:.3f} | {ms['stock']:.3f} | {ms['dtdispatch']:.3f} | "
-                f"{ms['dtdispatch'] / ms['stock']:.2f} | {ms['dtdispatch'] / ms['local']:.1f} |"
+                f"{ms['dtdispatch'] / ms['stock']:.2f} | {ms['dtdispatch'] / ms['local']:.1f} | "
+                f"{ms[ABOVE_OFF] / ms['stock']:.2f} |"
             )
         lines += [
             "",

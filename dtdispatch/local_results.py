@@ -710,23 +710,20 @@ def _autograd_role(
     """Whether the call's fresh outputs take the autograd role (ARCHITECTURE "Two roles: replay
     and autograd"), as the native path's block "role" decides it: a view takes its base's role
     (``args[0]``); other outputs take it when an argument is in it and grad mode is on, a backward
-    pass runs, or that argument is the call's only DTensor."""
+    pass runs, or every DTensor argument is in it."""
     if view:
         return bool(args) and type(args[0]) is AutogradFastDTensor
-    in_role = False
-    dtensors = 0
+    in_role, every = False, True
     for a in (*args, *kwargs.values()):
         for e in a if type(a) is list or type(a) is tuple else (a,):
             if isinstance(e, DTensor):
-                dtensors += 1
-                in_role = in_role or type(e) is AutogradFastDTensor
+                if type(e) is AutogradFastDTensor:
+                    in_role = True
+                else:
+                    every = False
     if not in_role:
         return False
-    return (
-        torch.is_grad_enabled()
-        or torch._C._current_graph_task_id() != -1
-        or (dtensors == 1 and type(args[0]) is AutogradFastDTensor)
-    )
+    return torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1 or every
 
 
 def _to_autograd_role(result: object) -> None:

@@ -1870,41 +1870,45 @@ static int view_aliasing(DispatchCall *dc, PyObject *wrapped)
     return ok ? 0 : -1;
 }
 
-/* mirrors dispatch._sole_dtensor: args[0] is a ``cls`` and no other argument (nor a list element
- * of one) is a DTensor. 1, 0, or -1 on error. */
-static int sole_dtensor(PyObject *args, PyObject *kwargs, PyObject *cls)
+/* mirrors dispatch._all_in_role: every DTensor argument (and list element of one) is a ``cls``.
+ * 1, 0, or -1 on error. */
+static int in_role(PyObject *a, PyObject *cls)
 {
-    if (!PyTuple_Check(args) || PyTuple_GET_SIZE(args) == 0 ||
-        (PyObject *)Py_TYPE(PyTuple_GET_ITEM(args, 0)) != cls)
-        return 0;
-    for (Py_ssize_t i = 1; i < PyTuple_GET_SIZE(args); i++) {
-        PyObject *arg = PyTuple_GET_ITEM(args, i);
-        int r;
+    if ((PyObject *)Py_TYPE(a) == cls)
+        return 1;
+    int r = is_instance(a, cfg_dtensor_type, dtensor_check_is_plain);
+    return r < 0 ? -1 : !r;
+}
+
+static int all_in_role(PyObject *args, PyObject *kwargs, PyObject *cls)
+{
+    PyObject *seq = PySequence_Fast(args, "args must be a sequence");
+    if (seq == NULL)
+        return -1;
+    int r = 1;
+    for (Py_ssize_t i = 0; r == 1 && i < PySequence_Fast_GET_SIZE(seq); i++) {
+        PyObject *arg = PySequence_Fast_GET_ITEM(seq, i);
         if (PyList_CheckExact(arg) || PyTuple_CheckExact(arg)) {
-            PyObject *seq = PySequence_Fast(arg, "");
-            if (seq == NULL)
-                return -1;
-            r = 0;
-            for (Py_ssize_t j = 0; r == 0 && j < PySequence_Fast_GET_SIZE(seq); j++)
-                r = is_instance(PySequence_Fast_GET_ITEM(seq, j), cfg_dtensor_type,
-                                dtensor_check_is_plain);
-            Py_DECREF(seq);
+            PyObject *items = PySequence_Fast(arg, "");
+            if (items == NULL) {
+                r = -1;
+                break;
+            }
+            for (Py_ssize_t j = 0; r == 1 && j < PySequence_Fast_GET_SIZE(items); j++)
+                r = in_role(PySequence_Fast_GET_ITEM(items, j), cls);
+            Py_DECREF(items);
         } else {
-            r = is_instance(arg, cfg_dtensor_type, dtensor_check_is_plain);
+            r = in_role(arg, cls);
         }
-        if (r != 0)
-            return r < 0 ? -1 : 0;
     }
-    if (kwargs != NULL && PyDict_Check(kwargs)) {
+    Py_DECREF(seq);
+    if (r == 1 && kwargs != NULL && PyDict_Check(kwargs)) {
         Py_ssize_t pos = 0;
         PyObject *k, *v;
-        while (PyDict_Next(kwargs, &pos, &k, &v)) {
-            int r = is_instance(v, cfg_dtensor_type, dtensor_check_is_plain);
-            if (r != 0)
-                return r < 0 ? -1 : 0;
-        }
+        while (r == 1 && PyDict_Next(kwargs, &pos, &k, &v))
+            r = in_role(v, cls);
     }
-    return 1;
+    return r;
 }
 
 /* c[name]() as a C long (-1 with an exception set on error). */
@@ -1923,7 +1927,7 @@ static long call_long(PyObject *fn)
  * if cls is c["autograd_type"]:
  *     if kind == VIEW: out_type = cls if type(args[0]) is cls
  *     elif (c["grad_enabled"]() or c["graph_task_id"]() != -1
- *           or _sole_dtensor(args, kwargs, cls, dtensor_type)): out_type = cls */
+ *           or _all_in_role(args, kwargs, cls, dtensor_type)): out_type = cls */
 static PyObject *output_role(DispatchCall *dc, PyObject *kind)
 {
     if (cfg(cfg_fast_type, "fast_type") == NULL || cfg(cfg_autograd_type, "autograd_type") == NULL)
@@ -1949,7 +1953,7 @@ static PyObject *output_role(DispatchCall *dc, PyObject *kind)
             autograd = task != -1;
         }
         if (!autograd)
-            autograd = sole_dtensor(dc->args, dc->kwargs, dc->cls);
+            autograd = all_in_role(dc->args, dc->kwargs, dc->cls);
     }
     if (autograd < 0)
         return NULL;

@@ -127,11 +127,13 @@ def dispatch(
             out._spec = out_spec
         return tuple(outs) if len(outs) > 1 else outs[0]
     # Block: role (ARCHITECTURE "Two roles: replay and autograd"). torch dispatched to the autograd
-    # role's class when an argument is in it. Its other outputs take that role under grad mode and
-    # in a backward pass (gradients), not in no_grad code, where the path above dispatch replays.
+    # role's class when an argument is in it. The outputs take that role under grad mode, in a
+    # backward pass (gradients) and when every DTensor argument is in it (an optimizer step on
+    # parameters, gradients and states: no handler ran, none would replay); a no-grad call mixing
+    # roles makes replay-role outputs (an inference forward's activations).
     # NOTE: torch checks that some outputs keep their input's type (a view and its base;
     # ``nn.Parameter``: ``x.detach()``; ``deepcopy``: ``x.clone()`` under no_grad), so a view
-    # takes its base's role and the output of a call on one FastDTensor takes its role.
+    # takes its base's role; a call on one FastDTensor keeps its role by the rule above.
     out_type = c["fast_type"]
     if cls is c["autograd_type"]:
         if kind == VIEW:
@@ -140,7 +142,7 @@ def dispatch(
         elif (
             c["grad_enabled"]()
             or c["graph_task_id"]() != -1
-            or _sole_dtensor(args, kwargs, cls, dtensor_type)
+            or _all_in_role(args, kwargs, cls, dtensor_type)
         ):
             out_type = cls
     wrapped = _wrap(result, plan.output_spec, out_type, c["new"], c["tensor_type"])
@@ -156,16 +158,13 @@ def dispatch(
     return wrapped
 
 
-def _sole_dtensor(args: Any, kwargs: dict[str, Any], cls: type, dtensor_type: type) -> bool:
-    """``args[0]`` is a ``cls`` and no other argument (nor a list element of one) is a DTensor."""
-    if not args or type(args[0]) is not cls:
-        return False
-    for a in args[1:]:
-        if isinstance(a, dtensor_type):
-            return False
-        if (type(a) is list or type(a) is tuple) and any(isinstance(e, dtensor_type) for e in a):
-            return False
-    return not any(isinstance(v, dtensor_type) for v in kwargs.values())
+def _all_in_role(args: Any, kwargs: dict[str, Any], cls: type, dtensor_type: type) -> bool:
+    """Every DTensor argument (and list element of one) is a ``cls``."""
+    for a in (*args, *kwargs.values()):
+        for e in a if type(a) is list or type(a) is tuple else (a,):
+            if isinstance(e, dtensor_type) and type(e) is not cls:
+                return False
+    return True
 
 
 def _plain_tensors(values: list[Any], tensor_type: type[Any]) -> bool:
