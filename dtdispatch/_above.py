@@ -454,9 +454,11 @@ def _view_entry(
     previous one's output with non-tensor arguments only, from its ``_base``, a FastDTensor the
     call made itself (its storage is no argument's: checked by the caller). The replay applies the
     same chain through the dispatch path to the base wrapped around the local result's ``_base``.
-    NOTE: not in inference mode (views there are untracked; kept refused as before) and not in a
-    call that mutates (the temporary may have been written after the view was taken)."""
-    if torch.is_inference_mode_enabled() or observer.mutates:
+    NOTE: not in inference mode (views there are untracked; kept refused as before), not in a
+    call that mutates (the temporary may have been written after the view was taken), and not
+    where torch never calls FastDTensor's ``__torch_dispatch__`` (torch < 2.13: its C++ DTensor
+    path would make the replayed view a stock DTensor)."""
+    if torch.is_inference_mode_enabled() or observer.mutates or not _compat.SUBCLASS_DISPATCH:
         return None, "view output"
     base = result._base
     made = observer.made
