@@ -12,9 +12,11 @@ tensors:
   call passes sizes of its own (a composite's internal ones are checked below); no aten op ran on
   another tensor subclass; no random op on plain tensors; no op returned a non-tensor
   (data-dependent control flow);
-- outputs are None, FastDTensors or tuples/lists of them; no fresh output is a view or aliases an
-  argument's storage (stock ties those to their base: ``_base``, shared version counter); no fresh
-  output requires grad or has a moved version counter;
+- outputs are None, FastDTensors or tuples/lists of them; no fresh output aliases an argument's
+  storage (stock ties those to their base: ``_base``, shared version counter); a view output is
+  replayed only outside inference mode, in a call that mutates nothing, as a chain of aten view
+  ops (non-tensor arguments only) from a fresh FastDTensor the call made (``_view_entry``);
+  no fresh output requires grad or has a moved version counter;
 - the arguments' specs, ``requires_grad`` and local tensor objects are unchanged;
 - replaying the public call on clones of the arguments' locals reproduces the observed outputs
   and the arguments' final values bitwise (shape, stride, dtype, bytes), and the locals' version
@@ -35,7 +37,7 @@ from dtdispatch import _compat
 from dtdispatch import cache as _dispatch_cache
 from dtdispatch._bitwise import comparable, same_bits
 from dtdispatch._counted import CountedCache, Registry, add_counts, hit_totals
-from dtdispatch._native.function import OUT_ARG, OUT_NEW, OUT_NONE, OUT_SEQ
+from dtdispatch._native.function import OUT_ARG, OUT_NEW, OUT_NONE, OUT_SEQ, OUT_VIEW
 from dtdispatch._tensor import FAST_TYPES, AutogradFastDTensor, FastDTensor, role
 from dtdispatch.local_results import random_ops
 
@@ -241,6 +243,9 @@ class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]
         self.graph_task = torch._C._current_graph_task_id()
         # The distinct aten ops dispatched on FastDTensors, in first-seen order.
         self.dispatched: dict[Any, None] = {}
+        # id(output) -> (output, aten op, args, kwargs) of each FastDTensor an op on FastDTensors
+        # returned (the output held, so its id stays its own): how a view output was made.
+        self.made: dict[int, tuple[Any, Any, tuple[Any, ...], dict[str, Any]]] = {}
 
     def _block(self, reason: str) -> None:
         if self.reason is None:
@@ -273,6 +278,8 @@ class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]
                 self._block("custom handler")
             result = FastDTensor.__torch_dispatch__(func, types, args, kwargs)  # type: ignore[no-untyped-call]
             self._check_plan(func, args, kwargs)
+            if type(result) in FAST_TYPES:
+                self.made[id(result)] = (result, func, args, kwargs)
         else:
             result = func(*args, **kwargs)
         if not _tensors_only(result):
@@ -389,9 +396,15 @@ def _storages(flat: list[FastDTensor]) -> set[int | None]:
 
 
 def _describe(
-    result: Any, flat: list[FastDTensor], storages: set[int | None]
+    result: Any,
+    flat: list[FastDTensor],
+    storages: set[int | None],
+    observer: _Observer,
+    fresh: set[tuple[str, int]],
 ) -> tuple[tuple[int, Any] | None, str]:
-    """The output entry of an observed result, or (None, reason)."""
+    """The output entry of an observed result, or (None, reason). ``fresh`` collects the storages
+    of the fresh outputs described so far: outputs that share one are refused, since a replay
+    wraps each on its own."""
     if result is None:
         return (OUT_NONE, None), ""
     for index, t in enumerate(flat):
@@ -400,12 +413,6 @@ def _describe(
     if type(result) in FAST_TYPES:
         if result.requires_grad:
             return None, "output requires grad"
-        if result._is_view():
-            # NOTE: also a view of a temporary the call made itself (F.linear on a 3-D input ends
-            # with a view of its addmm result; einsum): made under no_grad, stock's view makes a
-            # later in-place op with a grad-requiring operand raise, which a fresh tensor would
-            # not. Under inference mode no view is tracked, so those calls still replay there.
-            return None, "view output"
         ptr = _storage_ptr(result._local_tensor)
         if ptr is None or None in storages:
             return None, "unreadable storage"
@@ -413,13 +420,20 @@ def _describe(
             return None, "view output"
         if _version(result) != 0:
             return None, "output version"
+        if ("storage", ptr) in fresh or ("object", id(result)) in fresh:
+            return None, "aliased outputs"
+        fresh.add(("object", id(result)))
+        if ptr:
+            fresh.add(("storage", ptr))
+        if result._is_view():
+            return _view_entry(result, flat, observer)
         return (OUT_NEW, result._spec), ""
     if isinstance(result, (tuple, list)):
         entries = []
         for r in result:
             if isinstance(r, (tuple, list)):
                 return None, "nested output"
-            entry, reason = _describe(r, flat, storages)
+            entry, reason = _describe(r, flat, storages, observer, fresh)
             if entry is None:
                 return None, reason
             entries.append(entry)
@@ -427,6 +441,50 @@ def _describe(
     if isinstance(result, torch.Tensor):
         return None, "output type"
     return None, "non-tensor output"
+
+
+def _view_entry(
+    result: FastDTensor, flat: list[FastDTensor], observer: _Observer
+) -> tuple[tuple[int, Any] | None, str]:
+    """The OUT_VIEW entry of a view output, or (None, "view output").
+
+    Stock's view carries autograd view metadata (``_base``, a shared version counter, and made under
+    no_grad, an error for a later in-place op with a grad-requiring operand) that a fresh wrapper
+    lacks. It is replayed only as what it is: a chain of aten view ops, each applied to the
+    previous one's output with non-tensor arguments only, from its ``_base``, a FastDTensor the
+    call made itself (its storage is no argument's: checked by the caller). The replay applies the
+    same chain through the dispatch path to the base wrapped around the local result's ``_base``.
+    NOTE: not in inference mode (views there are untracked; kept refused as before), not in a
+    call that mutates (the temporary may have been written after the view was taken), and not
+    where torch never calls FastDTensor's ``__torch_dispatch__`` (torch < 2.13: its C++ DTensor
+    path would make the replayed view a stock DTensor)."""
+    if torch.is_inference_mode_enabled() or observer.mutates or not _compat.SUBCLASS_DISPATCH:
+        return None, "view output"
+    base = result._base
+    made = observer.made
+    if type(base) not in FAST_TYPES or any(base is t for t in flat):
+        return None, "view output"
+    producer = made.get(id(base))
+    if producer is None or producer[0] is not base or base.requires_grad:
+        return None, "view output"
+    views: list[tuple[Any, tuple[Any, ...]]] = []
+    current: Any = result
+    while current is not base:
+        producer = made.get(id(current))
+        if producer is None or producer[0] is not current:
+            return None, "view output"
+        _, op, args, kwargs = producer
+        if kwargs or not args or not op._schema._is_view_op() or _holds_tensor(args[1:]):
+            return None, "view output"
+        views.append((op, tuple(args[1:])))
+        current = args[0]
+    return (OUT_VIEW, (base._spec, tuple(reversed(views)))), ""
+
+
+def _holds_tensor(a: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        return True
+    return isinstance(a, (list, tuple)) and any(_holds_tensor(e) for e in a)
 
 
 def _matches(entry: tuple[int, Any], observed: Any, replayed: Any, clones: list[Any]) -> bool:
@@ -440,6 +498,17 @@ def _matches(entry: tuple[int, Any], observed: Any, replayed: Any, clones: list[
             type(replayed) is torch.Tensor
             and not replayed.requires_grad
             and same_bits(observed._local_tensor, replayed)
+        )
+    if kind == OUT_VIEW:
+        # The base wrapped at replay is the local result's _base: it must be the observed base's
+        # local (same layout and bits), so the recorded view ops make the observed output.
+        return (
+            type(replayed) is torch.Tensor
+            and not replayed.requires_grad
+            and replayed._is_view()
+            and type(replayed._base) is torch.Tensor
+            and same_bits(observed._local_tensor, replayed)
+            and same_bits(observed._base._local_tensor, replayed._base)
         )
     entries = data[1]
     return (
@@ -487,7 +556,7 @@ def _plan(
     chunks = _public_chunks(observer, flat)
     if isinstance(chunks, str):
         return chunks
-    entry, reason = _describe(result, flat, _storages(flat))
+    entry, reason = _describe(result, flat, _storages(flat), observer, set())
     if entry is None:
         return reason
     bumps = []

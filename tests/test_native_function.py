@@ -34,7 +34,12 @@ pytestmark = pytest.mark.skipif(
 
 CALLS = 5_000  # the replay paths: a leaked reference per call moves a count by 5000
 CALLS_SLOW = 1_000  # paths that run torch's stock path on every call
-SLOW = {"negative entry (view)", "step-varying scalar", "step aside (autograd needed)"}
+SLOW = {
+    "negative entry (view)",
+    "step-varying scalar",
+    "step aside (autograd needed)",
+    "replay (view of a temporary)",
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -116,8 +121,9 @@ def _workloads(mesh: DeviceMesh) -> dict[str, tuple[Callable[[], Any], list[Any]
         _dt(mesh, Shard(0)),
     )
     grad_x = _dt(mesh, Shard(0)).requires_grad_()
-    touched = [x, r, inplace, out, grad_x, x._spec, r._spec, torch.float64]
-    touched += [t._local_tensor for t in (x, r, inplace, out)]
+    x3 = _dt(mesh, Shard(0), (4, 3, 8))
+    touched = [x, r, inplace, out, grad_x, x3, x._spec, r._spec, x3._spec, torch.float64]
+    touched += [t._local_tensor for t in (x, r, inplace, out, x3)]
     step = [0]
 
     def varying() -> Any:
@@ -159,6 +165,10 @@ def _workloads(mesh: DeviceMesh) -> dict[str, tuple[Callable[[], Any], list[Any]
         "replay out=": (no_grad(lambda: torch.add(x, x, out=out)), touched),
         "replay under autocast": (autocast(no_grad(lambda: x + x)), touched),
         "replay on an inference tensor": (inference(lambda: inf + inf), touched),
+        "replay (view of a temporary)": (
+            no_grad(lambda: torch.einsum("bsd,ed->bes", x3, r)),
+            touched,
+        ),
         "negative entry (view)": (no_grad(lambda: x.t()), touched),
         "step-varying scalar": (no_grad(varying), touched),
         "step aside (autograd needed)": (lambda: grad_x.relu(), touched),
@@ -177,6 +187,7 @@ WORKLOADS = [
     "replay out=",
     "replay under autocast",
     "replay on an inference tensor",
+    "replay (view of a temporary)",
     "negative entry (view)",
     "step-varying scalar",
     "step aside (autograd needed)",
@@ -185,8 +196,22 @@ WORKLOADS = [
 
 
 def _cache_objects() -> list[Any]:
+    """The thread's cache, its containers, its entries and what the plans' output entries hold
+    (specs, view ops and their arguments)."""
     tc = above.thread_cache()
-    return [tc, tc.entries, tc.per_func, tc.negative, tc.stepped_aside, *tc.entries.values()]
+    held: list[Any] = []
+
+    def walk(o: Any) -> None:
+        if type(o) is not int:  # small ints are shared: their counts move with anything
+            held.append(o)
+        if type(o) is tuple:
+            for e in o:
+                walk(e)
+
+    for plan in tc.entries.values():
+        if isinstance(plan, above.TorchFunctionPlan):
+            walk(plan.out)
+    return [tc, tc.entries, tc.per_func, tc.negative, tc.stepped_aside, *tc.entries.values(), *held]
 
 
 @pytest.mark.parametrize("name", WORKLOADS)

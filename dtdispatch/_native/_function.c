@@ -42,10 +42,10 @@ static PyObject *s_requires_grad, *s_spec, *s_local_tensor, *s_entries, *s_per_f
     *s_stepped_aside, *s_memo_key,
     *s_mode_or_compiling, *s_unhashable, *s_kwnames_rg, *s_args, *s_kwargs, *small_one,
     *s_explicit, *s_compiling_flag, *c_compiler_module, *s_is_inference, *s_is_conj,
-    *s_is_neg, *s_custom_op_handlers, *s_custom_handler;
+    *s_is_neg, *s_custom_op_handlers, *s_custom_handler, *s_base;
 
 /* Output entry kinds: mirrors _native.function.OUT_*. */
-enum { OUT_NEW = 0, OUT_ARG = 1, OUT_NONE = 2, OUT_SEQ = 3 };
+enum { OUT_NEW = 0, OUT_ARG = 1, OUT_NONE = 2, OUT_SEQ = 3, OUT_VIEW = 4 };
 
 static struct {
     const char *name;
@@ -513,6 +513,69 @@ static PyObject *unwrap(PyObject *a, PyObject *flat, PyObject *chunks)
     return Py_NewRef(a);
 }
 
+/* op(out, *rest): one recorded view op applied to out. New reference. */
+static PyObject *apply_view(PyObject *step, PyObject *out)
+{
+    if (!PyTuple_Check(step) || PyTuple_GET_SIZE(step) != 2 ||
+        !PyTuple_Check(PyTuple_GET_ITEM(step, 1))) {
+        PyErr_SetString(PyExc_TypeError, "malformed replay plan view step");
+        return NULL;
+    }
+    PyObject *op = PyTuple_GET_ITEM(step, 0), *rest = PyTuple_GET_ITEM(step, 1);
+    Py_ssize_t n = PyTuple_GET_SIZE(rest);
+    PyObject *small[8], **argv = small;
+    if (n + 1 > 8 && (argv = PyMem_Malloc((size_t)(n + 1) * sizeof(PyObject *))) == NULL)
+        return PyErr_NoMemory();
+    argv[0] = out;
+    for (Py_ssize_t i = 0; i < n; i++)
+        argv[i + 1] = PyTuple_GET_ITEM(rest, i);
+    PyObject *r = PyObject_Vectorcall(op, argv, (size_t)(n + 1), NULL);
+    if (argv != small)
+        PyMem_Free(argv);
+    return r;
+}
+
+/* mirrors _native.function._output, its OUT_VIEW block. New reference. */
+static PyObject *output_view(PyObject *data, PyObject *result)
+{
+    if (!PyTuple_Check(data) || PyTuple_GET_SIZE(data) != 2 ||
+        !PyTuple_Check(PyTuple_GET_ITEM(data, 1))) {
+        PyErr_SetString(PyExc_TypeError, "malformed replay plan view entry");
+        return NULL;
+    }
+    PyObject *spec = PyTuple_GET_ITEM(data, 0), *views = PyTuple_GET_ITEM(data, 1);
+    PyObject *base = PyObject_GetAttr(result, s_base);
+    if (base == NULL)
+        return NULL;
+    if (base == Py_None) {
+        /* NOTE: see the twin: only a local whose layout disagrees with its spec leads here. */
+        Py_DECREF(base);
+        PyErr_SetString(PyExc_RuntimeError, "dtdispatch: a replayed view output has no base");
+        return NULL;
+    }
+    /* out = new(fast_type, base, spec, requires_grad=False) */
+    PyObject *argv[4] = {c_fast_type, base, spec, Py_False};
+    PyObject *out = PyObject_Vectorcall(c_new, argv, 3, s_kwnames_rg);
+    Py_DECREF(base);
+    if (out == NULL)
+        return NULL;
+    /* with disable_subclass(): for op, rest in views: out = op(out, *rest) */
+    PyObject *guard = PyObject_CallNoArgs(c_disable_subclass);
+    PyObject *exit_ = guard != NULL ? dtd_with_enter(guard) : NULL;
+    Py_XDECREF(guard);
+    if (exit_ == NULL) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(views) && out != NULL; i++)
+        Py_SETREF(out, apply_view(PyTuple_GET_ITEM(views, i), out));
+    int exited = dtd_with_exit(exit_);
+    Py_DECREF(exit_);
+    if (exited < 0)
+        Py_CLEAR(out);
+    return out;
+}
+
 /* mirrors _native.function._output. New reference. */
 static PyObject *output(PyObject *entry_, PyObject *result, PyObject *flat)
 {
@@ -541,6 +604,8 @@ static PyObject *output(PyObject *entry_, PyObject *result, PyObject *flat)
     }
     if (kind == OUT_NONE)
         Py_RETURN_NONE;
+    if (kind == OUT_VIEW)
+        return output_view(data, result);
     /* OUT_SEQ: container([_output(e, r) for e, r in zip(entries, result, strict=True)]) */
     if (!PyTuple_Check(data) || PyTuple_GET_SIZE(data) != 2 ||
         !PyTuple_Check(PyTuple_GET_ITEM(data, 1))) {
@@ -1051,6 +1116,7 @@ PyMODINIT_FUNC PyInit__function(void)
     INTERN(s_is_inference, "is_inference");
     INTERN(s_is_conj, "is_conj");
     INTERN(s_is_neg, "is_neg");
+    INTERN(s_base, "_base");
     if ((s_kwnames_rg = Py_BuildValue("(s)", "requires_grad")) == NULL ||
         (small_one = PyLong_FromLong(1)) == NULL)
         return NULL;

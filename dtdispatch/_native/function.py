@@ -12,7 +12,8 @@
   (ARCHITECTURE 'What the key above dispatch holds'): grad and inference mode, the default dtype,
   autocast per device type, each FastDTensor's spec, ``requires_grad``, inference-ness and
   conj/neg bits;
-- hit on a replay plan: call ``func`` on the local tensors, wrap outputs with the recorded specs;
+- hit on a replay plan: call ``func`` on the local tensors, wrap outputs with the recorded specs
+  (a view of a temporary: its base wrapped, the recorded view ops applied through dispatch);
 - hit on a negative entry (a reason string): stock behaviour, counted by reason;
 - miss: ``_above.miss`` (Python only) runs the call through the dispatch path, observes it and
   writes the plan or a negative entry.
@@ -36,6 +37,11 @@ OUT_NONE = 2
 """(OUT_NONE, None): None."""
 OUT_SEQ = 3
 """(OUT_SEQ, (container type, entries)): a tuple/list/structseq of the entries above."""
+OUT_VIEW = 4
+"""(OUT_VIEW, (base spec, ((aten view op, its arguments after the first), ...))): the replay's
+output is a view of a temporary the call made; its ``_base`` is wrapped as a FastDTensor with the
+base spec and the view ops are applied to it in order through the dispatch path, so the output is
+a real view with the autograd view metadata stock's has (ARCHITECTURE "The path above dispatch")."""
 
 
 def configure(config: dict[str, Any]) -> None:
@@ -262,6 +268,21 @@ def _output(entry: tuple[int, Any], result: Any, flat: list[Any], fast_type: typ
         return flat[data]
     if kind == OUT_NONE:
         return None
+    if kind == OUT_VIEW:
+        spec, views = data
+        base = result._base
+        if base is None:
+            # NOTE: the plan-time replay made a view; the key fixes every local's spec, so only a
+            # local whose layout disagrees with its spec can lead here (as OUT_NEW's strides would).
+            raise RuntimeError("dtdispatch: a replayed view output has no base")
+        out = new(fast_type, base, spec, requires_grad=False)
+        # Through FastDTensor's __torch_dispatch__ (torch function off for subclasses, so not back
+        # into this handler): the view and its autograd metadata are made under the caller's grad
+        # mode, as stock's are.
+        with _config["disable_subclass"]():
+            for op, rest in views:
+                out = op(out, *rest)
+        return out
     container, entries = data
     return container(
         [_output(e, r, flat, fast_type, new) for e, r in zip(entries, result, strict=True)]
