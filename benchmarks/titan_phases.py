@@ -117,6 +117,8 @@ class Variant:
     times: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
     totals: list[float] = field(default_factory=list)
     comms: dict[str, Counter[str]] = field(default_factory=dict)
+    paths: dict[str, Counter[str]] = field(default_factory=dict)
+    """Per phase, where dtdispatch's calls went (one counted step; dtdispatch variants only)."""
     checks: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
     def context(self) -> contextlib.AbstractContextManager[Any]:
@@ -277,13 +279,30 @@ class _Collectives(CommDebugMode):
         self.advanced_module_tracker = _NoModules()
 
 
+def _paths() -> Counter[str]:
+    """dtdispatch's counters since the last reset: cache hits below dispatch, calls handed to
+    Python by reason (a hit whose plan only Python runs counts as a hit too), replays above
+    dispatch, and calls above dispatch that took the stock path, by reason."""
+    s = dtdispatch.stats()
+    above = s["above"]
+    paths: Counter[str] = Counter({"dispatch: cache hit": s["hits"]})
+    paths.update({f"dispatch, Python: {r}": n for r, n in s["bailouts"].items()})
+    paths["above: replayed"] = above["hits"]
+    paths.update({f"above, stock: {r}": n for r, n in above["stepped_aside"].items()})
+    paths.update({f"above, stock: {r}": n for r, n in above["negative"].items()})
+    return +paths
+
+
 def _counted(v: Variant) -> Callable[[str, Callable[[], Any]], Any]:
     def phase(name: str, fn: Callable[[], Any]) -> Any:
+        dtdispatch.reset_stats()
         with _Collectives() as mode:
             result = fn()
         v.comms[name] = Counter(
             {str(op).rsplit(".", 1)[-1]: n for op, n in mode.get_comm_counts().items() if n}
         )
+        if v.name.startswith("dtdispatch"):
+            v.paths[name] = _paths()
         return result
 
     return phase
@@ -336,6 +355,15 @@ def _table(dim: int, variants: dict[str, Variant],
         total = sum((v.comms[p] for p in PHASES), Counter())
         rows.append(f"| {n} | " + " | ".join(cells) + " | "
                     + (", ".join(f"{op} {k}" for op, k in sorted(total.items())) or "-") + " |")
+    for n, v in variants.items():
+        if not v.paths:
+            continue
+        rows += ["", f"Where {n}'s calls went per phase (dtdispatch.stats(), one step, under the "
+                 "collective counting mode):", "", "| path | " + " | ".join(PHASES) + " |",
+                 "|" + "---|" * (len(PHASES) + 1)]
+        keys = sorted({k for c in v.paths.values() for k in c})
+        for k in keys:
+            rows.append(f"| {k} | " + " | ".join(str(v.paths[p].get(k, 0)) for p in PHASES) + " |")
     rows += ["", "Checks over the warmup steps and the final weights: " + "; ".join(checks), ""]
     return "\n".join(rows)
 
