@@ -17,7 +17,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -113,3 +113,21 @@ def init_distributed() -> DistInfo:
         dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=TIMEOUT)
     device = torch.device("cuda", local_rank) if use_nccl else torch.device("cpu")
     return DistInfo(rank, size, local_rank, backend, device, launcher)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` once its output is flushed, skipping interpreter teardown.
+
+    NOTE: call it after ``dist.destroy_process_group()``. On this torch, gloo's teardown at
+    interpreter exit sometimes aborts a process whose work is done and whose groups are destroyed
+    ("terminate called without an active exception", SIGABRT), more often under load: the launcher
+    then reports a failure the script did not have. Nothing is left to finalize by then but MPI,
+    which mpiexec expects (finalized here when mpi4py started it).
+    """
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+

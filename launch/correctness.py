@@ -10,11 +10,10 @@ exit code is 1 when any case failed anywhere.
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 import torch.distributed as dist
-from _bootstrap import init_distributed
+from _bootstrap import exit_now, init_distributed
 from torch.distributed.device_mesh import init_device_mesh
 
 import dtdispatch
@@ -86,4 +85,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

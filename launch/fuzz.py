@@ -11,11 +11,10 @@ and how many of those failed, on rank 0; exits 1 when anything failed.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch.distributed as dist
-from _bootstrap import init_distributed
+from _bootstrap import exit_now, init_distributed
 
 from dtdispatch.testing.fuzz import fuzz
 
@@ -63,4 +62,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

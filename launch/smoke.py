@@ -12,12 +12,11 @@ DTDISPATCH_SMOKE_INJECT_FAILURE=1 corrupts one result on the last rank: the run 
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-from _bootstrap import DistInfo, init_distributed
+from _bootstrap import DistInfo, exit_now, init_distributed
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
@@ -117,4 +116,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
