@@ -296,10 +296,18 @@ FAST_TYPES = (FastDTensor, AutogradFastDTensor)
 """The exact types of dtdispatch tensors, one per role."""
 
 
+_AUTOGRAD_ROLE: type[FastDTensor] = (
+    AutogradFastDTensor if _compat.SUBCLASS_DISPATCH else FastDTensor
+)
+"""The type of the autograd role. NOTE: on a torch that never calls a subclass's
+``__torch_dispatch__`` (2.11), the handler is the only way into dtdispatch, so there every
+FastDTensor keeps it: a tensor without it would leave dtdispatch at its first op."""
+
+
 def role(requires_grad: bool) -> type[FastDTensor]:
     """The type for a FastDTensor that does (autograd role) or does not (replay role) require
     grad when made."""
-    return AutogradFastDTensor if requires_grad else FastDTensor
+    return _AUTOGRAD_ROLE if requires_grad else FastDTensor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,7 +362,7 @@ def _grad_tensor(local: torch.Tensor, spec: DTensorSpec, requires_grad: bool) ->
     """The DTensor gradient that the backward of ``redistribute`` and ``to_local`` hands on: a
     FastDTensor, so the backward ops on it alone stay on dtdispatch (stock's is a plain DTensor).
     Made in a backward pass: the autograd role, as the dispatch path's gradients."""
-    return _new(AutogradFastDTensor, local, spec, requires_grad=requires_grad)
+    return _new(_AUTOGRAD_ROLE, local, spec, requires_grad=requires_grad)
 
 
 def _remember(cache: dict[Any, Any], key: Any, value: Any) -> None:
@@ -514,7 +522,7 @@ class Redistribute(torch.autograd.Function):
         local = _run(plan, input._local_tensor, spec, async_op=async_op, explicit=True)
         # NOTE: apply() runs this under grad mode only for an input that requires grad, so the
         # output will: the autograd role.
-        return _new(AutogradFastDTensor, local, plan.target, requires_grad=True)
+        return _new(_AUTOGRAD_ROLE, local, plan.target, requires_grad=True)
 
     @staticmethod
     def backward(ctx: Any, grad: DTensor) -> tuple[Any, None, None]:
@@ -605,7 +613,7 @@ class _ToTorchTensor(torch.autograd.Function):
             stock = _stock_to_local_backward(spec, grad_placements, local_stride, grad)
             return as_fast(stock), None
         if torch.is_grad_enabled() and grad.requires_grad:  # create_graph: differentiable
-            return _apply_from_torch(grad, grad_spec, None, AutogradFastDTensor), None
+            return _apply_from_torch(grad, grad_spec, None, _AUTOGRAD_ROLE), None
         return _grad_tensor(grad.view_as(grad), grad_spec, False), None
 
 
@@ -776,7 +784,7 @@ class _ToFast(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, t: DTensor) -> FastDTensor:
         # Applied only to a non-leaf that requires grad: the output will too.
-        return _new(AutogradFastDTensor, t._local_tensor, t._spec, requires_grad=False)
+        return _new(_AUTOGRAD_ROLE, t._local_tensor, t._spec, requires_grad=False)
 
     @staticmethod
     def backward(ctx: Any, grad: Any) -> Any:
