@@ -1911,7 +1911,7 @@ static int all_in_role(PyObject *args, PyObject *kwargs, PyObject *cls)
     return r;
 }
 
-/* c[name]() as a C long (-1 with an exception set on error). */
+/* fn() as a C long (-1 with an exception set on error). */
 static long call_long(PyObject *fn)
 {
     PyObject *r = PyObject_CallNoArgs(fn);
@@ -1942,17 +1942,14 @@ static PyObject *output_role(DispatchCall *dc, PyObject *kind)
         if (cfg(cfg_grad_enabled, "grad_enabled") == NULL ||
             cfg(cfg_graph_task_id, "graph_task_id") == NULL)
             return NULL;
-        long grad = call_long(cfg_grad_enabled);
-        if (grad == -1 && PyErr_Occurred())
-            return NULL;
-        autograd = grad != 0;
-        if (!autograd) {
+        autograd = dtd_call_truth(cfg_grad_enabled);
+        if (autograd == 0) {
             long task = call_long(cfg_graph_task_id);
             if (task == -1 && PyErr_Occurred())
                 return NULL;
             autograd = task != -1;
         }
-        if (!autograd)
+        if (autograd == 0)
             autograd = all_in_role(dc->args, dc->kwargs, dc->cls);
     }
     if (autograd < 0)
