@@ -137,11 +137,7 @@ def reduce_partial_grads(parameters: torch.Tensor | Iterable[torch.Tensor]) -> i
         for key, members in buckets.items():
             _reduce_bucket(key, members)
         for p, grad, target in single:
-            reduced = grad.redistribute(grad.device_mesh, target)
-            if type(grad) in FAST_TYPES:
-                # The gradient keeps its role (ARCHITECTURE "Two roles: replay and autograd").
-                reduced.__class__ = type(grad)
-            p.grad = reduced
+            p.grad = grad.redistribute(grad.device_mesh, target)
     return sum(len(members) for members in buckets.values()) + len(single)
 
 

@@ -103,7 +103,10 @@ class FastDTensor(DTensor):
         # NOTE: stock's autograd Function builds its output with the input's requires_grad; grad
         # mode off clears it, inference mode keeps it.
         requires_grad = self.requires_grad and torch.is_inference_mode_enabled()
-        return _new(role(requires_grad), local, plan.target, requires_grad=requires_grad)
+        # The output keeps this tensor's role, as a dispatch-path call on one FastDTensor does
+        # (ARCHITECTURE "Two roles: replay and autograd").
+        autograd = requires_grad or type(self) is AutogradFastDTensor
+        return _new(role(autograd), local, plan.target, requires_grad=requires_grad)
 
     def to_local(self, *, grad_placements: Sequence[Placement] | None = None) -> torch.Tensor:
         """``DTensor.to_local``; its backward hands on a FastDTensor gradient (stock's builds a
