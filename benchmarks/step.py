@@ -205,9 +205,10 @@ def _interleaved(
 
 
 def _api_cases(mesh: Any) -> dict[str, tuple[Callable[[], Any], Callable[[], Any]]]:
-    """(stock call, dtdispatch call) for each DTensor API call on its own, none communicating."""
+    """(stock call, dtdispatch call) for each DTensor API call on its own; the last four
+    communicate at world size 2 (at world size 1 nothing moves)."""
     import torch
-    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
     import dtdispatch
     from dtdispatch import FastDTensor
@@ -216,10 +217,16 @@ def _api_cases(mesh: Any) -> dict[str, tuple[Callable[[], Any], Callable[[], Any
     sharded = distribute_tensor(value, mesh, [Shard(1)])
     replicated = distribute_tensor(value, mesh, [Replicate()])
     leaf = sharded.detach().requires_grad_()
+    # sequence-parallel activations: (batch, sequence, hidden), the sequence sharded or partial
+    activation = torch.randn(2, 8 * mesh.size(), 16)
+    seq = distribute_tensor(activation, mesh, [Shard(1)])
+    partial = DTensor.from_local(activation, mesh, [Partial()])
     pairs = {
         "sharded": (sharded, dtdispatch.accelerate(sharded)),
         "replicated": (replicated, dtdispatch.accelerate(replicated)),
         "leaf": (leaf, dtdispatch.accelerate(leaf.detach()).requires_grad_()),
+        "seq": (seq, dtdispatch.accelerate(seq.detach())),
+        "partial": (partial, dtdispatch.accelerate(partial.detach())),
     }
     local = torch.randn(8, 16)
     local_grad = local.clone().requires_grad_()
@@ -227,7 +234,9 @@ def _api_cases(mesh: Any) -> dict[str, tuple[Callable[[], Any], Callable[[], Any
     cases: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
     for i, name in enumerate(("stock", "dtdispatch")):
         stock = name == "stock"
-        sh, rep, lf = (pairs[k][i] for k in ("sharded", "replicated", "leaf"))
+        sh, rep, lf, sq, pa = (
+            pairs[k][i] for k in ("sharded", "replicated", "leaf", "seq", "partial")
+        )
         from_local = DTensor.from_local if stock else FastDTensor.from_local
         calls = {
             "redistribute, same placements": lambda sh=sh: sh.redistribute(placements=same),
@@ -242,6 +251,16 @@ def _api_cases(mesh: Any) -> dict[str, tuple[Callable[[], Any], Callable[[], Any
             "to_local": lambda sh=sh: sh.to_local(),
             "to_local, needs grad": lambda lf=lf: lf.to_local(),
             "full_tensor of a Replicate": lambda rep=rep: rep.full_tensor(),
+            "redistribute Shard(1) -> Replicate (all-gather)": lambda sq=sq: sq.redistribute(
+                placements=[Replicate()]
+            ),
+            "redistribute Partial -> Shard(1) (reduce-scatter)": lambda pa=pa: pa.redistribute(
+                placements=[Shard(1)]
+            ),
+            "redistribute Partial -> Replicate (all-reduce)": lambda pa=pa: pa.redistribute(
+                placements=[Replicate()]
+            ),
+            "full_tensor of a Shard(1)": lambda sq=sq: sq.full_tensor(),
         }
         for case, fn in calls.items():
             cases.setdefault(case, (fn, fn))

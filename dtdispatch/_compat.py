@@ -18,6 +18,7 @@ import torch.distributed.tensor.placement_types
 from torch.distributed.tensor import DTensor, Shard
 
 __all__ = [
+    "ALL_GATHER_VIEW_LAYOUT",
     "SUBCLASS_DISPATCH",
     "TO_LOCAL_KEEPS_PARAM",
     "ExplicitRedistributionContext",
@@ -75,6 +76,12 @@ nested_redistribute: Any = getattr(
 local_shard_size_and_offset: Callable[..., Any] = (
     getattr(Shard, "local_shard_size_and_offset", None) or Shard._local_shard_size_and_offset
 )
+
+# Whether torch's all-gather on a dimension other than 0 ends with the layout step the direct
+# all-gather (``_collectives``) mirrors (torch >= 2.13: ``_maybe_view_chunk_cat``); without it,
+# those gathers are left to torch.
+ALL_GATHER_VIEW_LAYOUT = hasattr(torch._utils, "_maybe_view_chunk_cat")
+
 
 def _calls_subclass_dispatch() -> bool:
     """Whether this torch calls a DTensor subclass's own ``__torch_dispatch__``, found by calling

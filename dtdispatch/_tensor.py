@@ -8,7 +8,7 @@ from typing import Any, SupportsIndex, cast
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor._api import _normalize_placements_for_grad
 from torch.distributed.tensor._api import _ToTorchTensor as _TorchToTorchTensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
@@ -17,7 +17,7 @@ from torch.distributed.tensor._utils import assert_no_mixed_partial_types
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
 from torch.utils.hooks import warn_if_has_hooks
 
-from dtdispatch import _compat
+from dtdispatch import _collectives, _compat
 
 __all__ = ["FAST_TYPES", "AutogradFastDTensor", "FastDTensor", "as_fast", "as_stock", "role"]
 
@@ -326,24 +326,36 @@ def role(requires_grad: bool) -> type[FastDTensor]:
 _CACHE_LIMIT = 4096
 _MISSING: Any = object()
 
-_SAME, _CHUNK, _TORCH = 0, 1, 2
+_SAME, _CHUNK, _TORCH, _GATHER, _REDUCE_SCATTER, _ALL_REDUCE = range(6)
 """_RedistributePlan kinds: the local shard is unchanged; a local chunk (Replicate -> Shard on a
-1-D mesh); torch's ``redistribute_local_tensor``."""
+1-D mesh); torch's ``redistribute_local_tensor``; and on a 1-D CPU mesh, one direct collective
+(``_collectives``): Shard -> Replicate of an even split, Partial("sum") -> Shard, Partial("sum")
+-> Replicate."""
 
 
 class _RedistributePlan:
-    """How a local shard moves from one spec to ``target`` (immutable, shared)."""
+    """How a local shard moves from one spec to ``target`` (immutable, shared). ``dim``: the shard
+    dimension; ``chunks``: the mesh size; ``index``: this rank's coordinate; ``group``: the mesh's
+    process group (direct collectives)."""
 
-    __slots__ = ("chunks", "dim", "index", "kind", "target")
+    __slots__ = ("chunks", "dim", "group", "index", "kind", "target")
 
     def __init__(
-        self, kind: int, target: DTensorSpec, *, dim: int = 0, chunks: int = 1, index: int = 0
+        self,
+        kind: int,
+        target: DTensorSpec,
+        *,
+        dim: int = 0,
+        chunks: int = 1,
+        index: int = 0,
+        group: Any = None,
     ) -> None:
         self.kind = kind
         self.target = target
         self.dim = dim
         self.chunks = chunks
         self.index = index
+        self.group = group
 
 
 _forward_plans: dict[tuple[DTensorSpec, tuple[Placement, ...]], _RedistributePlan | None] = {}
@@ -451,7 +463,37 @@ def _plan_between(current: DTensorSpec, target: DTensorSpec) -> _RedistributePla
             return _RedistributePlan(
                 _CHUNK, target, dim=dst.dim, chunks=mesh.size(), index=coordinate[0]
             )
+        if mesh.device_type == "cpu":
+            direct = _direct_kind(src, dst, current)
+            if direct is not None:
+                kind, dim = direct
+                return _RedistributePlan(
+                    kind, target, dim=dim, chunks=mesh.size(), group=mesh.get_group(0)
+                )
     return _RedistributePlan(_TORCH, target)
+
+
+def _direct_kind(
+    src: Placement, dst: Placement, current: DTensorSpec
+) -> tuple[int, int] | None:
+    """The direct collective for ``src -> dst`` on a 1-D mesh and its shard dimension, or None
+    (torch's function).
+
+    NOTE: exact types only: a Partial subclass (norm, mask) transforms values around its reduction
+    and a _StridedShard reorders shards; only the plain sum reduces as one collective. Only CPU
+    meshes: the direct calls were checked bitwise against torch's on gloo, not on NCCL streams."""
+    if type(src) is Shard and type(dst) is Replicate:
+        meta = current.tensor_meta
+        # torch pads an uneven split around the gather: left to torch.
+        if meta is not None and meta.shape[src.dim] % current.mesh.size() == 0:
+            return _GATHER, src.dim
+        return None
+    if type(src) is Partial and src.reduce_op == "sum":
+        if type(dst) is Replicate:
+            return _ALL_REDUCE, 0
+        if type(dst) is Shard:
+            return _REDUCE_SCATTER, dst.dim
+    return None
 
 
 def _redistribute_plan(
@@ -506,6 +548,16 @@ def _run(
             shape = list(local.shape)
             shape[dim] = 0
             return local.new_zeros(shape)
+    if kind >= _GATHER and _collectives.usable(local):
+        if kind == _ALL_REDUCE:
+            return _collectives.all_reduce_sum(local, plan.group, async_op)
+        direct = (
+            _collectives.all_gather(local, plan.group, plan.chunks, plan.dim, async_op)
+            if kind == _GATHER
+            else _collectives.reduce_scatter_sum(local, plan.group, plan.chunks, plan.dim, async_op)
+        )
+        if direct is not None:
+            return direct
     return redistribute_local_tensor(
         local, current, plan.target, async_op=async_op, is_explicit=explicit
     )

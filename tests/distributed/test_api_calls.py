@@ -95,6 +95,22 @@ REDISTRIBUTIONS = [
     ((5, 3), (Shard(0),), (Replicate(),)),
     ((3, 1), (Replicate(),), (Shard(0),)),
     ((2, 3, 5), (Replicate(),), (Shard(2),)),
+    # the direct collectives (ARCHITECTURE "The DTensor API calls"): sequence-parallel gathers on
+    # dim 1 (torch's concatenation and its view), reduce-scatters on dims 0 and 1, an uneven one
+    ((2, 4, 6), (Shard(1),), (Replicate(),)),
+    ((1, 4, 6), (Shard(1),), (Replicate(),)),
+    ((2, 4, 6), (Partial(),), (Shard(1),)),
+    ((5, 3), (Partial(),), (Shard(0),)),
+]
+
+# (global shape, from, to) that run one direct collective (ARCHITECTURE "The DTensor API calls").
+DIRECT = [
+    ((4, 6), (Shard(0),), (Replicate(),)),
+    ((2, 4, 6), (Shard(1),), (Replicate(),)),
+    ((1, 4, 6), (Shard(1),), (Replicate(),)),
+    ((4, 6), (Partial(),), (Replicate(),)),
+    ((4, 6), (Partial(),), (Shard(0),)),
+    ((2, 4, 6), (Partial(),), (Shard(1),)),
 ]
 
 
@@ -147,6 +163,82 @@ def test_api_calls_match_stock_1d(rank: int, world_size: int, impl: str) -> None
                 lambda t, gp=gp: t.full_tensor(grad_placements=gp),
                 f"full_tensor grad_placements={gp} {src}",
             )
+
+
+@pytest.mark.distributed(world_size=2, timeout=120)
+def test_direct_collectives_replace_torchs_function(rank: int, world_size: int) -> None:
+    """The redistributions of ``DIRECT`` (forward and the backward's reverse, synchronous and
+    asynchronous) and ``full_tensor`` never reach torch's ``redistribute_local_tensor``; under a
+    dispatch mode, on a non-contiguous local or another dtype they do, bitwise as stock either
+    way."""
+    from dtdispatch import _tensor
+
+    dispatcher.install(native.DEFAULT)
+    mesh = mesh_1d()
+    torchs = _tensor.redistribute_local_tensor
+    calls: list[str] = []
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(f"{args[1].placements}->{args[2].placements}")
+        return torchs(*args, **kwargs)
+
+    _tensor.redistribute_local_tensor = counted
+    try:
+        _direct_cases(mesh, calls)
+    finally:
+        _tensor.redistribute_local_tensor = torchs
+
+
+def _direct_cases(mesh: Any, calls: list[str]) -> None:
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    for shape, src, dst in DIRECT:
+        for async_op in (False, True):
+            what = f"redistribute {src}->{dst} {shape} async_op={async_op}"
+            _check_call(
+                mesh,
+                shape,
+                src,
+                lambda t, dst=dst, a=async_op: t.redistribute(mesh, dst, async_op=a),
+                what,
+            )
+            if not (async_op and shape == (1, 4, 6)):
+                assert calls == [], (what, calls)
+            else:  # torch returns a view of its AsyncCollectiveTensor there: its path
+                assert calls, what
+                calls.clear()
+    # every asynchronous collective was waited on by its first use, as torch's
+    assert torch._C._distributed_c10d._get_work_registry_size() == 0
+    _check_call(mesh, (4, 6), (Shard(0),), lambda t: t.full_tensor(), "full_tensor")
+    assert calls == [], calls
+
+    # Torch's path, where a mode observes the collectives, for a non-contiguous local (a transposed
+    # shard), an integer reduction and a complex gather.
+    with CommDebugMode() as comm:
+        _check_call(
+            mesh, (4, 6), (Shard(0),), lambda t: t.redistribute(mesh, (Replicate(),)), "mode"
+        )
+    assert comm.get_total_counts() > 0
+    # the three forwards; each backward (Replicate -> Shard) is a local chunk
+    assert len(calls) == 3, calls
+    calls.clear()
+    _check_call(
+        mesh, (6, 4), (Shard(1),), lambda t: t.t().redistribute(mesh, (Replicate(),)),
+        "non-contiguous local",
+    )
+    assert calls, "a non-contiguous local took the direct all-gather"
+    calls.clear()
+    local = torch.arange(24).reshape(4, 6) * (torch.distributed.get_rank() + 1)
+    stock = DTensor.from_local(local, mesh, (Partial(),))
+    fast = dtdispatch.accelerate(DTensor.from_local(local.clone(), mesh, (Partial(),)))
+    same(fast.redistribute(mesh, (Replicate(),)), stock.redistribute(mesh, (Replicate(),)))
+    assert calls, "an integer reduction took the direct all-reduce"
+    calls.clear()
+    value = torch.complex(_value((4, 6)), -_value((4, 6)))
+    stock = distribute_tensor(value, mesh, (Shard(0),))
+    fast = dtdispatch.accelerate(distribute_tensor(value, mesh, (Shard(0),)))
+    same(fast.redistribute(mesh, (Replicate(),)), stock.redistribute(mesh, (Replicate(),)))
+    assert calls, "a complex gather took the direct all-gather"
 
 
 def _from_local_case(
@@ -271,6 +363,16 @@ def test_api_calls_match_stock_2d(rank: int, world_size: int) -> None:
             src,
             lambda t, dst=dst: t.redistribute(mesh, dst),
             f"redistribute {src}->{dst} {shape}",
+        )
+    # The direct collectives on 4 ranks, where the reduction order decides the bits.
+    line = mesh_1d()
+    for shape, src, dst in [*DIRECT, ((8, 3, 4), (Partial(),), (Shard(1),))]:
+        _check_call(
+            line,
+            shape,
+            src,
+            lambda t, dst=dst: t.redistribute(line, dst),
+            f"redistribute 1-D {src}->{dst} {shape}",
         )
     for shape, src in [((4, 6), (Shard(0), Shard(1))), ((5, 3), (Partial(), Shard(0)))]:
         _check_call(mesh, shape, src, lambda t: t.full_tensor(), f"full_tensor {src}")
