@@ -19,7 +19,15 @@ from torch.utils.hooks import warn_if_has_hooks
 
 from dtdispatch import _collectives, _compat
 
-__all__ = ["FAST_TYPES", "AutogradFastDTensor", "FastDTensor", "as_fast", "as_stock", "role"]
+__all__ = [
+    "FAST_TYPES",
+    "AutogradFastDTensor",
+    "FastDTensor",
+    "as_fast",
+    "as_stock",
+    "redistribute_argument",
+    "role",
+]
 
 _new = torch.Tensor._dtensor__new__
 _compiling = torch.compiler.is_compiling
@@ -371,6 +379,9 @@ _from_local_specs: dict[tuple[Any, ...], DTensorSpec | None] = {}
 """``from_local`` arguments -> the spec stock builds (None: not cacheable, take torch's path)."""
 _to_local_grad_specs: dict[tuple[Any, ...], DTensorSpec | None] = {}
 """(spec, grad_placements, gradient layout) -> the gradient spec of ``to_local``'s backward."""
+_argument_plans: dict[tuple[DTensorSpec, DTensorSpec], _RedistributePlan] = {}
+"""(argument spec, target spec) -> plan, for the dispatch path's redistributions of op arguments
+(``redistribute_argument``)."""
 
 
 def _grad_tensor(local: torch.Tensor, spec: DTensorSpec, requires_grad: bool) -> DTensor:
@@ -394,6 +405,7 @@ def clear_call_caches() -> None:
         _backward_plans,
         _from_local_specs,
         _to_local_grad_specs,
+        _argument_plans,
     ):
         cache.clear()
 
@@ -561,6 +573,20 @@ def _run(
     return redistribute_local_tensor(
         local, current, plan.target, async_op=async_op, is_explicit=explicit
     )
+
+
+def redistribute_argument(
+    local: torch.Tensor, current: DTensorSpec, target: DTensorSpec
+) -> torch.Tensor:
+    """The dispatch path's redistribution of an op argument: torch's
+    ``redistribute_local_tensor(local, current, target)`` (implicit, synchronous), by a plan cached
+    per (current, target), so that the collectives of a 1-D CPU mesh are direct ones."""
+    key = (current, target)
+    plan = _argument_plans.get(key)
+    if plan is None:
+        plan = _plan_between(current, target)
+        _remember(_argument_plans, key, plan)
+    return _run(plan, local, current, async_op=False, explicit=False)
 
 
 class Redistribute(torch.autograd.Function):

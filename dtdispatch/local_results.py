@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import (
 from dtdispatch import _compat
 from dtdispatch import cache as _cache
 from dtdispatch._bitwise import same_bits
-from dtdispatch._tensor import AutogradFastDTensor, FastDTensor
+from dtdispatch._tensor import AutogradFastDTensor, FastDTensor, redistribute_argument
 from dtdispatch.cache import EQUAL, INPLACE, NEW, OUT, VIEW, DispatchPlan
 
 __all__ = ["execute", "make_plan", "random_ops", "verified_local_call", "wrap"]
@@ -627,7 +627,7 @@ def _local_args(plan: DispatchPlan, op: OpOverload, args: tuple[Any, ...]) -> tu
                         # torch passes an OpOverload here too; its annotation says OpSchema
                         LazyString(_compat.format_implicit_redistribution_msg, op),  # type: ignore[arg-type]
                     )
-                tensor = redistribute_local_tensor(tensor, arg._spec, target)
+                tensor = redistribute_argument(tensor, arg._spec, target)
             local.append(tensor)
         elif (
             isinstance(arg, torch.Tensor)

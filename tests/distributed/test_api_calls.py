@@ -192,6 +192,8 @@ def test_direct_collectives_replace_torchs_function(rank: int, world_size: int) 
 def _direct_cases(mesh: Any, calls: list[str]) -> None:
     from torch.distributed.tensor.debug import CommDebugMode
 
+    pending = torch._C._distributed_c10d._get_work_registry_size  # process-wide, other tests' too
+    before = pending()
     for shape, src, dst in DIRECT:
         for async_op in (False, True):
             what = f"redistribute {src}->{dst} {shape} async_op={async_op}"
@@ -208,7 +210,7 @@ def _direct_cases(mesh: Any, calls: list[str]) -> None:
                 assert calls, what
                 calls.clear()
     # every asynchronous collective was waited on by its first use, as torch's
-    assert torch._C._distributed_c10d._get_work_registry_size() == 0
+    assert pending() == before, (pending(), before)
     _check_call(mesh, (4, 6), (Shard(0),), lambda t: t.full_tensor(), "full_tensor")
     assert calls == [], calls
 
@@ -239,6 +241,48 @@ def _direct_cases(mesh: Any, calls: list[str]) -> None:
     fast = dtdispatch.accelerate(distribute_tensor(value, mesh, (Shard(0),)))
     same(fast.redistribute(mesh, (Replicate(),)), stock.redistribute(mesh, (Replicate(),)))
     assert calls, "a complex gather took the direct all-gather"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.distributed(world_size=2, timeout=120)
+def test_dispatch_path_redistributes_arguments_directly(
+    rank: int, world_size: int, impl: str
+) -> None:
+    """An op whose plan redistributes an argument (the dispatch path's "needs redistribution")
+    takes the direct collective, on its first call (the slow path's executor) and on every hit,
+    bitwise as stock."""
+    from dtdispatch import _collectives
+
+    dispatcher.install(impl)
+    mesh = mesh_1d()
+    a = distribute_tensor(_value((4, 6)), mesh, (Shard(0),))
+    b = distribute_tensor(_value((6, 4)), mesh, (Shard(0),))
+    p = DTensor.from_local(_value((4, 6)) * (rank + 1), mesh, (Partial(),))
+    r = distribute_tensor(_value((4, 6)), mesh, (Replicate(),))
+    fast = {name: dtdispatch.accelerate(t.detach()) for name, t in zip("abpr", (a, b, p, r))}
+    taken: list[str] = []
+    originals = {
+        n: getattr(_collectives, n) for n in ("all_gather", "all_reduce_sum", "reduce_scatter_sum")
+    }
+
+    def recorded(name: str) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            taken.append(name)
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    for name in originals:
+        setattr(_collectives, name, recorded(name))
+    try:
+        for _ in range(3):
+            # mm(S0, S0) gathers its second argument; relu reduces its Partial argument
+            same(torch.mm(fast["a"], fast["b"]), torch.mm(a, b), "mm S0 x S0")
+            same(torch.relu(fast["p"]), torch.relu(p), "relu Partial")
+    finally:
+        for name, fn in originals.items():
+            setattr(_collectives, name, fn)
+    assert taken == ["all_gather", "all_reduce_sum"] * 3, taken
 
 
 def _from_local_case(
