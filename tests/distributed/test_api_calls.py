@@ -259,7 +259,8 @@ def test_dispatch_path_redistributes_arguments_directly(
     b = distribute_tensor(_value((6, 4)), mesh, (Shard(0),))
     p = DTensor.from_local(_value((4, 6)) * (rank + 1), mesh, (Partial(),))
     r = distribute_tensor(_value((4, 6)), mesh, (Replicate(),))
-    fast = {name: dtdispatch.accelerate(t.detach()) for name, t in zip("abpr", (a, b, p, r))}
+    stock = {"a": a, "b": b, "p": p, "r": r}
+    fast = {name: dtdispatch.accelerate(t.detach()) for name, t in stock.items()}
     taken: list[str] = []
     originals = {
         n: getattr(_collectives, n) for n in ("all_gather", "all_reduce_sum", "reduce_scatter_sum")
