@@ -40,6 +40,9 @@ VARIANTS = ("local", "stock", "dtdispatch")
 ABOVE_OFF = "dtdispatch, above off"
 """The dtdispatch model again with the path above dispatch off (``DTDISPATCH_ABOVE=0``), timed in
 the same rounds: the default must never be slower."""
+TORCH_COLLECTIVES = "dtdispatch, torch's collectives"
+"""At world size 2 and more: the dtdispatch model again with its redistributions through torch's
+functional collectives (``DTDISPATCH_DIRECT_COLLECTIVES=0``), timed in the same rounds."""
 MODELS = ("throughput", "llama")
 WORKLOADS = ("no_grad forward", "training step")
 
@@ -186,21 +189,27 @@ def _interleaved(
     calls: int,
     barrier: Callable[[], None],
     setup: dict[str, Callable[[], None]] | None = None,
+    cpu: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Median over rounds of the mean ms per call; the order rotates every round. ``setup[name]``
-    runs untimed before each of that variant's batches."""
+    runs untimed before each of that variant's batches; ``cpu``, when given, receives the median
+    process CPU ms per call (all threads: the gloo workers' too), which a wait does not count."""
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu_times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             if setup is not None and name in setup:
                 setup[name]()
             barrier()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(calls):
                 fns[name]()
+            cpu_times[name].append((time.process_time() - cpu_start) / calls * 1e3)
             times[name].append((time.perf_counter() - start) / calls * 1e3)
+    if cpu is not None:
+        cpu.update({n: statistics.median(t) for n, t in cpu_times.items()})
     return {n: statistics.median(t) for n, t in times.items()}
 
 
@@ -328,12 +337,15 @@ def _worker(args: argparse.Namespace) -> None:
         "api": {},
         "profile": {},
     }
-    from dtdispatch import _dispatcher, _native
+    from dtdispatch import _collectives, _dispatcher, _native
 
-    setup = {
-        name: (lambda above=name != ABOVE_OFF: _dispatcher.install(_native.DEFAULT, above=above))
-        for name in (*VARIANTS, ABOVE_OFF)
-    }
+    def configure(name: str) -> None:
+        _dispatcher.install(_native.DEFAULT, above=name != ABOVE_OFF)
+        _collectives.ENABLED = name != TORCH_COLLECTIVES
+
+    extra = (ABOVE_OFF, TORCH_COLLECTIVES) if info.world_size > 1 else (ABOVE_OFF,)
+    setup = {name: (lambda name=name: configure(name)) for name in (*VARIANTS, *extra)}
+    result["cpu"] = {}
     for model_name in MODELS:
         runs = _runs(model_name, mesh)
         for run in runs.values():  # warm-up: plans cached, optimizer state created
@@ -344,15 +356,18 @@ def _worker(args: argparse.Namespace) -> None:
             fns = {
                 v: (runs[v].forward if workload == WORKLOADS[0] else runs[v].step) for v in VARIANTS
             }
-            fns[ABOVE_OFF] = fns["dtdispatch"]
+            for name in extra:
+                fns[name] = fns["dtdispatch"]
             calls = args.calls if workload == WORKLOADS[0] else max(1, args.calls // 4)
-            ms = _interleaved(fns, args.rounds, calls, barrier, setup)
+            cpu: dict[str, float] = {}
+            ms = _interleaved(fns, args.rounds, calls, barrier, setup, cpu)
             result["steps"][f"{model_name}: {workload}"] = ms
+            result["cpu"][f"{model_name}: {workload}"] = cpu
             if args.profile and info.world_size == 1:
                 result["profile"][f"{model_name}: {workload}"] = {
                     v: _profile(fns[v], calls * 3) for v in ("stock", "dtdispatch")
                 }
-    _dispatcher.install(_native.DEFAULT)  # the defaults again (the last round may have been off)
+    configure("dtdispatch")  # the defaults again (the last round may have been another variant)
     for case, (stock, fast) in _api_cases(mesh).items():
         us = _interleaved({"stock": stock, "dtdispatch": fast}, args.rounds, 200, lambda: None)
         result["api"][case] = {k: v * 1e3 for k, v in us.items()}
@@ -380,6 +395,22 @@ def _table(results: list[dict[str, Any]]) -> str:
                 f"{ms['dtdispatch'] / ms['stock']:.2f} | {ms['dtdispatch'] / ms['local']:.1f} | "
                 f"{ms[ABOVE_OFF] / ms['stock']:.2f} |"
             )
+        if any(TORCH_COLLECTIVES in ms for ms in res["steps"].values()):
+            lines += [
+                "",
+                f"Direct collectives (world size {res['world_size']}): dtdispatch with its "
+                "redistributions' collectives called on the process group (default) and through "
+                "torch's functional collectives, ms per call, wall and process CPU:",
+                "",
+                "| workload | default: wall | CPU | torch's collectives: wall | CPU |",
+                "|---|---|---|---|---|",
+            ]
+            for name, ms in res["steps"].items():
+                cpu = res["cpu"][name]
+                lines.append(
+                    f"| {name} | {ms['dtdispatch']:.3f} | {cpu['dtdispatch']:.3f} | "
+                    f"{ms[TORCH_COLLECTIVES]:.3f} | {cpu[TORCH_COLLECTIVES]:.3f} |"
+                )
         lines += [
             "",
             f"DTensor API calls alone (world size {res['world_size']}), µs:",

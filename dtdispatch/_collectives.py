@@ -18,6 +18,7 @@ needs them; there the caller takes torch's path.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -27,7 +28,7 @@ from torch.distributed.distributed_c10d import AllreduceOptions, ReduceScatterOp
 
 from dtdispatch import _compat
 
-__all__ = ["all_gather", "all_reduce_sum", "reduce_scatter_sum", "usable"]
+__all__ = ["ENABLED", "all_gather", "all_reduce_sum", "reduce_scatter_sum", "usable"]
 
 _dispatch_stack_len = torch._C._len_torch_dispatch_stack
 _tf_mode = torch._C._is_torch_function_mode_enabled
@@ -41,11 +42,17 @@ _DTYPES = frozenset({torch.float32, torch.float64})
 _SUM = ReduceOp(ReduceOp.SUM)
 
 
+ENABLED = os.environ.get("DTDISPATCH_DIRECT_COLLECTIVES", "1") != "0"
+"""Whether direct collectives are used at all (``DTDISPATCH_DIRECT_COLLECTIVES=0``: torch's path
+everywhere; the benchmarks flip it to time both in one process)."""
+
+
 def usable(local: torch.Tensor) -> bool:
-    """Whether ``local`` may take a direct collective: a plain float32/float64 CPU tensor, no mode
-    active."""
+    """Whether ``local`` may take a direct collective: enabled, a plain float32/float64 CPU tensor,
+    no mode active."""
     return (
-        type(local) is torch.Tensor
+        ENABLED
+        and type(local) is torch.Tensor
         and local.dtype in _DTYPES
         and local.device.type == "cpu"
         and _dispatch_stack_len() == 0

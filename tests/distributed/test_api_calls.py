@@ -241,6 +241,17 @@ def _direct_cases(mesh: Any, calls: list[str]) -> None:
     fast = dtdispatch.accelerate(distribute_tensor(value, mesh, (Shard(0),)))
     same(fast.redistribute(mesh, (Replicate(),)), stock.redistribute(mesh, (Replicate(),)))
     assert calls, "a complex gather took the direct all-gather"
+    calls.clear()
+    from dtdispatch import _collectives
+
+    _collectives.ENABLED = False  # DTDISPATCH_DIRECT_COLLECTIVES=0
+    try:
+        _check_call(
+            mesh, (4, 6), (Partial(),), lambda t: t.redistribute(mesh, (Replicate(),)), "off"
+        )
+    finally:
+        _collectives.ENABLED = True
+    assert len(calls) == 3, calls  # the three forwards; each backward is a no-op
 
 
 @pytest.mark.parametrize("impl", IMPLS)
