@@ -20,14 +20,18 @@ the same initial weights (copied from the DTensor model's local shards) and the 
 - ``dtdispatch``: the same after ``dtdispatch.accelerate(model)``.
 - ``dtdispatch+reduce``: that, plus ``dtdispatch.reduce_partial_grads(params)`` at the start of
   the clip phase (ARCHITECTURE "Reducing Partial gradients once").
+- ``dtdispatch+reduce, torch's collectives``: the same with ``DTDISPATCH_DIRECT_COLLECTIVES=0``
+  for its steps: redistributions through torch's functional collectives (ARCHITECTURE "The DTensor
+  API calls").
 
 Timing: a barrier before and after each phase (forward, loss, backward, clip, optimizer), the
 time between them; variants interleaved in rotating order, one step each per round; reported: the
-median over rounds per phase, and the median of the step totals. Collectives per phase are counted
-under ``CommDebugMode`` in one extra, untimed step per variant. The first ``--warmup`` steps are
-untimed and check the variants against ``dtensor``: ``dtdispatch`` bitwise, ``spmd_types`` and
-``dtdispatch+reduce`` within ``--tolerance`` (relative, on the loss, the gradient norm and every
-parameter); a failed check exits 1. Output: a markdown table per width, ``--out`` (default
+median over rounds per phase, the median of the step totals, and the median process CPU time of a
+step on rank 0 (all its threads; a wait on the other rank costs none). Collectives per phase are
+counted under ``CommDebugMode`` in one extra, untimed step per variant. The first ``--warmup``
+steps are untimed and check the variants against ``dtensor``: ``dtdispatch`` bitwise, the others
+within ``--tolerance`` (relative, on the loss, the gradient norm and every parameter); a failed
+check exits 1. Output: a markdown table per width, ``--out`` (default
 benchmarks/results/titan_phases.md), written by rank 0.
 """
 
@@ -56,9 +60,11 @@ sys.path.insert(0, str(ROOT / "clients"))
 from titan import _parallel_dims, _patch_torchtitan  # noqa: E402
 
 import dtdispatch  # noqa: E402
+from dtdispatch import _collectives  # noqa: E402
 
 PHASES = ("forward", "loss", "backward", "clip", "optimizer")
-VARIANTS = ("spmd_types", "dtensor", "dtdispatch", "dtdispatch+reduce")
+TORCH_COLLECTIVES = "dtdispatch+reduce, torch's collectives"
+VARIANTS = ("spmd_types", "dtensor", "dtdispatch", "dtdispatch+reduce", TORCH_COLLECTIVES)
 MAX_NORM = 1.0
 LAYERS = 2
 
@@ -116,6 +122,7 @@ class Variant:
     step: int = 0
     times: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PHASES})
     totals: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
     comms: dict[str, Counter[str]] = field(default_factory=dict)
     paths: dict[str, Counter[str]] = field(default_factory=dict)
     """Per phase, where dtdispatch's calls went (one counted step; dtdispatch variants only)."""
@@ -134,7 +141,7 @@ class Variant:
         params = list(self.model.parameters())
         if self.backend == "spmd_types":
             return _spmd_clip(params, self.replicated, self.pdims.get_mesh("tp").get_group())
-        if self.name == "dtdispatch+reduce":
+        if self.name.startswith("dtdispatch+reduce"):
             dtdispatch.reduce_partial_grads(params)
         return dist_utils.clip_grad_norm_(
             params, MAX_NORM, foreach=True, pp_mesh=None, ep_enabled=False
@@ -227,6 +234,7 @@ def _step(v: Variant, vocab: int, seq: int, batch: int,
 
     # NOTE: torchtitan reads its backend from a module global at run time (loss, attention).
     dist_utils.set_spmd_backend(v.backend)
+    _collectives.ENABLED = v.name != TORCH_COLLECTIVES
     v.optimizer.zero_grad()
     inputs, labels = _batch(v.step, vocab, seq, batch)
     v.step += 1
@@ -341,12 +349,14 @@ def _table(dim: int, variants: dict[str, Variant],
            checks: list[str]) -> str:
     ms = {n: {p: 1e3 * statistics.median(v.times[p]) for p in PHASES} for n, v in variants.items()}
     totals = {n: 1e3 * statistics.median(v.totals) for n, v in variants.items()}
+    cpu = {n: 1e3 * statistics.median(v.cpu) for n, v in variants.items()}
     head = "| variant | " + " | ".join(PHASES) + " | step |"
-    rows = [f"### dim {dim}", "", "Median ms per phase (barrier before and after each):", "",
-            head, "|" + "---|" * (len(PHASES) + 2)]
+    rows = [f"### dim {dim}", "", "Median ms per phase (barrier before and after each), and "
+            "process CPU ms per step on rank 0:", "", head + " step CPU |",
+            "|" + "---|" * (len(PHASES) + 3)]
     for n in variants:
         cells = " | ".join(f"{ms[n][p]:.2f}" for p in PHASES)
-        rows.append(f"| {n} | {cells} | {totals[n]:.2f} |")
+        rows.append(f"| {n} | {cells} | {totals[n]:.2f} | {cpu[n]:.2f} |")
     rows += ["", "Collectives per phase (CommDebugMode, one step):", "",
              head.replace(" step |", " all |"), "|" + "---|" * (len(PHASES) + 2)]
     for n, v in variants.items():
@@ -402,7 +412,9 @@ def main() -> int:
         order = list(variants.values())
         for r in range(args.rounds):
             for v in order[r % len(order):] + order[: r % len(order)]:
+                cpu = time.process_time()
                 _step(v, vocab, args.seq, args.batch, _timed(v))
+                v.cpu.append(time.process_time() - cpu)
                 v.totals.append(sum(v.times[p][-1] for p in PHASES))
         for v in variants.values():
             _step(v, vocab, args.seq, args.batch, _counted(v))
