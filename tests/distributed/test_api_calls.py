@@ -214,6 +214,13 @@ def _direct_cases(mesh: Any, calls: list[str]) -> None:
     _check_call(mesh, (4, 6), (Shard(0),), lambda t: t.full_tensor(), "full_tensor")
     assert calls == [], calls
 
+    # Under inference mode (the outputs are inference tensors on both sides).
+    for shape, src, dst in DIRECT:
+        stock, fast = _pair(mesh, shape, src, grad=False)
+        with torch.inference_mode():
+            same(fast.redistribute(mesh, dst), stock.redistribute(mesh, dst), f"inference {dst}")
+    assert calls == [], calls
+
     # Torch's path, where a mode observes the collectives, for a non-contiguous local (a transposed
     # shard), an integer reduction and a complex gather.
     with CommDebugMode() as comm:
@@ -420,16 +427,17 @@ def test_api_calls_match_stock_2d(rank: int, world_size: int) -> None:
             lambda t, dst=dst: t.redistribute(mesh, dst),
             f"redistribute {src}->{dst} {shape}",
         )
-    # The direct collectives on 4 ranks, where the reduction order decides the bits.
-    line = mesh_1d()
-    for shape, src, dst in [*DIRECT, ((8, 3, 4), (Partial(),), (Shard(1),))]:
-        _check_call(
-            line,
-            shape,
-            src,
-            lambda t, dst=dst: t.redistribute(line, dst),
-            f"redistribute 1-D {src}->{dst} {shape}",
-        )
+    # The direct collectives on 4 ranks, where the reduction order decides the bits, and on each
+    # 1-D sub-mesh of the 2-D one (its own process group).
+    for line in (mesh_1d(), mesh["dp"], mesh["tp"]):
+        for shape, src, dst in [*DIRECT, ((8, 3, 4), (Partial(),), (Shard(1),))]:
+            _check_call(
+                line,
+                shape,
+                src,
+                lambda t, dst=dst, line=line: t.redistribute(line, dst),
+                f"redistribute 1-D {line} {src}->{dst} {shape}",
+            )
     for shape, src in [((4, 6), (Shard(0), Shard(1))), ((5, 3), (Partial(), Shard(0)))]:
         _check_call(mesh, shape, src, lambda t: t.full_tensor(), f"full_tensor {src}")
         _check_call(
