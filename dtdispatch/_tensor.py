@@ -343,10 +343,9 @@ _SAME, _CHUNK, _TORCH, _GATHER, _REDUCE_SCATTER, _ALL_REDUCE = range(6)
 
 class _RedistributePlan:
     """How a local shard moves from one spec to ``target`` (immutable, shared). ``dim``: the shard
-    dimension; ``chunks``: the mesh size; ``index``: this rank's coordinate; ``group``: the mesh's
-    process group (direct collectives)."""
+    dimension; ``chunks``: the mesh size; ``index``: this rank's coordinate."""
 
-    __slots__ = ("chunks", "dim", "group", "index", "kind", "target")
+    __slots__ = ("chunks", "dim", "index", "kind", "target")
 
     def __init__(
         self,
@@ -356,14 +355,12 @@ class _RedistributePlan:
         dim: int = 0,
         chunks: int = 1,
         index: int = 0,
-        group: Any = None,
     ) -> None:
         self.kind = kind
         self.target = target
         self.dim = dim
         self.chunks = chunks
         self.index = index
-        self.group = group
 
 
 _forward_plans: dict[tuple[DTensorSpec, tuple[Placement, ...]], _RedistributePlan | None] = {}
@@ -479,9 +476,7 @@ def _plan_between(current: DTensorSpec, target: DTensorSpec) -> _RedistributePla
             direct = _direct_kind(src, dst, current)
             if direct is not None:
                 kind, dim = direct
-                return _RedistributePlan(
-                    kind, target, dim=dim, chunks=mesh.size(), group=mesh.get_group(0)
-                )
+                return _RedistributePlan(kind, target, dim=dim, chunks=mesh.size())
     return _RedistributePlan(_TORCH, target)
 
 
@@ -561,12 +556,15 @@ def _run(
             shape[dim] = 0
             return local.new_zeros(shape)
     if kind >= _GATHER and _collectives.usable(local):
+        # NOTE: the group of this call's own mesh, never one cached with the plan: meshes over the
+        # same ranks built from different process groups compare equal (so do their specs).
+        group = current.mesh.get_group(0)
         if kind == _ALL_REDUCE:
-            return _collectives.all_reduce_sum(local, plan.group, async_op)
+            return _collectives.all_reduce_sum(local, group, async_op)
         direct = (
-            _collectives.all_gather(local, plan.group, plan.chunks, plan.dim, async_op)
+            _collectives.all_gather(local, group, plan.chunks, plan.dim, async_op)
             if kind == _GATHER
-            else _collectives.reduce_scatter_sum(local, plan.group, plan.chunks, plan.dim, async_op)
+            else _collectives.reduce_scatter_sum(local, group, plan.chunks, plan.dim, async_op)
         )
         if direct is not None:
             return direct

@@ -304,6 +304,35 @@ def test_dispatch_path_redistributes_arguments_directly(
     assert taken == ["all_gather", "all_reduce_sum"] * 3, taken
 
 
+@pytest.mark.distributed(world_size=2, timeout=120)
+def test_direct_collectives_use_each_meshs_own_group(rank: int, world_size: int) -> None:
+    """Two meshes over the same ranks from different process groups compare equal (and so do their
+    specs, the plan cache's key): each redistribution's collective runs on its own mesh's group."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from dtdispatch import _collectives
+
+    meshes = [DeviceMesh.from_group(dist.new_group([0, 1]), "cpu") for _ in range(2)]
+    assert meshes[0] == meshes[1] and meshes[0].get_group(0) is not meshes[1].get_group(0)
+    groups: list[Any] = []
+    gather = _collectives.all_gather
+
+    def recorded(local: torch.Tensor, group: Any, *args: Any) -> Any:
+        groups.append(group)
+        return gather(local, group, *args)
+
+    _collectives.all_gather = recorded
+    try:
+        for mesh in meshes:
+            stock = distribute_tensor(_value((4, 6)), mesh, (Shard(0),))
+            fast = dtdispatch.accelerate(distribute_tensor(_value((4, 6)), mesh, (Shard(0),)))
+            same(fast.redistribute(mesh, (Replicate(),)), stock.redistribute(mesh, (Replicate(),)))
+    finally:
+        _collectives.all_gather = gather
+    assert groups == [m.get_group(0) for m in meshes], groups
+
+
 def _from_local_case(
     local: torch.Tensor, placements: Any, grad: bool, **kwargs: Any
 ) -> tuple[tuple[DTensor, torch.Tensor], tuple[DTensor, torch.Tensor]]:
