@@ -348,13 +348,7 @@ class _RedistributePlan:
     __slots__ = ("chunks", "dim", "index", "kind", "target")
 
     def __init__(
-        self,
-        kind: int,
-        target: DTensorSpec,
-        *,
-        dim: int = 0,
-        chunks: int = 1,
-        index: int = 0,
+        self, kind: int, target: DTensorSpec, *, dim: int = 0, chunks: int = 1, index: int = 0
     ) -> None:
         self.kind = kind
         self.target = target
