@@ -33,7 +33,6 @@ __all__ = ["ENABLED", "all_gather", "all_reduce_sum", "reduce_scatter_sum", "usa
 _dispatch_stack_len = torch._C._len_torch_dispatch_stack
 _tf_mode = torch._C._is_torch_function_mode_enabled
 _below_autograd = torch._C._AutoDispatchBelowADInplaceOrView
-_register_work = torch._C._distributed_c10d._register_work
 
 
 # NOTE: the dtypes checked bitwise against torch's path. torch's functional collectives adapt
@@ -73,7 +72,7 @@ def all_gather(
     shape = list(local.shape)
     shape[0] *= size
     view = dim != 0 and shape[0] == size and math.prod(shape[1:dim]) == 1
-    if async_op and view:
+    if async_op and (view or _compat.register_work is None):
         return None
     out = local.new_empty(shape)
     work = group.allgather_into_tensor_coalesced([out], [local])
@@ -98,8 +97,8 @@ def reduce_scatter_sum(
     """``Partial("sum")._reduce_shard_value`` for an even split: the local made contiguous, its
     chunks along ``dim`` concatenated on dim 0 (``funcol.reduce_scatter_single``), then the op's
     ``reduce_scatter_tensor_coalesced`` into a fresh buffer. None (torch's path) for an uneven
-    split, which torch pads."""
-    if local.size(dim) % size != 0:
+    split, which torch pads, or an asynchronous call on a torch without a work registry."""
+    if local.size(dim) % size != 0 or (async_op and _compat.register_work is None):
         return None
     if not local.is_contiguous():
         local = local.contiguous()
@@ -113,9 +112,12 @@ def reduce_scatter_sum(
     return _finish(out, group.reduce_scatter_tensor_coalesced([out], [local], options), async_op)
 
 
-def all_reduce_sum(local: torch.Tensor, group: Any, async_op: bool) -> torch.Tensor:
+def all_reduce_sum(local: torch.Tensor, group: Any, async_op: bool) -> torch.Tensor | None:
     """``Partial("sum")._reduce_value``: ``funcol.all_reduce``'s contiguous clone, reduced in place
-    with the op's ``allreduce``."""
+    with the op's ``allreduce``. None (torch's path) for an asynchronous call on a torch without a
+    work registry."""
+    if async_op and _compat.register_work is None:
+        return None
     out = local.clone(memory_format=torch.contiguous_format)
     options = AllreduceOptions()
     options.reduceOp = _SUM
@@ -132,5 +134,6 @@ def _finish(out: torch.Tensor, work: Any, async_op: bool) -> torch.Tensor:
 def _pending(out: torch.Tensor, work: Any) -> torch.Tensor:
     """What torch's ``_maybe_wrap_tensor`` returns for a collective's output: the buffer in an
     ``AsyncCollectiveTensor``, its work registered so that torch's ``wait_tensor`` finds it."""
-    _register_work(out, work)
+    assert _compat.register_work is not None  # checked by the callers
+    _compat.register_work(out, work)
     return AsyncCollectiveTensor(out)

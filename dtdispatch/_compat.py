@@ -28,6 +28,7 @@ __all__ = [
     "is_shard_like",
     "local_shard_size_and_offset",
     "nested_redistribute",
+    "register_work",
     "run_dtensor_rng_op",
     "single_dim_schema_infos",
     "single_dim_strategy_funcs",
@@ -81,6 +82,12 @@ local_shard_size_and_offset: Callable[..., Any] = (
 # all-gather (``_collectives``) mirrors (torch >= 2.13: ``_maybe_view_chunk_cat``); without it,
 # those gathers are left to torch.
 ALL_GATHER_VIEW_LAYOUT = hasattr(torch._utils, "_maybe_view_chunk_cat")
+
+# Registers a collective's work with torch's work registry, where ``wait_tensor`` finds it; without
+# it, asynchronous redistributions are left to torch.
+register_work: Callable[[torch.Tensor, Any], None] | None = getattr(
+    torch._C._distributed_c10d, "_register_work", None
+)
 
 
 def _calls_subclass_dispatch() -> bool:

@@ -554,12 +554,11 @@ def _run(
         # same ranks built from different process groups compare equal (so do their specs).
         group = current.mesh.get_group(0)
         if kind == _ALL_REDUCE:
-            return _collectives.all_reduce_sum(local, group, async_op)
-        direct = (
-            _collectives.all_gather(local, group, plan.chunks, plan.dim, async_op)
-            if kind == _GATHER
-            else _collectives.reduce_scatter_sum(local, group, plan.chunks, plan.dim, async_op)
-        )
+            direct = _collectives.all_reduce_sum(local, group, async_op)
+        elif kind == _GATHER:
+            direct = _collectives.all_gather(local, group, plan.chunks, plan.dim, async_op)
+        else:
+            direct = _collectives.reduce_scatter_sum(local, group, plan.chunks, plan.dim, async_op)
         if direct is not None:
             return direct
     return redistribute_local_tensor(
