@@ -198,7 +198,8 @@ def stats() -> dict[str, Any]:
           on the local tensors), ``misses`` (calls observed to write a plan), ``entries``,
           ``evictions``, ``negative`` ``{reason: count}`` (calls whose key holds a refusal and so
           took the stock path), ``stepped_aside`` ``{reason: count}`` (calls that never looked
-          up a key: autograd needed, a mode active, compiling, no key), ``per_func`` ``{function
+          up a key: autograd needed, a mode active, compiling, a view function such as
+          ``x.t()``, no key), ``per_func`` ``{function
           name: {"hits", "misses", "negative"}}``, ``passthrough_funcs`` (how many functions are
           known to dispatch nothing and go straight to torch) and ``implementation``
           (``"native"``, ``"python"`` or ``"off"``).

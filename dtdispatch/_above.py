@@ -70,6 +70,37 @@ NOTE: process-wide and only ever grown; a wrong entry costs speed, never correct
 is
 stock behaviour)."""
 
+_VIEW_METHODS = (
+    "t", "transpose", "permute", "view", "view_as", "unsqueeze", "squeeze", "expand", "expand_as",
+    "narrow", "select", "unflatten", "movedim", "moveaxis", "swapaxes", "swapdims", "diagonal",
+    "unfold", "as_strided", "split", "split_with_sizes", "chunk", "unbind", "tensor_split",
+    "adjoint", "detach",
+)  # fmt: skip
+_VIEW_PROPERTIES = ("T", "mT", "H", "mH")
+
+
+def _view_functions() -> frozenset[Any]:
+    found: set[Any] = set()
+    for name in _VIEW_METHODS:
+        for owner in (torch.Tensor, torch):
+            func = getattr(owner, name, None)
+            if func is not None:
+                found.add(func)
+    for name in _VIEW_PROPERTIES:
+        prop = getattr(torch.Tensor, name, None)
+        if prop is not None:
+            found.add(prop.__get__)
+    return frozenset(found)
+
+
+view_functions = _view_functions()
+"""Funcs whose output shares a FastDTensor argument's storage whenever one is their tensor
+argument (``x.t()``, ``x.view(...)``, ``torch.chunk(x, 2)``, ``x.detach()`` ...): a replay would
+make a fresh tensor where stock's output is the argument's view, so every key of theirs would hold
+the negative entry "view output". The hot path steps aside for them before building a key
+("view function"). NOTE: a wrong entry costs speed, never correctness (stepping aside is stock
+behaviour)."""
+
 _RANDOM_OPS = random_ops()
 _op_dispatcher = DTensor._op_dispatcher
 
@@ -750,6 +781,7 @@ def config() -> dict[str, Any]:
         "new": torch.Tensor._dtensor__new__,
         "disabled": _stock,
         "passthrough": passthrough,
+        "view_functions": view_functions,
         "thread_cache": thread_cache,
         "miss": miss,
         "is_compiling": _compat.is_compiling,

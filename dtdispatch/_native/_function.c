@@ -32,7 +32,7 @@
 
 /* Module state: mirrors _native.function._config. */
 static PyObject *c_fast_type, *c_autograd_type, *c_tensor_type, *c_new, *c_disabled, *c_passthrough,
-    *c_thread_cache,
+    *c_view_functions, *c_thread_cache,
     *c_miss, *c_is_compiling, *c_tf_mode, *c_dispatch_modes, *c_grad_enabled, *c_inference,
     *c_default_dtype, *c_any_autocast, *c_autocast_state, *c_disable_subclass, *c_increment_version,
     *c_below_autograd, *c_kw_marker, *c_value_marker, *c_structure_marker, *c_explicit_local,
@@ -42,7 +42,7 @@ static PyObject *s_requires_grad, *s_spec, *s_local_tensor, *s_entries, *s_per_f
     *s_stepped_aside, *s_memo_key,
     *s_mode_or_compiling, *s_unhashable, *s_kwnames_rg, *s_args, *s_kwargs, *small_one,
     *s_explicit, *s_compiling_flag, *c_compiler_module, *s_is_inference, *s_is_conj,
-    *s_is_neg, *s_custom_op_handlers, *s_custom_handler, *s_base;
+    *s_is_neg, *s_custom_op_handlers, *s_custom_handler, *s_base, *s_view_function;
 
 /* Output entry kinds: mirrors _native.function.OUT_*. */
 enum { OUT_NEW = 0, OUT_ARG = 1, OUT_NONE = 2, OUT_SEQ = 3, OUT_VIEW = 4 };
@@ -57,6 +57,7 @@ static struct {
     {"new", &c_new},
     {"disabled", &c_disabled},
     {"passthrough", &c_passthrough},
+    {"view_functions", &c_view_functions},
     {"thread_cache", &c_thread_cache},
     {"miss", &c_miss},
     {"is_compiling", &c_is_compiling},
@@ -1032,6 +1033,14 @@ static PyObject *fn_torch_function(PyObject *Py_UNUSED(module), PyObject *const 
                                 s_mode_or_compiling);
         goto out;
     }
+    /* Block: step aside for a view function. */
+    int view = PySet_Contains(c_view_functions, call.func);
+    if (view != 0) {
+        if (view > 0)
+            result = step_aside(memo, call.func, call.types, call.args, call.kwargs,
+                                s_view_function);
+        goto out;
+    }
     /* Block: key. */
     int krc = call_key(memo, &call, &key, &scalars);
     if (krc != 0) {
@@ -1108,6 +1117,7 @@ PyMODINIT_FUNC PyInit__function(void)
     INTERN(s_stepped_aside, "stepped_aside");
     INTERN(s_memo_key, "dtdispatch._native._function.thread_cache");
     INTERN(s_mode_or_compiling, "mode or compiling");
+    INTERN(s_view_function, "view function");
     INTERN(s_unhashable, "unhashable argument");
     INTERN(s_compiling_flag, "_is_compiling_flag");
     INTERN(s_explicit, "explicit redistribution context");

@@ -5,7 +5,8 @@
 - pass-through: ``func`` is known to dispatch no aten op (attribute reads, ``dim()``, setters):
   torch's disabled implementation, exactly what stock DTensor does;
 - step aside (stock behaviour, then the ``__torch_dispatch__`` path runs below): torch.compile
-  tracing, a torch function or dispatch mode active, autograd needed (grad mode on and a
+  tracing, a torch function or dispatch mode active, a view function (``x.t()``: its output is
+  the argument's view, which a replay cannot make), autograd needed (grad mode on and a
   FastDTensor argument requires grad), or no key (an unhashable value, a tensor that is not a
   FastDTensor);
 - the key holds every ambient state and tensor flag that decides the result or what raises
@@ -48,12 +49,12 @@ def configure(config: dict[str, Any]) -> None:
     """Hand over what the hot path needs, resolved once (see ``_dispatcher.install``):
     ``fast_type`` and ``autograd_type`` (a FastDTensor's two roles), ``tensor_type``, ``new``,
     ``disabled`` (``torch._C._disabled_torch_function_impl``), ``passthrough`` (dict: func ->
-    True), ``thread_cache`` (``_above.thread_cache``), ``miss`` (``_above.miss``), ``is_compiling``,
-    ``tf_mode``, ``dispatch_modes``, ``grad_enabled``, ``inference``, ``default_dtype``,
-    ``any_autocast``, ``autocast_state``, ``disable_subclass``, ``increment_version``,
-    ``explicit_local``, ``op_dispatcher`` (torch's ``DTensor._op_dispatcher``, its custom op
-    handlers read live), ``below_autograd`` (a guard class), ``kw_marker``, ``value_marker``,
-    ``structure_marker``."""
+    True), ``view_functions`` (frozenset), ``thread_cache`` (``_above.thread_cache``), ``miss``
+    (``_above.miss``), ``is_compiling``, ``tf_mode``, ``dispatch_modes``, ``grad_enabled``,
+    ``inference``, ``default_dtype``, ``any_autocast``, ``autocast_state``, ``disable_subclass``,
+    ``increment_version``, ``explicit_local``, ``op_dispatcher`` (torch's
+    ``DTensor._op_dispatcher``, its custom op handlers read live), ``below_autograd`` (a guard
+    class), ``kw_marker``, ``value_marker``, ``structure_marker``."""
     _config.update(config)
 
 
@@ -178,6 +179,9 @@ def torch_function(
     cache = c["thread_cache"]()
     if c["is_compiling"]() or c["tf_mode"]() or c["dispatch_modes"]():
         return _step_aside(cache, func, types, args, kwargs, "mode or compiling")
+    # Block: step aside for a view function (its output is an argument's view: never replayed).
+    if func in c["view_functions"]:
+        return _step_aside(cache, func, types, args, kwargs, "view function")
     # Block: key.
     grad = c["grad_enabled"]()
     inference = c["inference"]()

@@ -98,10 +98,16 @@ def _data_dependent(t: torch.Tensor) -> torch.Tensor:
 
 
 NEVER: dict[str, tuple[Callable[..., Any], str]] = {
-    "sharded view given a global shape": (lambda a, r: a.view(64), "rewritten arguments"),
+    # a view function: stepped aside before any key (its output is always the argument's view)
+    "sharded view given a global shape": (lambda a, r: a.view(64), "view function"),
+    "transpose (view)": (lambda a, r: a.t(), "view function"),
+    "detach (shares storage)": (lambda a, r: a.detach(), "view function"),
+    # a negative entry in the key's place
     "sharded reshape": (lambda a, r: a.reshape(4, 16), "rewritten arguments"),
-    "transpose (view)": (lambda a, r: a.t(), "view output"),
-    "detach (shares storage)": (lambda a, r: a.detach(), "view output"),
+    "transpose through einsum (view)": (
+        lambda a, r: torch.einsum("ij->ji", a),
+        "view output",
+    ),
     "mm S0 x S0 (all-gather)": (lambda a, r: torch.mm(a, a), "redistribution"),
     "S0 + R + R (two ops, chunk)": (lambda a, r: torch.addcmul(a, r, r), "redistribution"),
     "composite reading a sharded size": (lambda a, r: _size_reading_composite(a), "replay differs"),
@@ -120,11 +126,16 @@ def test_calls_that_never_replay(rank: int, world_size: int, impl: str) -> None:
             expected = fn(sa, sr)
             for _ in range(3):
                 same(fn(a, r), expected)
+            if reason == "view function":
+                assert _above()["stepped_aside"].get(reason, 0) >= 3, (name, _above())
+                continue
             entries = {v for v in above.thread_cache().entries.values() if isinstance(v, str)}
             assert reason in entries, (name, entries)
     s = _above()
     assert s["hits"] == 0
-    assert sum(s["negative"].values()) >= 2 * len(NEVER)
+    keyed = [r for _, r in NEVER.values() if r != "view function"]
+    assert sum(s["negative"].values()) >= 2 * len(keyed)
+    assert s["stepped_aside"]["view function"] == 3 * (len(NEVER) - len(keyed))
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -213,8 +224,9 @@ def test_view_outputs_keep_stock_aliasing(rank: int, world_size: int, impl: str)
             v.mul_(2.0)
             same(x, sx)
             assert x._version == sx._version and v._version == sv._version
-    # The view is never replayed; the in-place op on it is (its counter is shared with the base).
-    assert _above()["negative"] == {"view output": 2} and _above()["hits"] == 2
+    # The view is never replayed (a view function: stepped aside before any key); the in-place
+    # op on it is (its counter is shared with the base).
+    assert _above()["stepped_aside"] == {"view function": 3} and _above()["hits"] == 2
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -458,3 +470,72 @@ def test_local_chunk_replay_respects_explicit_redistribution(
         if outcomes[0][0] == "ok":
             same(outcomes[1][1], outcomes[0][1])
     assert _above()["stepped_aside"] == {"explicit redistribution context": 1}
+
+
+# One call per name of _above's view functions, on an 8x8 Replicate FastDTensor.
+VIEW_CALLS: dict[str, Callable[[Any], Any]] = {
+    "t": lambda x: x.t(),
+    "transpose": lambda x: torch.transpose(x, 0, 1),
+    "permute": lambda x: x.permute(1, 0),
+    "view": lambda x: x.view(8, 8),
+    "view_as": lambda x: x.view_as(x),
+    "unsqueeze": lambda x: torch.unsqueeze(x, 0),
+    "squeeze": lambda x: x.squeeze(),
+    "expand": lambda x: x.expand(8, 8),
+    "expand_as": lambda x: x.expand_as(x),
+    "narrow": lambda x: torch.narrow(x, 1, 0, 4),
+    "select": lambda x: x.select(1, 0),
+    "unflatten": lambda x: x.unflatten(1, (2, 4)),
+    "movedim": lambda x: torch.movedim(x, 0, 1),
+    "moveaxis": lambda x: x.moveaxis(0, 1),
+    "swapaxes": lambda x: x.swapaxes(0, 1),
+    "swapdims": lambda x: torch.swapdims(x, 0, 1),
+    "diagonal": lambda x: x.diagonal(),
+    "unfold": lambda x: x.unfold(1, 2, 2),
+    "as_strided": lambda x: x.as_strided((4, 4), (8, 1)),
+    "split": lambda x: x.split(4, 1),
+    "split_with_sizes": lambda x: x.split_with_sizes([3, 5], 1),
+    "chunk": lambda x: torch.chunk(x, 2, 1),
+    "unbind": lambda x: x.unbind(1),
+    "tensor_split": lambda x: x.tensor_split(2, 1),
+    "adjoint": lambda x: x.adjoint(),
+    "detach": lambda x: x.detach(),
+    "T": lambda x: x.T,
+    "mT": lambda x: x.mT,
+    "H": lambda x: x.H,
+    "mH": lambda x: x.mH,
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.distributed(world_size=2)
+def test_view_functions_return_views_and_step_aside(rank: int, world_size: int, impl: str) -> None:
+    """The policy behind ``_above.view_functions``: each one's output (every element of a tuple)
+    shares its FastDTensor argument's storage on stock, so a replay could never make it; dtdispatch
+    steps aside for each before building a key, with stock's result and aliasing."""
+    assert set(VIEW_CALLS) == set(above._VIEW_METHODS) | set(above._VIEW_PROPERTIES)
+    _fresh(impl)
+    sx, x = pair(_values(3), [Replicate()])
+    taken = 0
+    with torch.no_grad():
+        for name, fn in VIEW_CALLS.items():
+            outcome = []
+            for t in (sx, x):
+                try:
+                    outcome.append(("ok", fn(t)))
+                except Exception as error:  # as on stock: torch's own error, stepped aside too
+                    outcome.append(("raised", type(error)))
+            (kind, expected), (fast_kind, got) = outcome
+            assert kind == fast_kind, (name, outcome)
+            taken += 1
+            if kind == "raised":
+                assert got is expected, name
+                continue
+            same(got, expected, name)
+            outs = got if isinstance(got, tuple) else (got,)
+            for out in outs:
+                assert out._local_tensor.untyped_storage().data_ptr() == (
+                    x._local_tensor.untyped_storage().data_ptr()
+                ), name
+    s = _above()
+    assert s["stepped_aside"] == {"view function": taken} and s["negative"] == {}, s
