@@ -32,6 +32,7 @@ __all__ = ["ENABLED", "all_gather", "all_reduce_sum", "reduce_scatter_sum", "usa
 
 _dispatch_stack_len = torch._C._len_torch_dispatch_stack
 _tf_mode = torch._C._is_torch_function_mode_enabled
+_grad_enabled = torch.is_grad_enabled
 _below_autograd = torch._C._AutoDispatchBelowADInplaceOrView
 
 
@@ -47,13 +48,16 @@ everywhere; the benchmarks flip it to time both in one process)."""
 
 
 def usable(local: torch.Tensor) -> bool:
-    """Whether ``local`` may take a direct collective: enabled, a plain float32/float64 CPU tensor,
-    no mode active."""
+    """Whether ``local`` may take a direct collective: enabled, a plain float32/float64 CPU tensor
+    that no autograd graph records here, no mode active."""
     return (
         ENABLED
         and type(local) is torch.Tensor
         and local.dtype in _DTYPES
         and local.device.type == "cpu"
+        # NOTE: the wrappers' Functions run this with grad mode off; a local that would record a
+        # graph here is left to torch's functional collectives, which carry an autograd formula.
+        and not (local.requires_grad and _grad_enabled())
         and _dispatch_stack_len() == 0
         and not _tf_mode()
         and not _compat.is_compiling()

@@ -107,7 +107,14 @@ class FastDTensor(DTensor):
             )
         if torch.is_grad_enabled() and self.requires_grad:
             return _apply_redistribute(self, plan, async_op)  # type: ignore[no-any-return]
-        local = _run(plan, self._local_tensor, spec, async_op=async_op, explicit=True)
+        local = self._local_tensor
+        if local.requires_grad and torch.is_grad_enabled():
+            # NOTE: stock's Function runs the transform with grad mode off; a local that requires
+            # grad (from_local of a leaf under no_grad) would otherwise record a graph here.
+            with torch.no_grad():
+                local = _run(plan, local, spec, async_op=async_op, explicit=True)
+        else:
+            local = _run(plan, local, spec, async_op=async_op, explicit=True)
         # NOTE: stock's autograd Function builds its output with the input's requires_grad; grad
         # mode off clears it, inference mode keeps it.
         requires_grad = self.requires_grad and torch.is_inference_mode_enabled()
@@ -138,9 +145,9 @@ class FastDTensor(DTensor):
             result = _apply_to_torch(self, grad_placements)
         else:
             # NOTE: stock runs its autograd Function here too, whose forward returns this fresh
-            # view (never the local shard itself, which autograd metadata must not touch).
-            local = self._local_tensor
-            result = local.view_as(local)
+            # view (never the local shard itself, which autograd metadata must not touch), with
+            # grad mode off.
+            result = _fresh_view(self._local_tensor)
         # Stock's gh-166156: the local tensor of a Parameter(DTensor) is a Parameter too.
         if (
             _compat.TO_LOCAL_KEEPS_PARAM
@@ -170,8 +177,7 @@ class FastDTensor(DTensor):
             if grad_placements is not None and type(grad_placements) is not tuple:
                 grad_placements = tuple(grad_placements)  # stock's backward treats both alike
             return _apply_to_torch(full, grad_placements)  # type: ignore[no-any-return]
-        local = full._local_tensor
-        return local.view_as(local)
+        return _fresh_view(full._local_tensor)
 
     @staticmethod
     def from_local(
@@ -409,6 +415,15 @@ def _replicated(ndim: int) -> tuple[Placement, ...]:
     if placements is None:
         placements = _REPLICATED[ndim] = (Replicate(),) * ndim
     return placements
+
+
+def _fresh_view(local: torch.Tensor) -> torch.Tensor:
+    """``local.view_as(local)`` as stock's ``_ToTorchTensor.forward`` makes it: with grad mode off,
+    so a local that requires grad (from_local of a leaf under no_grad) hands out no graph."""
+    if local.requires_grad and torch.is_grad_enabled():
+        with torch.no_grad():
+            return local.view_as(local)
+    return local.view_as(local)
 
 
 def _stock_call(method: Any, self: DTensor, *args: Any, **kwargs: Any) -> FastDTensor:

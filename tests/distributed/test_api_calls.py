@@ -333,6 +333,35 @@ def test_direct_collectives_use_each_meshs_own_group(rank: int, world_size: int)
     assert groups == [m.get_group(0) for m in meshes], groups
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.distributed(world_size=2, timeout=120)
+def test_a_local_that_requires_grad_records_no_graph(rank: int, world_size: int, impl: str) -> None:
+    """``from_local`` of a leaf under ``no_grad`` gives a DTensor that does not require grad on a
+    local that does. Stock's API calls run their transforms inside autograd Functions, with grad
+    mode off: under grad mode their results record no graph, and neither do dtdispatch's (direct
+    collectives, torch's function and the fresh views of to_local and full_tensor)."""
+    dispatcher.install(impl)
+    mesh = mesh_1d()
+    for placements, call in [
+        ((Partial(),), lambda t: t.redistribute(mesh, (Replicate(),))),
+        ((Partial(),), lambda t: t.redistribute(mesh, (Shard(0),))),
+        ((Shard(0),), lambda t: t.redistribute(mesh, (Replicate(),))),
+        ((Shard(0),), lambda t: t.full_tensor()),
+        ((Shard(0),), lambda t: t.to_local()),
+    ]:
+        results = []
+        for from_local in (DTensor.from_local, FastDTensor.from_local):
+            leaf = _value((4, 6)).requires_grad_()
+            with torch.no_grad():
+                t = from_local(leaf, mesh, placements)
+            assert not t.requires_grad and t._local_tensor.requires_grad
+            results.append(call(t))
+        stock, fast = results
+        same(fast, stock, f"{placements} {call}")
+        local = fast._local_tensor if isinstance(fast, DTensor) else fast
+        assert local.grad_fn is None
+
+
 def _from_local_case(
     local: torch.Tensor, placements: Any, grad: bool, **kwargs: Any
 ) -> tuple[tuple[DTensor, torch.Tensor], tuple[DTensor, torch.Tensor]]:
