@@ -5,7 +5,8 @@ redistributions that communicate, uneven shards, grad_placements and double back
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import pytest
@@ -19,6 +20,23 @@ from dtdispatch import _native as native
 from dtdispatch.testing import mesh_1d, mesh_2d
 
 from ._compare import IMPLS, outcome, same, same_outcome
+
+
+@contextmanager
+def _recording(module: Any, name: str, record: Callable[..., None]) -> Iterator[None]:
+    """``module.name`` replaced, for the duration, by a wrapper that calls ``record`` with the
+    call's arguments and then the original."""
+    original = getattr(module, name)
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        record(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    setattr(module, name, call)
+    try:
+        yield
+    finally:
+        setattr(module, name, original)
 
 
 def _value(shape: tuple[int, ...]) -> torch.Tensor:
@@ -175,18 +193,13 @@ def test_direct_collectives_replace_torchs_function(rank: int, world_size: int) 
 
     dispatcher.install(native.DEFAULT)
     mesh = mesh_1d()
-    torchs = _tensor.redistribute_local_tensor
     calls: list[str] = []
 
-    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+    def counted(*args: Any, **kwargs: Any) -> None:
         calls.append(f"{args[1].placements}->{args[2].placements}")
-        return torchs(*args, **kwargs)
 
-    _tensor.redistribute_local_tensor = counted
-    try:
+    with _recording(_tensor, "redistribute_local_tensor", counted):
         _direct_cases(mesh, calls)
-    finally:
-        _tensor.redistribute_local_tensor = torchs
 
 
 def _direct_cases(mesh: Any, calls: list[str]) -> None:
@@ -280,27 +293,15 @@ def test_dispatch_path_redistributes_arguments_directly(
     stock = {"a": a, "b": b, "p": p, "r": r}
     fast = {name: dtdispatch.accelerate(t.detach()) for name, t in stock.items()}
     taken: list[str] = []
-    originals = {
-        n: getattr(_collectives, n) for n in ("all_gather", "all_reduce_sum", "reduce_scatter_sum")
-    }
-
-    def recorded(name: str) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            taken.append(name)
-            return originals[name](*args, **kwargs)
-
-        return call
-
-    for name in originals:
-        setattr(_collectives, name, recorded(name))
-    try:
+    with ExitStack() as stack:
+        for name in ("all_gather", "all_reduce_sum", "reduce_scatter_sum"):
+            stack.enter_context(
+                _recording(_collectives, name, lambda *_, name=name, **__: taken.append(name))
+            )
         for _ in range(3):
             # mm(S0, S0) gathers its second argument; relu reduces its Partial argument
             same(torch.mm(fast["a"], fast["b"]), torch.mm(a, b), "mm S0 x S0")
             same(torch.relu(fast["p"]), torch.relu(p), "relu Partial")
-    finally:
-        for name, fn in originals.items():
-            setattr(_collectives, name, fn)
     assert taken == ["all_gather", "all_reduce_sum"] * 3, taken
 
 
@@ -316,20 +317,11 @@ def test_direct_collectives_use_each_meshs_own_group(rank: int, world_size: int)
     meshes = [DeviceMesh.from_group(dist.new_group([0, 1]), "cpu") for _ in range(2)]
     assert meshes[0] == meshes[1] and meshes[0].get_group(0) is not meshes[1].get_group(0)
     groups: list[Any] = []
-    gather = _collectives.all_gather
-
-    def recorded(local: torch.Tensor, group: Any, *args: Any) -> Any:
-        groups.append(group)
-        return gather(local, group, *args)
-
-    _collectives.all_gather = recorded
-    try:
+    with _recording(_collectives, "all_gather", lambda local, group, *_: groups.append(group)):
         for mesh in meshes:
             stock = distribute_tensor(_value((4, 6)), mesh, (Shard(0),))
             fast = dtdispatch.accelerate(distribute_tensor(_value((4, 6)), mesh, (Shard(0),)))
             same(fast.redistribute(mesh, (Replicate(),)), stock.redistribute(mesh, (Replicate(),)))
-    finally:
-        _collectives.all_gather = gather
     assert groups == [m.get_group(0) for m in meshes], groups
 
 
