@@ -80,12 +80,10 @@ def all_gather(
         return None
     out = local.new_empty(shape)
     work = group.allgather_into_tensor_coalesced([out], [local])
-    if async_op and dim == 0:
-        return _pending(out, work)
+    if dim == 0:
+        return _finish(out, work, async_op)
     # NOTE: torch waits here even asynchronously when it must move data to ``dim``.
     work.wait()
-    if dim == 0:
-        return out
     if view:
         # NOTE: torch reshapes the gathered buffer without moving data here, and it does so on
         # its AsyncCollectiveTensor, below autograd: the result aliases the buffer but is not an
