@@ -117,7 +117,7 @@ def _generate(model: Any, prompt: Any, tokens: int) -> list[int]:
             logits = logits.to_local() if hasattr(logits, "to_local") else logits
             token = int(logits[0, -1].argmax())
             out.append(token)
-            logits = model(torch.tensor([[token]]), pos)
+            logits = model(torch.tensor([[token]], device=prompt.device), pos)
             pos += 1
     return out
 
@@ -147,11 +147,11 @@ def _worker(args: argparse.Namespace) -> None:
     }
     prompt = torch.randint(
         0, shape["vocab"], (1, PROMPT), generator=torch.Generator().manual_seed(0)
-    )
+    ).to(info.device)
     models: dict[str, Any] = {}
     for name in VARIANTS:
         torch.manual_seed(0)
-        model = _model(**shape)
+        model = _model(**shape).to(info.device)
         if name != "local":
             parallelize_module(model, mesh, _plan(args.layers))
         if name == "dtdispatch":
@@ -167,6 +167,7 @@ def _worker(args: argparse.Namespace) -> None:
     if info.rank == 0:
         result = {
             "world_size": info.world_size,
+            "device": str(info.device),
             "torch": torch.__version__,
             "rounds": args.rounds,
             "tokens": args.tokens,
@@ -189,7 +190,8 @@ def _table(results: list[dict[str, Any]]) -> str:
     for res in results:
         tps = res["tokens_per_s"]
         lines.append(
-            f"| {res['world_size']} | {res['layers']}, {res['dim']} | {tps['local']:.0f} | "
+            f"| {res['world_size']} ({res.get('device', 'cpu')}) | {res['layers']}, {res['dim']} | "
+            f"{tps['local']:.0f} | "
             f"{tps['stock']:.0f} | {tps['dtdispatch']:.0f} | "
             f"{tps['stock'] / tps['dtdispatch']:.2f} |"
         )

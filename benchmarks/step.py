@@ -153,13 +153,14 @@ def _runs(model_name: str, mesh: Any) -> dict[str, _Run]:
     runs: dict[str, _Run] = {}
     tp = mesh.size()
     rank = mesh.get_local_rank()
+    device = torch.empty(0, device=mesh.device_type).device  # the current CUDA device under nccl
     gen = torch.Generator().manual_seed(1000)
     if model_name == "throughput":
         shape = (training.BATCH, training.SEQ, training.DIM)
-        inputs, target = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        inputs, target = (torch.randn(shape, generator=gen).to(device) for _ in "it")
         config = training.TrainConfig(optimizer="adamw", foreach=True)
         torch.manual_seed(config.seed)
-        local = training.Model()
+        local = training.Model().to(device)
         runs["local"] = _Run(local, inputs, target, lambda out, t: (out - t).square().mean())
         target_dt = distribute_tensor(target, mesh, [Replicate()])
         for name in ("stock", "dtdispatch"):
@@ -167,15 +168,17 @@ def _runs(model_name: str, mesh: Any) -> dict[str, _Run]:
             runs[name] = _Run(model, inputs, target_dt, lambda out, t: (out - t).square().mean())
         return runs
     shape = (4, 16, 64)
-    inputs, target = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    inputs, target = (torch.randn(shape, generator=gen).to(device) for _ in "it")
     torch.manual_seed(0)
-    runs["local"] = _Run(_llama(), inputs, target, lambda out, t: (out - t).square().mean())
+    runs["local"] = _Run(
+        _llama().to(device), inputs, target, lambda out, t: (out - t).square().mean()
+    )
     # torchtitan's layout: the residual stream is each rank's local sequence shard (plain
     # tensors); SequenceParallel / PrepareModuleInput make DTensors of it inside each module.
     shard = inputs.chunk(tp, dim=1)[rank].contiguous()
     for name in ("stock", "dtdispatch"):
         torch.manual_seed(0)
-        model = _llama()
+        model = _llama().to(device)
         parallelize_module(model, mesh, _llama_plan())
         if name == "dtdispatch":
             dtdispatch.accelerate(model)
@@ -190,10 +193,13 @@ def _interleaved(
     barrier: Callable[[], None],
     setup: dict[str, Callable[[], None]] | None = None,
     cpu: dict[str, float] | None = None,
+    sync: Callable[[], None] = lambda: None,
 ) -> dict[str, float]:
     """Median over rounds of the mean ms per call; the order rotates every round. ``setup[name]``
     runs untimed before each of that variant's batches; ``cpu``, when given, receives the median
-    process CPU ms per call (all threads: the gloo workers' too), which a wait does not count."""
+    process CPU ms per call (all threads: the gloo workers' too), which a wait does not count;
+    ``sync`` runs inside the timed batch after its calls (``torch.cuda.synchronize`` on a GPU, so
+    that the clock stops when the device's work is done, not when it was queued)."""
     names = list(fns)
     times: dict[str, list[float]] = {n: [] for n in names}
     cpu_times: dict[str, list[float]] = {n: [] for n in names}
@@ -206,6 +212,7 @@ def _interleaved(
             start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(calls):
                 fns[name]()
+            sync()
             cpu_times[name].append((time.process_time() - cpu_start) / calls * 1e3)
             times[name].append((time.perf_counter() - start) / calls * 1e3)
     if cpu is not None:
@@ -222,12 +229,13 @@ def _api_cases(mesh: Any) -> dict[str, tuple[Callable[[], Any], Callable[[], Any
     import dtdispatch
     from dtdispatch import FastDTensor
 
-    value = torch.randn(8, 16)
+    device = torch.empty(0, device=mesh.device_type).device
+    value = torch.randn(8, 16, device=device)
     sharded = distribute_tensor(value, mesh, [Shard(1)])
     replicated = distribute_tensor(value, mesh, [Replicate()])
     leaf = sharded.detach().requires_grad_()
     # sequence-parallel activations: (batch, sequence, hidden), the sequence sharded or partial
-    activation = torch.randn(2, 8 * mesh.size(), 16)
+    activation = torch.randn(2, 8 * mesh.size(), 16, device=device)
     seq = distribute_tensor(activation, mesh, [Shard(1)])
     partial = DTensor.from_local(activation, mesh, [Partial()])
     pairs = {
@@ -237,7 +245,7 @@ def _api_cases(mesh: Any) -> dict[str, tuple[Callable[[], Any], Callable[[], Any
         "seq": (seq, dtdispatch.accelerate(seq.detach())),
         "partial": (partial, dtdispatch.accelerate(partial.detach())),
     }
-    local = torch.randn(8, 16)
+    local = torch.randn(8, 16, device=device)
     local_grad = local.clone().requires_grad_()
     same = (Shard(-1),)  # what ColwiseParallel's output hook asks for: no change
     cases: dict[str, tuple[Callable[[], Any], Callable[[], Any]]] = {}
@@ -328,9 +336,11 @@ def _worker(args: argparse.Namespace) -> None:
     info = init_distributed()
     mesh = init_device_mesh(info.device.type, (info.world_size,))
     barrier = dist.barrier if info.world_size > 1 else (lambda: None)
+    sync = torch.cuda.synchronize if info.device.type == "cuda" else (lambda: None)
     result: dict[str, Any] = {
         "world_size": info.world_size,
         "backend": info.backend,
+        "device": str(info.device),
         "torch": torch.__version__,
         "rounds": args.rounds,
         "steps": {},
@@ -360,7 +370,7 @@ def _worker(args: argparse.Namespace) -> None:
                 fns[name] = fns["dtdispatch"]
             calls = args.calls if workload == WORKLOADS[0] else max(1, args.calls // 4)
             cpu: dict[str, float] = {}
-            ms = _interleaved(fns, args.rounds, calls, barrier, setup, cpu)
+            ms = _interleaved(fns, args.rounds, calls, barrier, setup, cpu, sync)
             result["steps"][f"{model_name}: {workload}"] = ms
             result["cpu"][f"{model_name}: {workload}"] = cpu
             if args.profile and info.world_size == 1:
@@ -369,7 +379,9 @@ def _worker(args: argparse.Namespace) -> None:
                 }
     configure("dtdispatch")  # the defaults again (the last round may have been another variant)
     for case, (stock, fast) in _api_cases(mesh).items():
-        us = _interleaved({"stock": stock, "dtdispatch": fast}, args.rounds, 200, lambda: None)
+        us = _interleaved(
+            {"stock": stock, "dtdispatch": fast}, args.rounds, 200, lambda: None, sync=sync
+        )
         result["api"][case] = {k: v * 1e3 for k, v in us.items()}
     if info.rank == 0:
         out = Path(args.out)
@@ -382,7 +394,8 @@ def _table(results: list[dict[str, Any]]) -> str:
     lines = []
     for res in results:
         lines += [
-            f"World size {res['world_size']} ({res['backend']}, torch {res['torch']}), ms, "
+            f"World size {res['world_size']} ({res['backend']}, {res.get('device', 'cpu')}, "
+            f"torch {res['torch']}), ms, "
             f"median of {res['rounds']} interleaved rounds:",
             "",
             "| workload | local | stock | dtdispatch | dtdispatch/stock | dtdispatch/local "
