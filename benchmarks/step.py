@@ -44,6 +44,9 @@ TORCH_COLLECTIVES = "dtdispatch, torch's collectives"
 """At world size 2 and more: the dtdispatch model again with its redistributions through torch's
 functional collectives (``DTDISPATCH_DIRECT_COLLECTIVES=0``), timed in the same rounds."""
 MODELS = ("throughput", "llama")
+FLOOR_BELOW = 0.61
+"""A minimal Python ``__torch_dispatch__`` with autograd, as a share of stock's op (README, "The
+floor below dispatch"): the bound on a step's ratio outside its collectives."""
 WORKLOADS = ("no_grad forward", "training step")
 
 
@@ -325,6 +328,48 @@ def _profile(fn: Callable[[], None], calls: int) -> dict[str, float]:
     return _categorize(stats, stats.total_tt)  # type: ignore[attr-defined]
 
 
+def _collectives_alone(step: Callable[[], None], barrier: Callable[[], None], rounds: int) -> Any:
+    """(count, ms): the functional collectives one call of ``step`` issues (recorded under a
+    dispatch mode, with their input shapes), then the same collectives alone, back to back on fresh
+    plain tensors with a ``wait_tensor`` each, median ms over ``rounds``: the part of a step that
+    no dispatch cost can remove."""
+    import torch
+    from torch.distributed.tensor import DTensor
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    funcol = torch.ops._c10d_functional
+    kinds = (funcol.all_gather_into_tensor, funcol.reduce_scatter_tensor, funcol.all_reduce)
+    calls: list[tuple[Any, torch.Size, torch.dtype, tuple[Any, ...]]] = []
+
+    class _Record(TorchDispatchMode):
+        def __torch_dispatch__(
+            self, func: Any, types: Any, args: Any = (), kwargs: Any = None
+        ) -> Any:
+            if DTensor in types:
+                return NotImplemented  # as CommDebugMode: DTensor desugars into collectives first
+            if func.overloadpacket in kinds:
+                calls.append((func, args[0].shape, args[0].dtype, args[1:]))
+            return func(*args, **(kwargs or {}))
+
+    with _Record():
+        step()
+    buffers = [(func, torch.randn(shape).to(dtype), rest) for func, shape, dtype, rest in calls]
+
+    def alone() -> None:
+        for func, buffer, rest in buffers:
+            funcol.wait_tensor(func(buffer, *rest))
+
+    for _ in range(3):
+        alone()
+    times = []
+    for _ in range(rounds):
+        barrier()
+        start = time.perf_counter()
+        alone()
+        times.append((time.perf_counter() - start) * 1e3)
+    return len(buffers), statistics.median(times)
+
+
 def _worker(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT / "launch"))
     warnings.simplefilter("ignore")
@@ -372,6 +417,12 @@ def _worker(args: argparse.Namespace) -> None:
             cpu: dict[str, float] = {}
             ms = _interleaved(fns, args.rounds, calls, barrier, setup, cpu, sync)
             result["steps"][f"{model_name}: {workload}"] = ms
+            if info.world_size > 1:
+                count, alone = _collectives_alone(fns["stock"], barrier, args.rounds)
+                result.setdefault("collectives", {})[f"{model_name}: {workload}"] = {
+                    "count": count,
+                    "ms": alone,
+                }
             result["cpu"][f"{model_name}: {workload}"] = cpu
             if args.profile and info.world_size == 1:
                 result["profile"][f"{model_name}: {workload}"] = {
@@ -408,6 +459,24 @@ def _table(results: list[dict[str, Any]]) -> str:
                 f"{ms['dtdispatch'] / ms['stock']:.2f} | {ms['dtdispatch'] / ms['local']:.1f} | "
                 f"{ms[ABOVE_OFF] / ms['stock']:.2f} |"
             )
+        if res.get("collectives"):
+            lines += [
+                "",
+                f"Collectives alone (world size {res['world_size']}): the functional collectives "
+                "one stock call issues, back to back on plain tensors; the bound is what the "
+                f"ratio would be with dtdispatch at {FLOOR_BELOW} of stock outside them "
+                '(README, "The floor below dispatch"):',
+                "",
+                "| workload | collectives | alone, ms | stock, ms | dtdispatch/stock | bound |",
+                "|---|---|---|---|---|---|",
+            ]
+            for name, c in res["collectives"].items():
+                ms = res["steps"][name]
+                bound = (c["ms"] + FLOOR_BELOW * max(ms["stock"] - c["ms"], 0.0)) / ms["stock"]
+                lines.append(
+                    f"| {name} | {c['count']} | {c['ms']:.2f} | {ms['stock']:.2f} | "
+                    f"{ms['dtdispatch'] / ms['stock']:.2f} | {bound:.2f} |"
+                )
         if any(TORCH_COLLECTIVES in ms for ms in res["steps"].values()):
             lines += [
                 "",

@@ -33,6 +33,11 @@ steps are untimed and check the variants against ``dtensor``: ``dtdispatch`` bit
 within ``--tolerance`` (relative, on the loss, the gradient norm and every parameter); a failed
 check exits 1. Output: a markdown table per width, ``--out`` (default
 benchmarks/results/titan_phases.md), written by rank 0.
+
+``--profile N``: then N more untimed steps per variant under cProfile on rank 0, their own time
+per step grouped by where it is spent (collective waits, torchtitan's Python, torch's DTensor
+Python, dtdispatch's Python, the autograd engine, ops called from Python ...): where the gap to
+``spmd_types`` goes. cProfile slows Python-heavy code more than C++, so read shares, not times.
 """
 
 from __future__ import annotations
@@ -345,6 +350,59 @@ def _check(variants: dict[str, Variant], tolerance: float) -> list[str]:
     return lines
 
 
+_CATEGORIES = (  # the first match wins: (name, substrings of "path function")
+    ("collective waits and barriers", ("wait_tensor", "_distributed_c10d.wait", "barrier")),
+    ("collective launches (C++)", ("_c10d_functional.", "allgather", "reduce_scatter",
+                                   "all_gather_single", "allreduce")),
+    ("autograd engine (C++: backward ops, their dispatch)", ("run_backward",)),
+    ("dtdispatch Python", ("dtdispatch/",)),
+    ("torchtitan Python", ("torchtitan/",)),
+    ("spmd_types Python", ("spmd_types/",)),
+    ("torch DTensor Python", ("torch/distributed/tensor/",)),
+    ("torch c10d and functional collectives Python", ("torch/distributed/",)),
+    ("custom-op, pytree and op-overload Python", ("torch/_library", "torch/utils/_pytree",
+                                                  "torch/_ops.py", "torch/_dynamo")),
+    ("autograd Function machinery", ("torch/autograd/",)),
+    ("optimizer and clipping Python", ("torch/optim/", "torch/nn/utils/")),
+    ("nn.Module machinery", ("torch/nn/modules/",)),
+    ("ops called from Python (C++: kernels, dispatch, dtdispatch's C)", ("<built-in method",
+                                                                        "<method ")),
+)
+
+
+def _profile(v: Variant, steps: int, vocab: int, seq: int, batch: int) -> dict[str, float]:
+    """ms per step of own time by category over ``steps`` untimed steps under cProfile."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        _step(v, vocab, seq, batch, _untimed)
+    profiler.disable()
+    shares: dict[str, float] = {}
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
+    for (path, _line, func), (_cc, _nc, tottime, _ct, _callers) in stats.items():
+        where = f"{path} {func}"
+        name = next((n for n, needles in _CATEGORIES if any(x in where for x in needles)), "other")
+        shares[name] = shares.get(name, 0.0) + 1e3 * tottime / steps
+    return shares
+
+
+def _profile_table(profiles: dict[str, dict[str, float]], steps: int) -> str:
+    names = list(profiles)
+    last = profiles[names[-1]]
+    keys = sorted({k for p in profiles.values() for k in p}, key=lambda k: -last.get(k, 0.0))
+    rows = [f"Own time per step by category (cProfile, rank 0, {steps} steps per variant; "
+            "profiled ms, slower than unprofiled ones):", "",
+            "| category | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for k in keys:
+        cells = " | ".join(f"{profiles[n].get(k, 0.0):.2f}" for n in names)
+        rows.append(f"| {k} | {cells} |")
+    totals = " | ".join(f"{sum(profiles[n].values()):.2f}" for n in names)
+    return "\n".join([*rows, f"| all | {totals} |", ""])
+
+
 def _table(dim: int, variants: dict[str, Variant],
            checks: list[str]) -> str:
     ms = {n: {p: 1e3 * statistics.median(v.times[p]) for p in PHASES} for n, v in variants.items()}
@@ -386,6 +444,8 @@ def main() -> int:
     parser.add_argument("--seq", type=int, default=16)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--tolerance", type=float, default=1e-5)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="then N untimed steps per variant under cProfile (rank 0)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/titan_phases.md")
     args = parser.parse_args()
 
@@ -419,6 +479,18 @@ def main() -> int:
         for v in variants.values():
             _step(v, vocab, args.seq, args.batch, _counted(v))
         sections.append(_table(dim, variants, checks))
+        if args.profile:
+            profiles = {}
+            for name in ("spmd_types", "dtensor", "dtdispatch+reduce"):
+                dist.barrier()
+                if rank == 0:
+                    profiles[name] = _profile(variants[name], args.profile, vocab, args.seq,
+                                              args.batch)
+                else:
+                    for _ in range(args.profile):
+                        _step(variants[name], vocab, args.seq, args.batch, _untimed)
+            if rank == 0:
+                sections[-1] += "\n" + _profile_table(profiles, args.profile)
         if rank == 0:
             print(sections[-1], flush=True)
 
