@@ -499,7 +499,8 @@ def main() -> int:
             "# torchtitan Llama3 per phase: spmd_types vs DTensor vs dtdispatch",
             "",
             f"`benchmarks/titan_phases.py --dims {' '.join(map(str, args.dims))} --rounds "
-            f"{args.rounds} --warmup {args.warmup} --seq {args.seq} --batch {args.batch}`: "
+            f"{args.rounds} --warmup {args.warmup} --seq {args.seq} --batch {args.batch}"
+            f"{f' --profile {args.profile}' if args.profile else ''}`: "
             f"torch {torch.__version__}, 2 gloo ranks (tp=2, sequence parallel), {LAYERS} layers, "
             f"{os.cpu_count()} CPUs; medians over {args.rounds} rounds, variants interleaved.",
             "",
