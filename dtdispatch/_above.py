@@ -518,6 +518,17 @@ def _holds_tensor(a: Any) -> bool:
     return isinstance(a, (list, tuple)) and any(_holds_tensor(e) for e in a)
 
 
+def _fresh(replayed: torch.Tensor, observed: torch.Tensor, clones: list[Any]) -> bool:
+    """Whether a replayed local aliases the arguments no more than stock's: no argument's local
+    itself or its storage, and a view exactly where stock's local is one (a composite such as
+    ``flatten`` branches on layout: on the wrapper's global strides in stock, on the local's in a
+    replay, so the same call may copy in one and return a view of the argument in the other)."""
+    if replayed._is_view() != observed._is_view() or any(replayed is c for c in clones):
+        return False
+    ptr = _storage_ptr(replayed)
+    return ptr is not None and (ptr == 0 or all(ptr != _storage_ptr(c) for c in clones))
+
+
 def _matches(entry: tuple[int, Any], observed: Any, replayed: Any, clones: list[Any]) -> bool:
     kind, data = entry
     if kind == OUT_NONE:
@@ -529,6 +540,7 @@ def _matches(entry: tuple[int, Any], observed: Any, replayed: Any, clones: list[
             type(replayed) is torch.Tensor
             and not replayed.requires_grad
             and same_bits(observed._local_tensor, replayed)
+            and _fresh(replayed, observed._local_tensor, clones)
         )
     if kind == OUT_VIEW:
         # The base wrapped at replay is the local result's _base: it must be the observed base's
@@ -540,6 +552,7 @@ def _matches(entry: tuple[int, Any], observed: Any, replayed: Any, clones: list[
             and type(replayed._base) is torch.Tensor
             and same_bits(observed._local_tensor, replayed)
             and same_bits(observed._base._local_tensor, replayed._base)
+            and _fresh(replayed._base, observed._base._local_tensor, clones)
         )
     entries = data[1]
     return (

@@ -216,3 +216,40 @@ def test_views_a_replay_cannot_make_never_replay(
     if func != "<lambda>":
         counts = _above()["per_func"][func]
         assert counts == {"hits": 0, "misses": 1, "negative": 2}, (name, counts)
+
+
+_LAYOUT_COMPOSITES: dict[str, Callable[[Any], Any]] = {
+    "flatten": lambda t: t.flatten(),
+    "reshape": lambda t: t.reshape(-1),
+    "contiguous": lambda t: t.contiguous(),  # on the local: the argument itself
+}
+
+
+@pytest.mark.parametrize("name", _LAYOUT_COMPOSITES)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.distributed(world_size=2)
+def test_a_composite_that_copies_on_the_global_layout_never_aliases_its_argument(
+    rank: int, world_size: int, impl: str, name: str
+) -> None:
+    """``flatten``/``reshape``/``contiguous`` branch on layout: stock reads the wrapper's global
+    strides (not contiguous here: a copy), a replay would read the local's (a single column:
+    contiguous, so a view of the argument or the argument itself). The call never replays: its
+    output does not alias its argument, and an in-place op on it leaves the argument as on
+    stock."""
+    install(impl)
+    fn = _LAYOUT_COMPOSITES[name]
+    sx, x = pair(_values(2, 2 * world_size).t(), [Shard(1)])
+    dtdispatch.reset_stats()
+    for step in range(3):
+        expected, got = fn(sx), fn(x)
+        same(got, expected, f"{name} step {step}")
+        with torch._C.DisableTorchFunctionSubclass():
+            local, stock_local = got._local_tensor, expected._local_tensor
+        assert local._is_view() == stock_local._is_view() is False, (name, step)
+        with torch.no_grad():
+            expected.add_(1.0)
+            got.add_(1.0)
+        same(got, expected, f"{name} step {step} after add_")
+        same(x, sx, f"{name} step {step}: the argument after add_ on the output")
+    reason = "rewritten arguments" if name == "reshape" else "replay differs"  # reshape's -1
+    assert _above()["negative"] == {reason: 2}, _above()["negative"]
