@@ -102,6 +102,7 @@ the negative entry "view output". The hot path steps aside for them before build
 behaviour)."""
 
 _RANDOM_OPS = random_ops()
+_SEEDED = torch.Tag.nondeterministic_seeded
 _op_dispatcher = DTensor._op_dispatcher
 
 _AUTOCAST_DEVICES = tuple(torch._C._autocast_supported_devices())
@@ -295,7 +296,10 @@ class _Observer(TorchDispatchMode):  # type: ignore[no-untyped-call]
             self._block("autograd engine")
         if func._schema.is_mutable:
             self.mutates = True
-        if func in _RANDOM_OPS:
+        if func in _RANDOM_OPS or _SEEDED in func.tags:
+            # NOTE: the tag too: ops such as aten.dropout (whole under inference mode) draw from
+            # the generator without being in torch's DTensor random-op set, and the plan-time
+            # replay would draw again.
             self._block("random op")
         if any(t not in FAST_TYPES for t in types):
             # Another tensor subclass (a stock DTensor ...): let it run its own handler.

@@ -467,6 +467,9 @@ def verified_local_call(
     """
     if (
         op_call._schema.is_mutable
+        # A seeded op outside torch's random-op set (aten.dropout under inference mode): the two
+        # verification calls would draw from the generator, and their results differ anyway.
+        or torch.Tag.nondeterministic_seeded in op_call.tags
         or not _key_pins_argument_types(op, local_args, rewritten)
         # A user's mode would see the verification calls (and a torch function mode would see the
         # public call): plan without the shortcut.

@@ -170,6 +170,15 @@ def test_hit_with_kwargs_on_a_plan_without_them_calls_op_call(mesh: DeviceMesh, 
     assert dtdispatch.stats()["per_op"]["aten.add.Tensor"]["hits"] >= 1
 
 
+def test_verified_local_call_never_runs_a_seeded_op(mesh: DeviceMesh) -> None:
+    """A seeded op (``nondeterministic_seeded``; the plan's caller leaves out only torch's DTensor
+    random-op set) is never verified: the two verification calls would draw from the generator."""
+    x = torch.rand(4, 4)
+    state = torch.get_rng_state()
+    assert verified_local_call(aten.bernoulli.default, aten.bernoulli.default, [x], None) is None
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_verified_local_call_rejects_a_different_overload(mesh: DeviceMesh) -> None:
     x, y = torch.randn(4, 4), torch.randn(4, 4)
     assert verified_local_call(aten.add.Tensor, aten.add.Tensor, [x, y], None) is VF.add

@@ -156,6 +156,36 @@ def test_random_ops_never_replay_and_match_stock_under_seed(
     assert _above()["negative"].get("random op", 0) == 4
 
 
+SEEDED_IN_INFERENCE: dict[str, Callable[[Any], Any]] = {
+    "dropout": lambda t: F.dropout(t, 0.5, training=True),
+    "alpha_dropout": lambda t: F.alpha_dropout(t, 0.5, training=True),
+    "feature_alpha_dropout": lambda t: F.feature_alpha_dropout(t, 0.5, training=True),
+}
+
+
+@pytest.mark.parametrize("name", SEEDED_IN_INFERENCE)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.distributed(world_size=2)
+def test_seeded_ops_outside_torchs_random_set_draw_as_stock(
+    rank: int, world_size: int, impl: str, name: str
+) -> None:
+    """Under inference mode ``aten.dropout`` (and the alpha dropouts) reach DTensor whole: random
+    (tagged ``nondeterministic_seeded``) but not in torch's DTensor random-op set. Neither the
+    plan-time replay above dispatch nor the verification of a public local call may run them again:
+    the generator must advance as on stock, so the next draw matches too."""
+    _fresh(impl)
+    fn = SEEDED_IN_INFERENCE[name]
+    sa, a = pair(_values(0), [Replicate()])
+    for step in range(3):
+        with torch.inference_mode():
+            torch.manual_seed(5)
+            expected = (fn(sa), torch.rand(4))
+            torch.manual_seed(5)
+            got = (fn(a), torch.rand(4))
+        same(got, expected, f"{name} step {step}")
+    assert _above()["hits"] == 0
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.distributed(world_size=2)
 def test_plan_recorded_without_autograd_never_replays_with_autograd(
