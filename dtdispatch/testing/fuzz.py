@@ -1255,15 +1255,24 @@ def _run(program: Program, cls: type[DTensor], mesh: DeviceMesh) -> _Outcome:
         ns[f"t{i}"] = make_input(cls, mesh, inp)
     torch.manual_seed(program.rng_seed)
     dt_random._rng_tracker = None
-    for k, line in enumerate(program.lines):
-        exc: BaseException | None = None
-        try:
-            exec(compile(line, f"<fuzz line {k}>", "exec"), ns)
-        except Exception as e:  # compared by type with stock's
-            exc = e
-        if _any_rank(exc is not None):
-            return _Outcome(ns, k, exc)
-    return _Outcome(ns, None, None)
+    handlers = DTensor._op_dispatcher._custom_op_handlers
+    before = dict(handlers)
+    try:
+        for k, line in enumerate(program.lines):
+            exc: BaseException | None = None
+            try:
+                exec(compile(line, f"<fuzz line {k}>", "exec"), ns)
+            except Exception as e:  # compared by type with stock's
+                exc = e
+            if _any_rank(exc is not None):
+                return _Outcome(ns, k, exc)
+        return _Outcome(ns, None, None)
+    finally:
+        # NOTE: torch's loss_parallel() enables its handlers and disables them after its body with
+        # no try/finally: a body that raises (on one rank only, for some shardings) leaves them on,
+        # and later programs then diverge between ranks (a collective mismatch aborts gloo).
+        handlers.clear()
+        handlers.update(before)
 
 
 def _compare(stock: Any, fast: Any, where: str) -> None:
