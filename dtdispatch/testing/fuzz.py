@@ -561,6 +561,8 @@ def _op_scalar(g: _Gen) -> None:
 def _broadcast_partner(g: _Gen, a: str) -> str:
     shape = tuple(g.ns[a].shape)
     dtype = g.rng.choice([str(g.ns[a].dtype).removeprefix("torch."), g.dtype()])
+    if dtype not in _DTYPES:  # a promoted value (complex64 * float64 is complex128): its kind
+        dtype = "complex64" if dtype.startswith("complex") else "float32"
     choice = g.rng.random()
     if choice < 0.4:
         same = g.pick(lambda t: tuple(t.shape) == shape)
