@@ -404,3 +404,26 @@ def test_requires_grad_is_keyed(rank: int, world_size: int, impl: str, above: bo
         for _ in range(2):
             for stock, fast in (*pairs, *reversed(pairs)):
                 same(_by_requires_grad(fast), _by_requires_grad(stock))
+
+
+# -- comparisons across the two roles -------------------------------------------------------
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="open: Python runs the right operand's reflected comparison first when its type "
+    "(AutogradFastDTensor) is a strict subclass of the left's (FastDTensor), so a > b runs as "
+    "b < a and the output's strides follow b (README, 'Two exact types')",
+)
+@pytest.mark.distributed(world_size=2)
+def test_a_comparison_across_roles_keeps_the_left_operands_layout(
+    rank: int, world_size: int
+) -> None:
+    install("native")
+    values = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    sa, a = pair(values.t().contiguous().t(), [Replicate()])  # column-major
+    sleaf, leaf = pair(values + 1, [Replicate()], requires_grad=True)
+    # made under grad mode from a tensor that requires grad: the autograd role
+    sb, b = (t.redistribute(t.device_mesh, t.placements) for t in (sleaf, leaf))
+    assert type(a) is FastDTensor and type(b) is not FastDTensor
+    same(a > b, sa > sb)
