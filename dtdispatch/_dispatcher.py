@@ -26,7 +26,7 @@ from dtdispatch import _above, _compat
 from dtdispatch import _native as _native_pkg
 from dtdispatch import cache as _cache
 from dtdispatch._bitwise import comparable
-from dtdispatch._tensor import FAST_TYPES, AutogradFastDTensor, FastDTensor
+from dtdispatch._tensor import FAST_TYPES, AutogradFastDTensor, FastDTensor, _FastDTensorBase
 from dtdispatch.local_results import execute, make_plan
 
 __all__ = ["install", "slow_path"]
@@ -234,7 +234,8 @@ def install(name: str, *, above: bool | None = None) -> None:
             "torch_function_mode_enabled": torch._C._is_torch_function_mode_enabled,
         }
     )
-    FastDTensor.__torch_dispatch__ = classmethod(module.dispatch)  # type: ignore[assignment]
+    # On the roles' common base: both roles' aten ops go through dtdispatch.
+    _FastDTensorBase.__torch_dispatch__ = classmethod(module.dispatch)  # type: ignore[assignment]
     # The path above dispatch (ARCHITECTURE "The path above dispatch"): the same implementation
     # when it is built, else its twin.
     if not (ABOVE_DEFAULT if above is None else above):

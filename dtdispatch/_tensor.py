@@ -4,7 +4,7 @@ reach dtdispatch")."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, SupportsIndex, cast
+from typing import TYPE_CHECKING, Any, SupportsIndex, cast
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh
@@ -33,13 +33,8 @@ _new = torch.Tensor._dtensor__new__
 _compiling = torch.compiler.is_compiling
 
 
-class FastDTensor(DTensor):
-    """A ``DTensor`` whose aten ops go through dtdispatch.
-
-    It *is* a DTensor (``isinstance``, ``placements``, ``to_local`` ...). Because it overrides
-    ``__torch_dispatch__``, torch's C++ routes every op with at least one FastDTensor argument here
-    instead of to its own fast path; outputs are FastDTensors, so a program stays on dtdispatch.
-    """
+class _FastDTensorBase(DTensor):
+    """What both roles share (``FastDTensor`` and ``AutogradFastDTensor``, siblings under it)."""
 
     __slots__ = ()
 
@@ -257,7 +252,7 @@ class FastDTensor(DTensor):
         flatten_spec: Any,
         outer_size: Any,
         outer_stride: Any,
-    ) -> FastDTensor:
+    ) -> _FastDTensorBase:
         stock = DTensor.__tensor_unflatten__(  # type: ignore[no-untyped-call]  # torch: untyped
             inner_tensors, flatten_spec, outer_size, outer_stride
         )
@@ -292,7 +287,45 @@ class FastDTensor(DTensor):
         return (_rebuild, (stock, self.requires_grad))
 
 
-class AutogradFastDTensor(FastDTensor):
+class _RoleMeta(torch._C._TensorMeta):
+    """``isinstance(x, FastDTensor)`` and ``issubclass(t, FastDTensor)`` hold for both roles (as
+    ``nn.Parameter``'s metaclass does for its own instance check)."""
+
+    def __instancecheck__(cls, obj: object) -> bool:
+        if cls is FastDTensor:
+            return isinstance(obj, _FastDTensorBase)
+        return type.__instancecheck__(cls, obj)
+
+    def __subclasscheck__(cls, sub: type) -> bool:
+        if cls is FastDTensor:
+            return issubclass(sub, _FastDTensorBase)
+        return type.__subclasscheck__(cls, sub)
+
+
+class FastDTensor(_FastDTensorBase, metaclass=_RoleMeta):
+    """A ``DTensor`` whose aten ops go through dtdispatch.
+
+    It *is* a DTensor (``isinstance``, ``placements``, ``to_local`` ...). Because it overrides
+    ``__torch_dispatch__``, torch's C++ routes every op with at least one FastDTensor argument here
+    instead of to its own fast path; outputs are FastDTensors, so a program stays on dtdispatch.
+    The exact type ``FastDTensor`` is the replay role; ``isinstance`` covers both roles.
+    """
+
+    __slots__ = ()
+
+
+# NOTE: the two roles are siblings, never one the other's subclass: Python runs a comparison's
+# reflected method first when the right operand's type is a strict subclass of the left's (no
+# override check, unlike arithmetic), so with AutogradFastDTensor a FastDTensor subclass,
+# ``a > b`` ran as ``b < a`` and its output took b's layout. The type checker is told the old
+# relation (isinstance holds at run time through _RoleMeta).
+if TYPE_CHECKING:
+    _AutogradBase = FastDTensor
+else:
+    _AutogradBase = _FastDTensorBase
+
+
+class AutogradFastDTensor(_AutogradBase):
     """A FastDTensor in its autograd role (ARCHITECTURE "Two roles: replay and autograd"): the
     same tensor with no ``__torch_function__`` handler, as stock DTensor has none.
 

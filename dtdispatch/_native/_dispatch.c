@@ -1911,6 +1911,46 @@ static int all_in_role(PyObject *args, PyObject *kwargs, PyObject *cls)
     return r;
 }
 
+/* mirrors dispatch._any_in_role: some argument (or list element of one) is exactly ``cls``.
+ * 1 or 0 (no error: types are only compared). */
+static int any_in_role(PyObject *args, PyObject *kwargs, PyObject *cls)
+{
+    if (PyTuple_Check(args)) {
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args); i++) {
+            PyObject *arg = PyTuple_GET_ITEM(args, i);
+            if ((PyObject *)Py_TYPE(arg) == cls)
+                return 1;
+            if (PyList_CheckExact(arg)) {
+                for (Py_ssize_t j = 0; j < PyList_GET_SIZE(arg); j++)
+                    if ((PyObject *)Py_TYPE(PyList_GET_ITEM(arg, j)) == cls)
+                        return 1;
+            } else if (PyTuple_CheckExact(arg)) {
+                for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(arg); j++)
+                    if ((PyObject *)Py_TYPE(PyTuple_GET_ITEM(arg, j)) == cls)
+                        return 1;
+            }
+        }
+    }
+    if (kwargs != NULL && PyDict_Check(kwargs)) {
+        Py_ssize_t pos = 0;
+        PyObject *k, *v;
+        while (PyDict_Next(kwargs, &pos, &k, &v)) {
+            if ((PyObject *)Py_TYPE(v) == cls)
+                return 1;
+            if (PyList_CheckExact(v)) {
+                for (Py_ssize_t j = 0; j < PyList_GET_SIZE(v); j++)
+                    if ((PyObject *)Py_TYPE(PyList_GET_ITEM(v, j)) == cls)
+                        return 1;
+            } else if (PyTuple_CheckExact(v)) {
+                for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(v); j++)
+                    if ((PyObject *)Py_TYPE(PyTuple_GET_ITEM(v, j)) == cls)
+                        return 1;
+            }
+        }
+    }
+    return 0;
+}
+
 /* fn() as a C long (-1 with an exception set on error). */
 static long call_long(PyObject *fn)
 {
@@ -1923,21 +1963,23 @@ static long call_long(PyObject *fn)
 }
 
 /* mirrors dispatch's "Block: role" (see the twin's NOTE): the outputs' type, borrowed, or NULL.
- * out_type = c["fast_type"]
- * if cls is c["autograd_type"]:
- *     if kind == VIEW: out_type = cls if type(args[0]) is cls
+ * out_type = c["fast_type"]; autograd_type = c["autograd_type"]
+ * if _any_in_role(args, kwargs, autograd_type):
+ *     if kind == VIEW: out_type = autograd_type if type(args[0]) is autograd_type
  *     elif (c["grad_enabled"]() or c["graph_task_id"]() != -1
- *           or _all_in_role(args, kwargs, cls, dtensor_type)): out_type = cls */
+ *           or _all_in_role(args, kwargs, autograd_type, dtensor_type)):
+ *         out_type = autograd_type */
 static PyObject *output_role(DispatchCall *dc, PyObject *kind)
 {
     if (cfg(cfg_fast_type, "fast_type") == NULL || cfg(cfg_autograd_type, "autograd_type") == NULL)
         return NULL;
-    if (dc->cls != cfg_autograd_type)
+    PyObject *role = cfg_autograd_type;
+    if (!any_in_role(dc->args, dc->kwargs, role))
         return cfg_fast_type;
     int autograd = kind_is(kind, kind_view);
     if (autograd > 0) {
         autograd = PyTuple_Check(dc->args) && PyTuple_GET_SIZE(dc->args) > 0 &&
-                   (PyObject *)Py_TYPE(PyTuple_GET_ITEM(dc->args, 0)) == dc->cls;
+                   (PyObject *)Py_TYPE(PyTuple_GET_ITEM(dc->args, 0)) == role;
     } else if (autograd == 0) {
         if (cfg(cfg_grad_enabled, "grad_enabled") == NULL ||
             cfg(cfg_graph_task_id, "graph_task_id") == NULL)
@@ -1950,11 +1992,11 @@ static PyObject *output_role(DispatchCall *dc, PyObject *kind)
             autograd = task != -1;
         }
         if (autograd == 0)
-            autograd = all_in_role(dc->args, dc->kwargs, dc->cls);
+            autograd = all_in_role(dc->args, dc->kwargs, role);
     }
     if (autograd < 0)
         return NULL;
-    return autograd ? dc->cls : cfg_fast_type;
+    return autograd ? role : cfg_fast_type;
 }
 
 /* mirrors dispatch's "Block: return, by output kind" (torch's _dispatch_fast_path_python_tail

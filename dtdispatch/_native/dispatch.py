@@ -126,8 +126,9 @@ def dispatch(
         for out, out_spec in zip(outs, specs, strict=False):
             out._spec = out_spec
         return tuple(outs) if len(outs) > 1 else outs[0]
-    # Block: role (ARCHITECTURE "Two roles: replay and autograd"). torch dispatched to the autograd
-    # role's class when an argument is in it. The outputs take that role under grad mode, in a
+    # Block: role (ARCHITECTURE "Two roles: replay and autograd"). When an argument is in the
+    # autograd role (read from the arguments: the roles are sibling types, so torch's choice of
+    # ``cls`` follows argument order), the outputs take that role under grad mode, in a
     # backward pass (gradients) and when every DTensor argument is in it (an optimizer step on
     # parameters, gradients and states: no handler ran, none would replay); a no-grad call mixing
     # roles makes replay-role outputs (an inference forward's activations).
@@ -135,16 +136,17 @@ def dispatch(
     # ``nn.Parameter``: ``x.detach()``; ``deepcopy``: ``x.clone()`` under no_grad), so a view
     # takes its base's role; a call on one FastDTensor keeps its role by the rule above.
     out_type = c["fast_type"]
-    if cls is c["autograd_type"]:
+    autograd_type = c["autograd_type"]
+    if _any_in_role(args, kwargs, autograd_type):
         if kind == VIEW:
-            if type(args[0]) is cls:
-                out_type = cls
+            if type(args[0]) is autograd_type:
+                out_type = autograd_type
         elif (
             c["grad_enabled"]()
             or c["graph_task_id"]() != -1
-            or _all_in_role(args, kwargs, cls, dtensor_type)
+            or _all_in_role(args, kwargs, autograd_type, dtensor_type)
         ):
-            out_type = cls
+            out_type = autograd_type
     wrapped = _wrap(result, plan.output_spec, out_type, c["new"], c["tensor_type"])
     # Block: view aliasing.
     if kind == VIEW:
@@ -156,6 +158,15 @@ def dispatch(
             for r in ret if isinstance(ret, list) else (ret,):
                 unsafe_set(r, args[arg_index])
     return wrapped
+
+
+def _any_in_role(args: Any, kwargs: dict[str, Any], cls: type) -> bool:
+    """Some argument (or list element of one) is exactly a ``cls``."""
+    for a in (*args, *kwargs.values()):
+        for e in a if type(a) is list or type(a) is tuple else (a,):
+            if type(e) is cls:
+                return True
+    return False
 
 
 def _all_in_role(args: Any, kwargs: dict[str, Any], cls: type, dtensor_type: type) -> bool:

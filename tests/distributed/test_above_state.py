@@ -409,16 +409,14 @@ def test_requires_grad_is_keyed(rank: int, world_size: int, impl: str, above: bo
 # -- comparisons across the two roles -------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: Python runs the right operand's reflected comparison first when its type "
-    "(AutogradFastDTensor) is a strict subclass of the left's (FastDTensor), so a > b runs as "
-    "b < a and the output's strides follow b (README, 'Two exact types')",
-)
 @pytest.mark.distributed(world_size=2)
 def test_a_comparison_across_roles_keeps_the_left_operands_layout(
     rank: int, world_size: int
 ) -> None:
+    """``a > b`` with ``a`` in the replay role and ``b`` in the autograd role runs as ``a > b``
+    (Python would run ``b < a`` first were b's type a subclass of a's): the output's strides
+    follow ``a``'s column-major layout, as stock's do. ``isinstance`` still sees both roles as
+    FastDTensors."""
     install("native")
     values = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
     sa, a = pair(values.t().contiguous().t(), [Replicate()])  # column-major
@@ -426,4 +424,28 @@ def test_a_comparison_across_roles_keeps_the_left_operands_layout(
     # made under grad mode from a tensor that requires grad: the autograd role
     sb, b = (t.redistribute(t.device_mesh, t.placements) for t in (sleaf, leaf))
     assert type(a) is FastDTensor and type(b) is not FastDTensor
+    assert isinstance(b, FastDTensor) and issubclass(type(b), FastDTensor)
     same(a > b, sa > sb)
+    same(b < a, sb < sa)
+
+
+@pytest.mark.parametrize("impl", ["native", "python"])
+@pytest.mark.distributed(world_size=2)
+def test_the_output_role_does_not_depend_on_argument_order(
+    rank: int, world_size: int, impl: str
+) -> None:
+    """The roles are siblings, so torch dispatches to whichever comes first; the output's role
+    is read from the arguments: under grad mode an op with an argument in the autograd role makes
+    an autograd-role output whichever side it is on (training activations stay out of the
+    handler), and a no-grad op mixing roles makes a replay-role one."""
+    install(impl)
+    values = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
+    _, a = pair(values, [Replicate()])
+    _, leaf = pair(values + 1, [Replicate()], requires_grad=True)
+    b = leaf.redistribute(leaf.device_mesh, leaf.placements)
+    assert type(a) is FastDTensor and type(b) is not FastDTensor
+    for out in (a * b, b * a):
+        assert type(out) is type(b), type(out)
+    with torch.no_grad():
+        for out in (a * b, b * a):
+            assert type(out) is FastDTensor, type(out)

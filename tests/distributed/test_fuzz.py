@@ -136,6 +136,20 @@ REGRESSIONS = {
         ),
         rng_seed=986768215,
     ),
+    # A comparison with a replay-role left operand and an autograd-role right one ran reflected
+    # (b < a: Python tries a strict subclass's reflected comparison first), so the output took the
+    # right operand's layout. Fixed by making the two roles sibling types (_tensor._RoleMeta).
+    "comparison across the roles": Program(
+        mesh="1d",
+        impl="native",
+        inputs=(
+            Input((8, 4), placements=("P",), requires_grad=True, seed=22058253),
+            Input((4, 6), placements=("R",), seed=417361094),
+            Input((8, 6), placements=("R",), noncontig=True, seed=827291644),
+        ),
+        lines=("t3 = redist(t0, ('P',))", "t4 = t3 @ t1", "t5 = t2 > t4"),
+        rng_seed=60668605,
+    ),
 }
 
 
