@@ -1911,42 +1911,35 @@ static int all_in_role(PyObject *args, PyObject *kwargs, PyObject *cls)
     return r;
 }
 
+/* ``v`` is exactly ``cls``, or an exact list/tuple holding one (_any_in_role's inner loop). */
+static int is_or_holds(PyObject *v, PyObject *cls)
+{
+    if ((PyObject *)Py_TYPE(v) == cls)
+        return 1;
+    if (PyList_CheckExact(v) || PyTuple_CheckExact(v)) {
+        Py_ssize_t n = PySequence_Fast_GET_SIZE(v);
+        PyObject **items = PySequence_Fast_ITEMS(v);
+        for (Py_ssize_t j = 0; j < n; j++)
+            if ((PyObject *)Py_TYPE(items[j]) == cls)
+                return 1;
+    }
+    return 0;
+}
+
 /* mirrors dispatch._any_in_role: some argument (or list element of one) is exactly ``cls``.
  * 1 or 0 (no error: types are only compared). */
 static int any_in_role(PyObject *args, PyObject *kwargs, PyObject *cls)
 {
-    if (PyTuple_Check(args)) {
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args); i++) {
-            PyObject *arg = PyTuple_GET_ITEM(args, i);
-            if ((PyObject *)Py_TYPE(arg) == cls)
+    if (PyTuple_Check(args))
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args); i++)
+            if (is_or_holds(PyTuple_GET_ITEM(args, i), cls))
                 return 1;
-            if (PyList_CheckExact(arg)) {
-                for (Py_ssize_t j = 0; j < PyList_GET_SIZE(arg); j++)
-                    if ((PyObject *)Py_TYPE(PyList_GET_ITEM(arg, j)) == cls)
-                        return 1;
-            } else if (PyTuple_CheckExact(arg)) {
-                for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(arg); j++)
-                    if ((PyObject *)Py_TYPE(PyTuple_GET_ITEM(arg, j)) == cls)
-                        return 1;
-            }
-        }
-    }
     if (kwargs != NULL && PyDict_Check(kwargs)) {
         Py_ssize_t pos = 0;
         PyObject *k, *v;
-        while (PyDict_Next(kwargs, &pos, &k, &v)) {
-            if ((PyObject *)Py_TYPE(v) == cls)
+        while (PyDict_Next(kwargs, &pos, &k, &v))
+            if (is_or_holds(v, cls))
                 return 1;
-            if (PyList_CheckExact(v)) {
-                for (Py_ssize_t j = 0; j < PyList_GET_SIZE(v); j++)
-                    if ((PyObject *)Py_TYPE(PyList_GET_ITEM(v, j)) == cls)
-                        return 1;
-            } else if (PyTuple_CheckExact(v)) {
-                for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(v); j++)
-                    if ((PyObject *)Py_TYPE(PyTuple_GET_ITEM(v, j)) == cls)
-                        return 1;
-            }
-        }
     }
     return 0;
 }
