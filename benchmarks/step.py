@@ -304,18 +304,19 @@ _CATEGORIES = (
 )
 
 
-def _categorize(stats: pstats.Stats, total: float) -> dict[str, float]:
-    """Share of the profiled time by category (own time of each function)."""
-    shares: dict[str, float] = {}
+def _own_time(
+    stats: pstats.Stats,
+    categories: tuple[tuple[str, tuple[str, ...]], ...] = _CATEGORIES,
+    other: str = "other Python and builtins",
+) -> dict[str, float]:
+    """Own time (s) of the profiled functions by category, each function in the first category
+    with a substring of its "path function"; largest first."""
+    seconds: dict[str, float] = {}
     for (path, _line, func), (_cc, _nc, tottime, _ct, _callers) in stats.stats.items():  # type: ignore[attr-defined]
         where = f"{path} {func}"
-        category = "other Python and builtins"
-        for name, needles in _CATEGORIES:
-            if any(n in where for n in needles):
-                category = name
-                break
-        shares[category] = shares.get(category, 0.0) + tottime
-    return {k: v / total for k, v in sorted(shares.items(), key=lambda kv: -kv[1])}
+        category = next((n for n, needles in categories if any(x in where for x in needles)), other)
+        seconds[category] = seconds.get(category, 0.0) + tottime
+    return dict(sorted(seconds.items(), key=lambda kv: -kv[1]))
 
 
 def _profile(fn: Callable[[], None], calls: int) -> dict[str, float]:
@@ -325,7 +326,8 @@ def _profile(fn: Callable[[], None], calls: int) -> dict[str, float]:
         fn()
     profiler.disable()
     stats = pstats.Stats(profiler)
-    return _categorize(stats, stats.total_tt)  # type: ignore[attr-defined]
+    total = stats.total_tt  # type: ignore[attr-defined]
+    return {k: v / total for k, v in _own_time(stats).items()}
 
 
 def _collectives_alone(step: Callable[[], None], barrier: Callable[[], None], rounds: int) -> Any:

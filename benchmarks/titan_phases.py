@@ -380,13 +380,10 @@ def _profile(v: Variant, steps: int, vocab: int, seq: int, batch: int) -> dict[s
     for _ in range(steps):
         _step(v, vocab, seq, batch, _untimed)
     profiler.disable()
-    shares: dict[str, float] = {}
-    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
-    for (path, _line, func), (_cc, _nc, tottime, _ct, _callers) in stats.items():
-        where = f"{path} {func}"
-        name = next((n for n, needles in _CATEGORIES if any(x in where for x in needles)), "other")
-        shares[name] = shares.get(name, 0.0) + 1e3 * tottime / steps
-    return shares
+    from step import _own_time  # benchmarks/, this script's directory
+
+    own = _own_time(pstats.Stats(profiler), _CATEGORIES, "other")
+    return {name: 1e3 * seconds / steps for name, seconds in own.items()}
 
 
 def _profile_table(profiles: dict[str, dict[str, float]], steps: int) -> str:
