@@ -156,7 +156,7 @@ def _runs(model_name: str, mesh: Any) -> dict[str, _Run]:
     runs: dict[str, _Run] = {}
     tp = mesh.size()
     rank = mesh.get_local_rank()
-    device = torch.empty(0, device=mesh.device_type).device  # the current CUDA device under nccl
+    device = training.mesh_device(mesh)
     gen = torch.Generator().manual_seed(1000)
     if model_name == "throughput":
         shape = (training.BATCH, training.SEQ, training.DIM)
@@ -231,8 +231,9 @@ def _api_cases(mesh: Any) -> dict[str, tuple[Callable[[], Any], Callable[[], Any
 
     import dtdispatch
     from dtdispatch import FastDTensor
+    from dtdispatch.testing import training
 
-    device = torch.empty(0, device=mesh.device_type).device
+    device = training.mesh_device(mesh)
     value = torch.randn(8, 16, device=device)
     sharded = distribute_tensor(value, mesh, [Shard(1)])
     replicated = distribute_tensor(value, mesh, [Replicate()])

@@ -50,6 +50,7 @@ __all__ = [
     "build_model",
     "check",
     "compare_models",
+    "mesh_device",
     "run_training_parity",
     "train_parity",
 ]
@@ -151,7 +152,7 @@ class TrainConfig:
     seed: int = 0
 
 
-def _device(mesh: DeviceMesh) -> torch.device:
+def mesh_device(mesh: DeviceMesh) -> torch.device:
     """The mesh's device on this rank (the current CUDA device under nccl)."""
     return torch.empty(0, device=mesh.device_type).device
 
@@ -162,7 +163,7 @@ def build_model(mesh: DeviceMesh, config: TrainConfig, *, accelerate: bool) -> M
     torch.manual_seed(config.seed)
     # NOTE: on the mesh's device before parallelizing: SequenceParallel wraps parameters with
     # from_local, which does not move them.
-    model = Model().to(_device(mesh))
+    model = Model().to(mesh_device(mesh))
     head_output = Partial() if config.loss == "partial" else Replicate()
     act = Shard(1) if config.sequence_parallel else Replicate()
     # The block's input: a plain local tensor (the sequence shard under sequence parallel) made a
@@ -228,7 +229,7 @@ class Trainer:
         )
         dp_rank = mesh.get_coordinate()[0] if mesh.ndim == 2 else 0  # type: ignore[index]
         gen = torch.Generator().manual_seed(1000 + config.seed * 31 + dp_rank)
-        device = _device(mesh)
+        device = mesh_device(mesh)
         self.inputs = torch.randn(BATCH, SEQ, DIM, generator=gen).to(device)
         target = torch.randn(BATCH, SEQ, DIM, generator=gen).to(device)
         self.target_local = target
