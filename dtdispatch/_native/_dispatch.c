@@ -1381,7 +1381,7 @@ static int local_index(PyObject *index_obj, Py_ssize_t n, Py_ssize_t *out)
 /* One dispatch call: the twin's locals that its blocks share. The object fields are owned (NULL
  * until set) and released by sp_dispatch. */
 typedef struct {
-    PyObject *cls, *func, *args; /* borrowed: the call's arguments */
+    PyObject *cls, *func, *types, *args; /* borrowed: the call's arguments */
     PyObject *kwargs;      /* NULL until the twin's ``kwargs = {}`` is needed (slow path, OUT) */
     Py_hash_t h;           /* hash(func) */
     PyObject *key, *plan, *chunks;
@@ -1870,78 +1870,23 @@ static int view_aliasing(DispatchCall *dc, PyObject *wrapped)
     return ok ? 0 : -1;
 }
 
-/* mirrors dispatch._all_in_role: every DTensor argument (and list element of one) is a ``cls``.
- * 1, 0, or -1 on error. */
-static int in_role(PyObject *a, PyObject *cls)
+/* mirrors dispatch._all_in_role: every DTensor type among ``types`` is ``cls``. 1, 0, or -1 on
+ * error. */
+static int all_in_role(PyObject *types, PyObject *cls)
 {
-    if ((PyObject *)Py_TYPE(a) == cls)
-        return 1;
-    int r = is_instance(a, cfg_dtensor_type, dtensor_check_is_plain);
-    return r < 0 ? -1 : !r;
-}
-
-static int all_in_role(PyObject *args, PyObject *kwargs, PyObject *cls)
-{
-    PyObject *seq = PySequence_Fast(args, "args must be a sequence");
+    PyObject *seq = PySequence_Fast(types, "types must be a sequence");
     if (seq == NULL)
         return -1;
     int r = 1;
     for (Py_ssize_t i = 0; r == 1 && i < PySequence_Fast_GET_SIZE(seq); i++) {
-        PyObject *arg = PySequence_Fast_GET_ITEM(seq, i);
-        if (PyList_CheckExact(arg) || PyTuple_CheckExact(arg)) {
-            PyObject *items = PySequence_Fast(arg, "");
-            if (items == NULL) {
-                r = -1;
-                break;
-            }
-            for (Py_ssize_t j = 0; r == 1 && j < PySequence_Fast_GET_SIZE(items); j++)
-                r = in_role(PySequence_Fast_GET_ITEM(items, j), cls);
-            Py_DECREF(items);
-        } else {
-            r = in_role(arg, cls);
+        PyObject *t = PySequence_Fast_GET_ITEM(seq, i);
+        if (t != cls) {
+            int sub = PyObject_IsSubclass(t, cfg_dtensor_type);
+            r = sub < 0 ? -1 : !sub;
         }
     }
     Py_DECREF(seq);
-    if (r == 1 && kwargs != NULL && PyDict_Check(kwargs)) {
-        Py_ssize_t pos = 0;
-        PyObject *k, *v;
-        while (r == 1 && PyDict_Next(kwargs, &pos, &k, &v))
-            r = in_role(v, cls);
-    }
     return r;
-}
-
-/* ``v`` is exactly ``cls``, or an exact list/tuple holding one (_any_in_role's inner loop). */
-static int is_or_holds(PyObject *v, PyObject *cls)
-{
-    if ((PyObject *)Py_TYPE(v) == cls)
-        return 1;
-    if (PyList_CheckExact(v) || PyTuple_CheckExact(v)) {
-        Py_ssize_t n = PySequence_Fast_GET_SIZE(v);
-        PyObject **items = PySequence_Fast_ITEMS(v);
-        for (Py_ssize_t j = 0; j < n; j++)
-            if ((PyObject *)Py_TYPE(items[j]) == cls)
-                return 1;
-    }
-    return 0;
-}
-
-/* mirrors dispatch._any_in_role: some argument (or list element of one) is exactly ``cls``.
- * 1 or 0 (no error: types are only compared). */
-static int any_in_role(PyObject *args, PyObject *kwargs, PyObject *cls)
-{
-    if (PyTuple_Check(args))
-        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(args); i++)
-            if (is_or_holds(PyTuple_GET_ITEM(args, i), cls))
-                return 1;
-    if (kwargs != NULL && PyDict_Check(kwargs)) {
-        Py_ssize_t pos = 0;
-        PyObject *k, *v;
-        while (PyDict_Next(kwargs, &pos, &k, &v))
-            if (is_or_holds(v, cls))
-                return 1;
-    }
-    return 0;
 }
 
 /* fn() as a C long (-1 with an exception set on error). */
@@ -1957,18 +1902,19 @@ static long call_long(PyObject *fn)
 
 /* mirrors dispatch's "Block: role" (see the twin's NOTE): the outputs' type, borrowed, or NULL.
  * out_type = c["fast_type"]; autograd_type = c["autograd_type"]
- * if _any_in_role(args, kwargs, autograd_type):
+ * if autograd_type in types:
  *     if kind == VIEW: out_type = autograd_type if type(args[0]) is autograd_type
  *     elif (c["grad_enabled"]() or c["graph_task_id"]() != -1
- *           or _all_in_role(args, kwargs, autograd_type, dtensor_type)):
+ *           or _all_in_role(types, autograd_type, dtensor_type)):
  *         out_type = autograd_type */
 static PyObject *output_role(DispatchCall *dc, PyObject *kind)
 {
     if (cfg(cfg_fast_type, "fast_type") == NULL || cfg(cfg_autograd_type, "autograd_type") == NULL)
         return NULL;
     PyObject *role = cfg_autograd_type;
-    if (!any_in_role(dc->args, dc->kwargs, role))
-        return cfg_fast_type;
+    int in_types = PySequence_Contains(dc->types, role);
+    if (in_types <= 0)
+        return in_types < 0 ? NULL : cfg_fast_type;
     int autograd = kind_is(kind, kind_view);
     if (autograd > 0) {
         autograd = PyTuple_Check(dc->args) && PyTuple_GET_SIZE(dc->args) > 0 &&
@@ -1985,7 +1931,7 @@ static PyObject *output_role(DispatchCall *dc, PyObject *kind)
             autograd = task != -1;
         }
         if (autograd == 0)
-            autograd = all_in_role(dc->args, dc->kwargs, role);
+            autograd = all_in_role(dc->types, role);
     }
     if (autograd < 0)
         return NULL;
@@ -2040,6 +1986,7 @@ static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv,
     DispatchCall dc = {
         .cls = a[0],
         .func = a[1],
+        .types = a[2],
         .args = a[3] != NULL ? a[3] : empty_tuple, /* args=() */
         /* if kwargs is None: kwargs = {} (made only when the object itself is needed) */
         .kwargs = (a[4] == NULL || a[4] == Py_None) ? NULL : Py_NewRef(a[4]),

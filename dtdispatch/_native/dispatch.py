@@ -127,24 +127,25 @@ def dispatch(
             out._spec = out_spec
         return tuple(outs) if len(outs) > 1 else outs[0]
     # Block: role (ARCHITECTURE "Two roles: replay and autograd"). When an argument is in the
-    # autograd role (read from the arguments: the roles are sibling types, so torch's choice of
-    # ``cls`` follows argument order), the outputs take that role under grad mode, in a
-    # backward pass (gradients) and when every DTensor argument is in it (an optimizer step on
-    # parameters, gradients and states: no handler ran, none would replay); a no-grad call mixing
-    # roles makes replay-role outputs (an inference forward's activations).
+    # autograd role (read from ``types``, the distinct types of the call's tensor arguments, list
+    # elements and keywords included, which torch hands over: the roles are sibling types, so
+    # torch's choice of ``cls`` follows argument order), the outputs take that role under grad
+    # mode, in a backward pass (gradients) and when every DTensor argument is in it (an optimizer
+    # step on parameters, gradients and states: no handler ran, none would replay); a no-grad call
+    # mixing roles makes replay-role outputs (an inference forward's activations).
     # NOTE: torch checks that some outputs keep their input's type (a view and its base;
     # ``nn.Parameter``: ``x.detach()``; ``deepcopy``: ``x.clone()`` under no_grad), so a view
     # takes its base's role; a call on one FastDTensor keeps its role by the rule above.
     out_type = c["fast_type"]
     autograd_type = c["autograd_type"]
-    if _any_in_role(args, kwargs, autograd_type):
+    if autograd_type in types:
         if kind == VIEW:
             if type(args[0]) is autograd_type:
                 out_type = autograd_type
         elif (
             c["grad_enabled"]()
             or c["graph_task_id"]() != -1
-            or _all_in_role(args, kwargs, autograd_type, dtensor_type)
+            or _all_in_role(types, autograd_type, dtensor_type)
         ):
             out_type = autograd_type
     wrapped = _wrap(result, plan.output_spec, out_type, c["new"], c["tensor_type"])
@@ -160,22 +161,9 @@ def dispatch(
     return wrapped
 
 
-def _any_in_role(args: Any, kwargs: dict[str, Any], cls: type) -> bool:
-    """Some argument (or list element of one) is exactly a ``cls``."""
-    for a in (*args, *kwargs.values()):
-        for e in a if type(a) is list or type(a) is tuple else (a,):
-            if type(e) is cls:
-                return True
-    return False
-
-
-def _all_in_role(args: Any, kwargs: dict[str, Any], cls: type, dtensor_type: type) -> bool:
-    """Every DTensor argument (and list element of one) is a ``cls``."""
-    for a in (*args, *kwargs.values()):
-        for e in a if type(a) is list or type(a) is tuple else (a,):
-            if isinstance(e, dtensor_type) and type(e) is not cls:
-                return False
-    return True
+def _all_in_role(types: Any, cls: type, dtensor_type: type) -> bool:
+    """Every DTensor type among ``types`` is ``cls``."""
+    return all(t is cls or not issubclass(t, dtensor_type) for t in types)
 
 
 def _plain_tensors(values: list[Any], tensor_type: type[Any]) -> bool:

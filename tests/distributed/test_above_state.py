@@ -444,8 +444,12 @@ def test_the_output_role_does_not_depend_on_argument_order(
     _, leaf = pair(values + 1, [Replicate()], requires_grad=True)
     b = leaf.redistribute(leaf.device_mesh, leaf.placements)
     assert type(a) is FastDTensor and type(b) is not FastDTensor
-    for out in (a * b, b * a):
+    # list elements count as arguments (torch.cat's tensor list)
+    for out in (a * b, b * a, torch.cat([a, b]), torch.cat([b, a])):
         assert type(out) is type(b), type(out)
     with torch.no_grad():
-        for out in (a * b, b * a):
+        for out in (a * b, b * a, torch.cat([a, b]), torch.cat([b, a])):
             assert type(out) is FastDTensor, type(out)
+        # every DTensor argument in the autograd role (an optimizer's foreach list)
+        for out in (b * b, torch.cat([b, b]), *torch._foreach_mul([b, b], 2.0)):
+            assert type(out) is type(b), type(out)
