@@ -169,10 +169,7 @@ def make_plan(
             if (
                 isinstance(current, DTensorSpec)
                 and current != target
-                and not (
-                    op_info.args_tree_spec is None
-                    and _no_op_transform(op_info.local_args[i], current, cast(DTensorSpec, target))
-                )
+                and not _no_op_transform(op_info.local_args[i], current, cast(DTensorSpec, target))
             ):
                 targets.append(cast(DTensorSpec, target))
                 communicates = communicates or _communicates(current, cast(DTensorSpec, target))

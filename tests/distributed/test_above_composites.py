@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import Replicate, Shard
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 
 import dtdispatch
 from dtdispatch import _dispatcher as dispatcher
 
-from ._compare import IMPLS, install, pair, same
+from ._compare import IMPLS, install, mesh_1d, pair, same
 
 
 def _values(*shape: int, seed: int) -> torch.Tensor:
@@ -86,3 +86,50 @@ def _rowwise_linear(impl: str, *, expect_redistribution: bool) -> None:
         dispatcher.install(impl)
     bailouts = dtdispatch.stats()["bailouts"]
     assert ("needs redistribution" in bailouts) is expect_redistribution, bailouts
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.distributed(world_size=1)
+def test_list_arguments_drop_size_one_transforms(rank: int, world_size: int, impl: str) -> None:
+    """Ops taking tensor lists (an optimizer's foreach ops on ``Partial`` gradients and
+    ``Replicate`` states, ``stack`` of partial norms): on a 1-rank mesh every Partial -> Replicate
+    is torch's no-op, so the plans are the native path's, bitwise stock's."""
+    _list_arguments(impl, rank, expect_redistribution=False)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.distributed(world_size=2)
+def test_list_arguments_keep_wider_transforms(rank: int, world_size: int, impl: str) -> None:
+    _list_arguments(impl, rank, expect_redistribution=True)
+
+
+def _partial_pair(value: torch.Tensor) -> tuple[DTensor, DTensor]:
+    stock = DTensor.from_local(value, mesh_1d(), [Partial()], run_check=False)
+    fast = dtdispatch.accelerate(
+        torch.Tensor._dtensor__new__(
+            DTensor, stock._local_tensor.clone(), stock._spec, requires_grad=False
+        )
+    )
+    return stock, fast
+
+
+def _list_arguments(impl: str, rank: int, *, expect_redistribution: bool) -> None:
+    install(impl, above=False)  # the dispatch path's plan is under test
+    grads = [_partial_pair(_values(4, 3, seed=10 + rank + i)) for i in range(3)]
+    states = [pair(_values(4, 3, seed=20 + i), [Replicate()]) for i in range(3)]
+    sg, g = [s for s, _ in grads], [f for _, f in grads]
+    ss, s = [s for s, _ in states], [f for _, f in states]
+    dtdispatch.reset_stats()
+    try:
+        for _ in range(3):
+            torch._foreach_lerp_(s, g, 0.1)
+            torch._foreach_lerp_(ss, sg, 0.1)
+            same(s, ss)
+            same(torch._foreach_add(g, s), torch._foreach_add(sg, ss))
+            same(torch.stack([g[0].sum(), s[1].sum()]), torch.stack([sg[0].sum(), ss[1].sum()]))
+    finally:
+        dispatcher.install(impl)
+    bailouts = dtdispatch.stats()["bailouts_per_op"]
+    for op in ("aten._foreach_lerp_.Scalar", "aten._foreach_add.List", "aten.stack.default"):
+        redistributed = "needs redistribution" in bailouts.get(op, {})
+        assert redistributed is expect_redistribution, (op, bailouts)
