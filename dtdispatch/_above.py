@@ -405,9 +405,12 @@ def _version(t: torch.Tensor) -> int:
 
 
 def _exact_clone(t: torch.Tensor) -> torch.Tensor:
-    """A copy with the same shape, stride, dtype, conjugate and negative bits and stored bits
-    (``clone`` may change strides; ``copy_`` into a fresh tensor would resolve the bits)."""
-    with torch.no_grad():
+    """A copy with the same shape, stride, dtype, conjugate and negative bits, inference-ness and
+    stored bits (``clone`` may change strides; ``copy_`` into a fresh tensor would resolve the
+    bits)."""
+    # NOTE: the plan-time replay runs on these copies, and ops branch on inference-ness (outside
+    # inference mode, ``stack`` of inference tensors returns a view, of normal ones a new tensor).
+    with torch.inference_mode(t.is_inference()), torch.no_grad():
         if t.is_conj():
             return _exact_clone(t.conj()).conj()
         if t.is_neg():
@@ -613,7 +616,13 @@ def _plan(
     ):
         if t._local_tensor is not local or t._spec != spec or t.requires_grad != requires_grad:
             return "argument metadata changed"
-        if not _same_autograd_state(_autograd_state(t), autograd):
+        try:
+            after = _autograd_state(t)
+        except RuntimeError:
+            # NOTE: reading a view's node after an in-place op on it or its base rebuilds the node,
+            # and raises where the view was made under no_grad (stock reads nothing here).
+            return "autograd state unreadable"
+        if not _same_autograd_state(after, autograd):
             return "autograd state changed"
         delta = _version(t) - version
         if delta:
@@ -730,7 +739,12 @@ def _miss(
         # Locals that cannot be copied exactly (meta, wrapper subclasses ...): never replayed.
         cache.insert(key, "unreadable storage")
         return _stock(func, types, args, kwargs)
-    autograd_before = [_autograd_state(t) for t in flat]
+    try:
+        autograd_before = [_autograd_state(t) for t in flat]
+    except RuntimeError:
+        # A view whose node cannot be rebuilt (see _plan): stock's call decides what happens.
+        cache.insert(key, "autograd state unreadable")
+        return _stock(func, types, args, kwargs)
     observer = _Observer()
     with observer:
         result = _stock(func, types, args, kwargs)

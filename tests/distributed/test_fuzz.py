@@ -150,6 +150,46 @@ REGRESSIONS = {
         lines=("t3 = redist(t0, ('P',))", "t4 = t3 @ t1", "t5 = t2 > t4"),
         rng_seed=60668605,
     ),
+    # Planning read the autograd state (grad_fn) of an in-place op's view argument after the call;
+    # for a view made under no_grad, or an output of a multi-view op, torch rebuilds its node on
+    # that read and raises: dtdispatch raised where stock ran. Fixed in _above (the read refuses
+    # the plan instead).
+    "in-place on a no-grad view": Program(
+        mesh="1d",
+        impl="python",
+        inputs=(
+            Input((2, 2), dtype="float64", seed=211961533),
+            Input((2, 2), dtype="float64", requires_grad=True, seed=710689314),
+        ),
+        lines=("t2 = torch.mm(t0, t1)", "with torch.no_grad(): t3 = t2[0].mul_(1.054)"),
+        rng_seed=335916214,
+    ),
+    "in-place on a split output": Program(
+        mesh="1d",
+        impl="python",
+        inputs=(Input((2,), requires_grad=True, seed=613327997),),
+        lines=(
+            "t1 = torch.split(t0, 2, dim=0)",
+            "t2 = t1[-1]",
+            "with torch.no_grad(): t3 = t2.fill_(0.468)",
+        ),
+        rng_seed=730630541,
+    ),
+    # The plan-time replay ran on copies of the locals made outside inference mode; outside it,
+    # stack of inference tensors returns a view and of normal ones a new tensor, so the replay
+    # checked the wrong layout and later replays returned a view where stock's local is none.
+    # Fixed in _above._exact_clone (copies keep inference-ness).
+    "stack of inference tensors": Program(
+        mesh="1d",
+        impl="native",
+        inputs=(Input((5,), placements=("R",), seed=46373261),),
+        lines=(
+            "with torch.inference_mode(), implicit_replication(): "
+            "t1 = t0 + torch.ones((5,), dtype=torch.float32)",
+            "t2 = torch.stack([t1, t1], dim=0)",
+        ),
+        rng_seed=876697294,
+    ),
 }
 
 
