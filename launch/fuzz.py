@@ -11,12 +11,13 @@ and how many of those failed, on rank 0; exits 1 when anything failed.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch.distributed as dist
 from _bootstrap import exit_now, init_distributed
 
-from dtdispatch.testing.fuzz import fuzz
+from dtdispatch.testing.fuzz import Program, fuzz, render
 
 
 def main() -> int:
@@ -33,6 +34,11 @@ def main() -> int:
         default=0.25,
         help="most of the time programs with a compiled region may take (others are skipped)",
     )
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="rank 0 prints each program before running it (a gloo abort prints no report)",
+    )
     args = parser.parse_args()
     info = init_distributed()
     began = time.monotonic()
@@ -44,6 +50,7 @@ def main() -> int:
         shrink_s=args.shrink_seconds,
         compile_share=args.compile_share,
         tally=tally,
+        trace=_print_program if args.trace and info.rank == 0 else None,
     )
     elapsed = time.monotonic() - began
     if info.rank == 0:
@@ -59,6 +66,10 @@ def main() -> int:
         )
     dist.destroy_process_group()
     return 1 if failures else 0
+
+
+def _print_program(index: int, program: Program) -> None:
+    print(f"fuzz program {index}:\n{render(program)}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

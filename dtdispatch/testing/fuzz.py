@@ -1633,6 +1633,7 @@ def fuzz(
     shrink_s: float = 60.0,
     compile_share: float = 0.25,
     tally: dict[str, int] | None = None,
+    trace: Callable[[int, Program], None] | None = None,
 ) -> tuple[int, list[str]]:
     """Run programs ``start, start+1, ...`` of ``seed`` until ``count`` ran or ``seconds`` passed
     (rank 0's clock decides). Returns (programs run, failure reports with shrunk reproductions).
@@ -1640,7 +1641,9 @@ def fuzz(
     A program with a compiled region is skipped (counted as run) while compiled programs have
     taken more than ``compile_share`` of the time so far: compiling costs seconds. ``tally``, when
     given, counts programs per drawn feature (``features``), the skipped ones under
-    "compiled (skipped)", and the failing ones under "failing: <feature>". Collective."""
+    "compiled (skipped)", and the failing ones under "failing: <feature>". ``trace``, when given,
+    is called with each program's index and the program before it runs (a collective mismatch
+    aborts gloo without a report). Collective."""
     if count is None and seconds is None:
         raise ValueError("fuzz needs count= or seconds= (got neither)")
     from dtdispatch import _native as native
@@ -1665,6 +1668,8 @@ def fuzz(
             continue
         for name in drawn:
             tally[name] = tally.get(name, 0) + 1
+        if trace is not None:
+            trace(index - 1, program)
         program_began = time.monotonic()
         found = failure(program)
         if compiled:

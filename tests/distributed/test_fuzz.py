@@ -12,7 +12,7 @@ import torch
 
 from dtdispatch import _native as native
 from dtdispatch._native import dispatch
-from dtdispatch.testing.fuzz import Input, Program, failure, fuzz, render, shrink
+from dtdispatch.testing.fuzz import Input, Program, failure, fuzz, generate, render, shrink
 
 SEED = 20261201
 # Programs per world size in `make test`, capped at 30 s each on the loaded 2-core CI VM
@@ -31,6 +31,17 @@ def test_fuzz_fixed_budget(rank: int, world_size: int, n: int) -> None:
     ran, failures = fuzz(SEED, count=count, seconds=seconds, shrink_s=30.0)
     assert ran >= count // 3, f"only {ran} of {count} programs ran within {seconds} s"
     assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.distributed(world_size=2, timeout=60)
+def test_trace_sees_each_program_before_it_runs(rank: int, world_size: int) -> None:
+    """``trace`` gets each program (index and program, the one ``generate`` makes) before it
+    runs, so a run that gloo aborts still names the program it was in."""
+    seen: list[tuple[int, Program]] = []
+    ran, _ = fuzz(SEED, count=3, start=5, trace=lambda i, p: seen.append((i, p)))
+    impls = sorted(native.implementations())
+    expected = [(i, generate(SEED, i, world_size=world_size, impls=impls)) for i in (5, 6, 7)]
+    assert ran == 3 and seen == expected
 
 
 _CLEAN = Program(
