@@ -117,17 +117,19 @@ def test_a_partner_of_a_promoted_value_gets_a_drawable_dtype() -> None:
 
 _IHFFT = re.compile(r"torch\.fft\.ihfft\((t\d+)\)")
 _LOSS_PARALLEL = re.compile(r"with loss_parallel\(\): t\d+ = F\.cross_entropy\((t\d+),")
+_TIED = re.compile(r"tied\((t\d+),")
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_programs_avoid_stock_deadlocks(world_size: int) -> None:
     """AVOIDED, as a policy: no ihfft of a tensor that requires grad (stock's backward raises on
-    some ranks only), no loss_parallel cross_entropy on a tensor that may have an empty shard
-    (stock's handler raises there only). Checked by replaying each program on meta tensors;
-    program 31 of seed 53 (4 ranks) drew the second before."""
+    some ranks only), no loss_parallel cross_entropy and no tied embedding on a tensor that may
+    have an empty shard (stock raises there only). Checked by replaying each program on meta
+    tensors; programs 31 and 466 of seed 53 (4 ranks) drew the last two before."""
     shapes = dict(_meshes_for(world_size))
-    checked = {"ihfft": 0, "loss_parallel": 0}
-    for seed, index in [(53, 31)] * (world_size == 4) + [(5, i) for i in range(600)]:
+    checked = {"ihfft": 0, "loss_parallel": 0, "tied": 0}
+    known = [(53, 31), (53, 466)] if world_size == 4 else []
+    for seed, index in known + [(5, i) for i in range(600)]:
         program = generate(seed, index, world_size=world_size, impls=["python"])
         probe = _Gen(rng=random.Random(0), mesh_shape=shapes[program.mesh], sub_mesh=False)
         ns = _meta_namespace()
@@ -139,6 +141,9 @@ def test_programs_avoid_stock_deadlocks(world_size: int) -> None:
             for m in _LOSS_PARALLEL.finditer(line):
                 assert probe.never_empty(ns[m.group(1)]), (seed, index, line)
                 checked["loss_parallel"] += 1
+            for m in _TIED.finditer(line):
+                assert probe.never_empty(ns[m.group(1)]), (seed, index, line)
+                checked["tied"] += 1
             try:
                 with torch.device("meta"):
                     exec(compile(line, "<fuzz>", "exec"), ns)
