@@ -104,11 +104,13 @@ def test_shrinking_tries_each_call_outside_its_ambient_state() -> None:
     assert (program.lines[0], "t2 = full(t0)") in variants
 
 
-def test_a_partner_of_a_promoted_value_gets_a_drawable_dtype() -> None:
+@pytest.mark.parametrize(("seed", "index"), [(31, 241), (53, 5604)])
+def test_a_partner_of_a_promoted_value_gets_a_drawable_dtype(seed: int, index: int) -> None:
     """Seed 31, program 241 (2 ranks) pairs a complex128 value (a complex64 input promoted by a
-    float64 one) with a new input of its dtype, which the generator cannot make: it takes the
-    value's kind (complex64) instead of failing."""
-    program = generate(31, 241, world_size=2, impls=["native", "python"])
+    float64 one) with a new input of its dtype, which the generator cannot make, as a broadcast
+    partner; seed 53, program 5604 as a cat/stack partner. The new input takes the value's kind
+    (complex64) instead of failing."""
+    program = generate(seed, index, world_size=2, impls=["native", "python"])
     assert all(
         inp.dtype in ("float32", "float64", "bfloat16", "int64", "bool", "complex64")
         for inp in program.inputs

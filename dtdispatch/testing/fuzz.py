@@ -414,6 +414,8 @@ class _Gen:
     ) -> str:
         shape = self.shape() if shape is None else shape
         dtype = self.dtype() if dtype is None else dtype
+        if dtype not in _DTYPES:  # a promoted value's (complex64 * float64 is complex128): its kind
+            dtype = "complex64" if dtype.startswith("complex") else "float32"
         floating = dtype in _GRADABLE
         inp = Input(
             shape=shape,
@@ -579,8 +581,6 @@ def _op_scalar(g: _Gen) -> None:
 def _broadcast_partner(g: _Gen, a: str) -> str:
     shape = tuple(g.ns[a].shape)
     dtype = g.rng.choice([str(g.ns[a].dtype).removeprefix("torch."), g.dtype()])
-    if dtype not in _DTYPES:  # a promoted value (complex64 * float64 is complex128): its kind
-        dtype = "complex64" if dtype.startswith("complex") else "float32"
     choice = g.rng.random()
     if choice < 0.4:
         same = g.pick(lambda t: tuple(t.shape) == shape)
