@@ -620,7 +620,8 @@ def _plan(
             after = _autograd_state(t)
         except RuntimeError:
             # NOTE: reading a view's node after an in-place op on it or its base rebuilds the node,
-            # and raises where the view was made under no_grad (stock reads nothing here).
+            # and raises for a view made under no_grad or one output of a multi-view op (split):
+            # stock reads nothing here.
             return "autograd state unreadable"
         if not _same_autograd_state(after, autograd):
             return "autograd state changed"
