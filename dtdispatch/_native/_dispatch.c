@@ -1381,7 +1381,7 @@ static int local_index(PyObject *index_obj, Py_ssize_t n, Py_ssize_t *out)
 /* One dispatch call: the twin's locals that its blocks share. The object fields are owned (NULL
  * until set) and released by sp_dispatch. */
 typedef struct {
-    PyObject *cls, *func, *types, *args; /* borrowed: the call's arguments */
+    PyObject *func, *types, *args; /* borrowed: the call's arguments (``cls`` is not read) */
     PyObject *kwargs;      /* NULL until the twin's ``kwargs = {}`` is needed (slow path, OUT) */
     Py_hash_t h;           /* hash(func) */
     PyObject *key, *plan, *chunks;
@@ -1984,7 +1984,6 @@ static PyObject *sp_dispatch(PyObject *Py_UNUSED(module), PyObject *const *argv,
     if (parse_args("dispatch", argv, PyVectorcall_NARGS(nargsf), kwnames, names, 5, 3, a) < 0)
         return NULL;
     DispatchCall dc = {
-        .cls = a[0],
         .func = a[1],
         .types = a[2],
         .args = a[3] != NULL ? a[3] : empty_tuple, /* args=() */
