@@ -29,6 +29,7 @@ import re
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -85,18 +86,29 @@ _FLOATS = ("float32", "float64", "bfloat16")
 _GRADABLE = (*_FLOATS, "complex64")  # dtypes an input may require grad in
 
 # Known, documented places where dtdispatch may differ from stock: (substring of stock's exception
-# message, its type name, why). A program whose stock run raises such an exception on any rank is
-# not compared at all, whatever dtdispatch does.
-EXCLUSIONS: tuple[tuple[str, str, str], ...] = (
+# message, its type name, a function its traceback passes through or "" for any, why). A program
+# whose stock run raises such an exception on any rank is not compared at all, whatever dtdispatch
+# does.
+EXCLUSIONS: tuple[tuple[str, str, str, str], ...] = (
     (
         "MaskBuffer has been materialized with conflicting data",
         "RuntimeError",
+        "",
         "stock's cached _MaskPartial shares one mask buffer per cache entry and raises 'MaskBuffer "
         "has been materialized with conflicting data'; dtdispatch gives each call its own mask",
     ),
     (
+        "Meta tensors",
+        "NotImplementedError",
+        "materialize_mask",
+        "the same shared mask buffer on the meta device: a second lookup with the same shardings "
+        "while the first's mask is live makes stock compare the two masks with torch.equal, which "
+        "meta tensors cannot run; dtdispatch gives each call its own mask and compares none",
+    ),
+    (
         "unhashable type: 'complex'",
         "RuntimeError",
+        "",
         "stock's sharding cache hashes the scalar arguments it keys and cannot hash a complex one "
         "(the backward of complex angle, addmm ...); dtdispatch runs the call (see "
         "ARCHITECTURE 'Where dtdispatch differs from stock on purpose'; the OpInfo check "
@@ -355,7 +367,9 @@ def _meta_namespace() -> dict[str, Any]:
 class _Val:
     name: str
     meta: Any  # a meta tensor, or a tuple/list of them
-    kind: str  # "dt" (a DTensor), "plain" (a torch.Tensor), "seq" (a list/tuple of DTensors)
+    # "dt" (a DTensor), "plain" (a torch.Tensor), "seq" (a list/tuple of DTensors), "materialized"
+    # (a DTensor moved off the meta device)
+    kind: str
 
 
 @dataclass
@@ -497,6 +511,10 @@ class _Gen:
             if name.startswith("t") and name[1:].isdigit() and name not in known:
                 if isinstance(value, torch.Tensor):
                     kind = "plain" if f"{name} = full(" in line else "dt"
+                    if self.meta_device and "device=cpu" in line:
+                        # NOTE: never an operand: a CPU value meeting a meta index (embedding,
+                        # index_select) reads memory that does not exist, in plain torch too.
+                        kind = "materialized"
                     self.vals.append(_Val(name, value, kind))
                 elif isinstance(value, (list, tuple)) and all(
                     isinstance(x, torch.Tensor) for x in value
@@ -1366,8 +1384,13 @@ def _excluded(stock: _Outcome) -> str | None:
     """Why this rank's stock run is not to be compared (an ``EXCLUSIONS`` entry), or None."""
     if stock.exc is None:
         return None
-    for needle, exc_type, why in EXCLUSIONS:
-        if needle in str(stock.exc) and type(stock.exc).__name__ == exc_type:
+    raised_in = {f.name for f in traceback.extract_tb(stock.exc.__traceback__)}
+    for needle, exc_type, function, why in EXCLUSIONS:
+        if (
+            needle in str(stock.exc)
+            and type(stock.exc).__name__ == exc_type
+            and (not function or function in raised_in)
+        ):
             return why
     return None
 
@@ -1515,9 +1538,13 @@ def _candidates(program: Program) -> Iterator[Program]:
     # NOTE: smaller shapes can leave a shard empty, where what AVOIDED lists makes stock itself
     # deadlock or run mismatched collectives; the generator drew those ops on never-empty shards.
     empty_shard_hazard = any(_AVOIDED_OPS.search(line) for line in lines)
+    if any(inp.device == "meta" for inp in program.inputs):
+        # NOTE: all inputs at once: a meta index into a CPU table reads memory that does not exist
+        # (plain torch's index_select returns garbage), so a program mixing the two fails
+        # spuriously.
+        yield replace(program, inputs=tuple(replace(inp, device="cpu") for inp in program.inputs))
     for i, inp in enumerate(program.inputs):
         simpler = [
-            replace(inp, device="cpu"),
             replace(inp, requires_grad=False),
             replace(inp, noncontig=False),
             replace(inp, placements=("R",) * len(inp.placements)),

@@ -12,7 +12,18 @@ import torch
 
 from dtdispatch import _native as native
 from dtdispatch._native import dispatch
-from dtdispatch.testing.fuzz import Input, Program, failure, fuzz, generate, render, shrink
+from dtdispatch.testing.fuzz import (
+    Input,
+    Program,
+    _excluded,
+    _run,
+    failure,
+    fuzz,
+    generate,
+    mesh_for,
+    render,
+    shrink,
+)
 
 SEED = 20261201
 # Programs per world size in `make test`, capped at 30 s each on the loaded 2-core CI VM
@@ -232,3 +243,32 @@ def test_a_program_leaves_torchs_custom_handlers_as_it_found_them(
     )
     assert failure(program) is None  # the same ValueError on stock and on dtdispatch
     assert handlers == before
+
+
+@pytest.mark.distributed(world_size=2, timeout=60)
+def test_an_exclusion_matches_where_stock_raised(rank: int, world_size: int) -> None:
+    """Two live lookups into a vocab-sharded meta table: stock's shared mask buffer compares the
+    two masks with ``torch.equal``, which meta tensors cannot run (excluded: dtdispatch gives each
+    call its own mask). A ``torch.equal`` line on meta raises the same type and message elsewhere,
+    and is still compared."""
+    from torch.distributed.tensor import DTensor
+
+    table = Input((4, 2), placements=("S0",), seed=1, device="meta")
+    idx = Input((3,), dtype="int64", placements=("R",), seed=2, high=4, device="meta")
+    lookups = Program(
+        mesh="1d",
+        impl="native",
+        inputs=(table, idx),
+        lines=("t2 = F.embedding(t1, t0)", "t3 = F.embedding(t1, t0)"),
+        rng_seed=1,
+    )
+    stock = _run(lookups, DTensor, mesh_for("1d"))
+    assert stock.line == 1 and isinstance(stock.exc, NotImplementedError)
+    assert _excluded(stock) is not None
+    assert failure(lookups) is None
+
+    equal = replace(lookups, lines=("t2 = torch.equal(t0, t0.clone())",))
+    stock = _run(equal, DTensor, mesh_for("1d"))
+    assert stock.line == 0 and isinstance(stock.exc, NotImplementedError)
+    assert "Meta tensors" in str(stock.exc) and _excluded(stock) is None
+    assert failure(equal) is None
