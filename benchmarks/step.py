@@ -14,8 +14,10 @@ parallelized, on plain tensors (on every rank the whole model: a reference for t
 parallel run). Same process, same weights and inputs, variants interleaved in rotating order in
 every round; reported: the median over rounds of a round's mean time per call.
 
-Then ``--profile``: cProfile of each workload on dtdispatch and stock (world size 1 only), its time
-grouped into categories (where the rest of the time goes). Outputs (``--out``, default
+Then dtdispatch's telemetry per call (``dtdispatch.stats()``: what each path did, with the defaults
+and with the path above dispatch off), and ``--profile``: cProfile of each workload on dtdispatch
+and stock (world size 1 only), its time grouped into categories (where the rest of the time goes).
+Outputs (``--out``, default
 benchmarks/results): step.json, step.md and, with matplotlib (the ``plot`` extra), step.png.
 """
 
@@ -373,6 +375,28 @@ def _collectives_alone(step: Callable[[], None], barrier: Callable[[], None], ro
     return len(buffers), statistics.median(times)
 
 
+def _work(fn: Callable[[], None], calls: int = 4) -> dict[str, float]:
+    """dtdispatch's telemetry for one call of ``fn`` (the mean of ``calls``, plans already made):
+    what the dispatch path and the path above dispatch each did."""
+    import dtdispatch
+
+    dtdispatch.reset_stats()
+    for _ in range(calls):
+        fn()
+    s = dtdispatch.stats()
+    above = s["above"]
+    counts = {
+        "hits": s["hits"],
+        "misses": s["misses"],
+        "bailouts": sum(n for reason, n in s["bailouts"].items() if reason != "miss"),
+        "above hits": above["hits"],
+        "above misses": above["misses"],
+        "above refused": sum(above["negative"].values()),
+        "above stepped aside": sum(above["stepped_aside"].values()),
+    }
+    return {k: v / calls for k, v in counts.items()}
+
+
 def _worker(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT / "launch"))
     warnings.simplefilter("ignore")
@@ -427,6 +451,11 @@ def _worker(args: argparse.Namespace) -> None:
                     "ms": alone,
                 }
             result["cpu"][f"{model_name}: {workload}"] = cpu
+            work = result.setdefault("work", {})[f"{model_name}: {workload}"] = {}
+            for name in ("dtdispatch", ABOVE_OFF):
+                configure(name)
+                work[name] = _work(fns[name])
+            configure("dtdispatch")  # the profile below times the defaults
             if args.profile and info.world_size == 1:
                 result["profile"][f"{model_name}: {workload}"] = {
                     v: _profile(fns[v], calls * 3) for v in ("stock", "dtdispatch")
@@ -496,6 +525,26 @@ def _table(results: list[dict[str, Any]]) -> str:
                     f"| {name} | {ms['dtdispatch']:.3f} | {cpu['dtdispatch']:.3f} | "
                     f"{ms[TORCH_COLLECTIVES]:.3f} | {cpu[TORCH_COLLECTIVES]:.3f} |"
                 )
+        if res.get("work"):
+            lines += [
+                "",
+                f"Work per call (world size {res['world_size']}, `dtdispatch.stats()`): the "
+                "dispatch path's plan hits, misses and other calls it handed to Python "
+                "(bailouts), the path above dispatch's replays, plans, refusals and calls it "
+                "stepped aside from, with the defaults and with the path above dispatch off:",
+                "",
+                "| workload | variant | hits | misses | bailouts | above: hits | misses | refused "
+                "| stepped aside |",
+                "|---|---|---|---|---|---|---|---|---|",
+            ]
+            for name, variants in res["work"].items():
+                for variant, w in variants.items():
+                    label = "default" if variant == "dtdispatch" else "above off"
+                    lines.append(
+                        f"| {name} | {label} | {w['hits']:g} | {w['misses']:g} | "
+                        f"{w['bailouts']:g} | {w['above hits']:g} | {w['above misses']:g} | "
+                        f"{w['above refused']:g} | {w['above stepped aside']:g} |"
+                    )
         lines += [
             "",
             f"DTensor API calls alone (world size {res['world_size']}), µs:",
