@@ -17,8 +17,8 @@ every round; reported: the median over rounds of a round's mean time per call.
 Then dtdispatch's telemetry per call (``dtdispatch.stats()``: what each path did, with the defaults
 and with the path above dispatch off), and ``--profile``: cProfile of each workload on dtdispatch
 and stock (world size 1 only), its time grouped into categories (where the rest of the time goes).
-Outputs (``--out``, default
-benchmarks/results): step.json, step.md and, with matplotlib (the ``plot`` extra), step.png.
+Outputs (``--out``, default benchmarks/results): step.json, step.md and, with matplotlib (the
+``plot`` extra), step.png.
 """
 
 from __future__ import annotations
