@@ -57,11 +57,17 @@ def pair(
     *,
     mesh: Any = None,
     requires_grad: bool = False,
+    local: bool = False,
 ) -> tuple[DTensor, Any]:
-    """(stock, fast): ``value`` distributed on ``mesh`` (default ``mesh_1d()``) as a stock DTensor,
-    and a FastDTensor leaf with the same spec on a copy of its local shard (so in-place ops on one
-    never reach the other); both require grad if asked."""
-    stock = distribute_tensor(value, mesh if mesh is not None else mesh_1d(), placements)
+    """(stock, fast): ``value`` distributed on ``mesh`` (default ``mesh_1d()``) as a stock DTensor
+    (with ``local``, ``value`` is this rank's local tensor, as ``Partial`` placements need), and a
+    FastDTensor leaf with the same spec on a copy of its local shard (so in-place ops on one never
+    reach the other); both require grad if asked."""
+    mesh = mesh if mesh is not None else mesh_1d()
+    if local:
+        stock = DTensor.from_local(value, mesh, placements, run_check=False)
+    else:
+        stock = distribute_tensor(value, mesh, placements)
     fast = dtdispatch.accelerate(
         torch.Tensor._dtensor__new__(
             DTensor, stock._local_tensor.clone(), stock._spec, requires_grad=False

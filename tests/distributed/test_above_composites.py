@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+from torch.distributed.tensor import Partial, Replicate, Shard
 
 import dtdispatch
 from dtdispatch import _dispatcher as dispatcher
 
-from ._compare import IMPLS, install, mesh_1d, pair, same
+from ._compare import IMPLS, install, pair, same
 
 
 def _values(*shape: int, seed: int) -> torch.Tensor:
@@ -103,19 +103,9 @@ def test_list_arguments_keep_wider_transforms(rank: int, world_size: int, impl: 
     _list_arguments(impl, rank, expect_redistribution=True)
 
 
-def _partial_pair(value: torch.Tensor) -> tuple[DTensor, DTensor]:
-    stock = DTensor.from_local(value, mesh_1d(), [Partial()], run_check=False)
-    fast = dtdispatch.accelerate(
-        torch.Tensor._dtensor__new__(
-            DTensor, stock._local_tensor.clone(), stock._spec, requires_grad=False
-        )
-    )
-    return stock, fast
-
-
 def _list_arguments(impl: str, rank: int, *, expect_redistribution: bool) -> None:
     install(impl, above=False)  # the dispatch path's plan is under test
-    grads = [_partial_pair(_values(4, 3, seed=10 + rank + i)) for i in range(3)]
+    grads = [pair(_values(4, 3, seed=10 + rank + i), [Partial()], local=True) for i in range(3)]
     states = [pair(_values(4, 3, seed=20 + i), [Replicate()]) for i in range(3)]
     sg, g = [s for s, _ in grads], [f for _, f in grads]
     ss, s = [s for s, _ in states], [f for _, f in states]
