@@ -28,7 +28,7 @@ from torch.distributed.distributed_c10d import AllreduceOptions, ReduceScatterOp
 
 from dtdispatch import _compat
 
-__all__ = ["ENABLED", "all_gather", "all_reduce_sum", "reduce_scatter_sum", "usable"]
+__all__ = ["ENABLED", "all_gather", "all_reduce_sum", "reduce_scatter_sum", "unobserved", "usable"]
 
 _dispatch_stack_len = torch._C._len_torch_dispatch_stack
 _tf_mode = torch._C._is_torch_function_mode_enabled
@@ -47,6 +47,12 @@ ENABLED = os.environ.get("DTDISPATCH_DIRECT_COLLECTIVES", "1") != "0"
 everywhere; the benchmarks flip it to time both in one process)."""
 
 
+def unobserved() -> bool:
+    """No torch function or dispatch mode is active and nothing is traced: nothing sees how a
+    redistribution is done."""
+    return _dispatch_stack_len() == 0 and not _tf_mode() and not _compat.is_compiling()
+
+
 def usable(local: torch.Tensor) -> bool:
     """Whether ``local`` may take a direct collective: enabled, a plain float32/float64 CPU tensor
     that no autograd graph records here, no mode active."""
@@ -58,9 +64,7 @@ def usable(local: torch.Tensor) -> bool:
         # NOTE: the wrappers' Functions run this with grad mode off; a local that would record a
         # graph here is left to torch's functional collectives, which carry an autograd formula.
         and not (local.requires_grad and _grad_enabled())
-        and _dispatch_stack_len() == 0
-        and not _tf_mode()
-        and not _compat.is_compiling()
+        and unobserved()
     )
 
 

@@ -16,9 +16,11 @@ import torch
 import torch.distributed.tensor._redistribute
 import torch.distributed.tensor.placement_types
 from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._ops._math_ops import _NormPartial
 
 __all__ = [
     "ALL_GATHER_VIEW_LAYOUT",
+    "NORM_REDUCE_BY_TRANSFORMS",
     "SUBCLASS_DISPATCH",
     "TO_LOCAL_KEEPS_PARAM",
     "ExplicitRedistributionContext",
@@ -82,6 +84,13 @@ local_shard_size_and_offset: Callable[..., Any] = (
 # all-gather (``_collectives``) mirrors (torch >= 2.13: ``_maybe_view_chunk_cat``); without it,
 # those gathers are left to torch.
 ALL_GATHER_VIEW_LAYOUT = hasattr(torch._utils, "_maybe_view_chunk_cat")
+
+# Whether torch reduces a ``_NormPartial`` as its own transform, Partial's all-reduce, its own
+# inverse transform (torch >= 2.13: ``_pre_reduce_transform`` / ``_post_reduce_transform``); only
+# then the direct all-reduce may stand in the middle (``_tensor._run``).
+NORM_REDUCE_BY_TRANSFORMS = {"_pre_reduce_transform", "_post_reduce_transform"} <= set(
+    _NormPartial._reduce_value.__code__.co_names
+)
 
 # Registers a collective's work with torch's work registry, where ``wait_tensor`` finds it; without
 # it, asynchronous redistributions are left to torch.

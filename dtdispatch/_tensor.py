@@ -12,6 +12,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor._api import _normalize_placements_for_grad
 from torch.distributed.tensor._api import _ToTorchTensor as _TorchToTorchTensor
 from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+from torch.distributed.tensor._ops._math_ops import _NormPartial
 from torch.distributed.tensor._redistribute import redistribute_local_tensor
 from torch.distributed.tensor._utils import assert_no_mixed_partial_types
 from torch.distributed.tensor.placement_types import Placement, _StridedShard
@@ -373,11 +374,13 @@ def role(requires_grad: bool) -> type[FastDTensor]:
 _CACHE_LIMIT = 4096
 _MISSING: Any = object()
 
-_SAME, _CHUNK, _TORCH, _GATHER, _REDUCE_SCATTER, _ALL_REDUCE = range(6)
+_SAME, _CHUNK, _PARTITION, _TORCH = range(4)
+_GATHER, _REDUCE_SCATTER, _ALL_REDUCE, _NORM_ALL_REDUCE = range(4, 8)  # the direct collectives
 """_RedistributePlan kinds: the local shard is unchanged; a local chunk (Replicate -> Shard on a
-1-D mesh); torch's ``redistribute_local_tensor``; and on a 1-D CPU mesh, one direct collective
+1-D mesh); the target placement's own partition (Replicate -> Partial or a norm's partial on a 1-D
+mesh); torch's ``redistribute_local_tensor``; and on a 1-D CPU mesh, one direct collective
 (``_collectives``): Shard -> Replicate of an even split, Partial("sum") -> Shard, Partial("sum")
--> Replicate."""
+-> Replicate, and a norm's partial -> Replicate between its own transforms."""
 
 
 class _RedistributePlan:
@@ -514,6 +517,10 @@ def _plan_between(current: DTensorSpec, target: DTensorSpec) -> _RedistributePla
             return _RedistributePlan(
                 _CHUNK, target, dim=dst.dim, chunks=mesh.size(), index=coordinate[0]
             )
+        # NOTE: exact types: these partitions are pure functions of the value and the mesh size; a
+        # _MaskPartial's materializes a mask buffer that its reduction later reads.
+        if type(src) is Replicate and type(dst) in (Partial, _NormPartial):
+            return _RedistributePlan(_PARTITION, target)
         if mesh.device_type == "cpu":
             direct = _direct_kind(src, dst, current)
             if direct is not None:
@@ -528,9 +535,10 @@ def _direct_kind(
     """The direct collective for ``src -> dst`` on a 1-D mesh and its shard dimension, or None
     (torch's function).
 
-    NOTE: exact types only: a Partial subclass (norm, mask) transforms values around its reduction
-    and a _StridedShard reorders shards; only the plain sum reduces as one collective. Only CPU
-    meshes: the direct calls were checked bitwise against torch's on gloo, not on NCCL streams."""
+    NOTE: exact types only: a Partial subclass transforms values around its reduction (a norm's
+    transforms are its own methods, called around the all-reduce; a mask's reads state) and a
+    _StridedShard reorders shards. Only CPU meshes: the direct calls were checked bitwise against
+    torch's on gloo, not on NCCL streams."""
     if type(src) is Shard and type(dst) is Replicate:
         meta = current.tensor_meta
         # torch pads an uneven split around the gather: left to torch.
@@ -542,6 +550,13 @@ def _direct_kind(
             return _ALL_REDUCE, 0
         if type(dst) is Shard:
             return _REDUCE_SCATTER, dst.dim
+    if (
+        type(src) is _NormPartial
+        and src.reduce_op == "sum"
+        and type(dst) is Replicate
+        and _compat.NORM_REDUCE_BY_TRANSFORMS
+    ):
+        return _NORM_ALL_REDUCE, 0
     return None
 
 
@@ -597,11 +612,19 @@ def _run(
             shape = list(local.shape)
             shape[dim] = 0
             return local.new_zeros(shape)
+    if kind == _PARTITION and type(local) is torch.Tensor and _collectives.unobserved():
+        # Mirrors redistribute_local_tensor's Replicate -> Partial: the target placement's own
+        # _partition_value on the mesh dimension.
+        partial = cast(Partial, plan.target.placements[0])
+        return partial._partition_value(local, current.mesh, 0)
     if kind >= _GATHER and _collectives.usable(local):
         # NOTE: the group of this call's own mesh, never one cached with the plan: meshes over the
         # same ranks built from different process groups compare equal (so do their specs).
         group = current.mesh.get_group(0)
-        if kind == _ALL_REDUCE:
+        if kind == _NORM_ALL_REDUCE:
+            # NOTE: synchronous only: torch's inverse transform waits on its asynchronous result.
+            direct = None if async_op else _norm_all_reduce(local, current, group)
+        elif kind == _ALL_REDUCE:
             direct = _collectives.all_reduce_sum(local, group, async_op)
         elif kind == _GATHER:
             direct = _collectives.all_gather(local, group, plan.chunks, plan.dim, async_op)
@@ -612,6 +635,15 @@ def _run(
     return redistribute_local_tensor(
         local, current, plan.target, async_op=async_op, is_explicit=explicit
     )
+
+
+def _norm_all_reduce(local: torch.Tensor, current: DTensorSpec, group: Any) -> torch.Tensor:
+    """Mirrors ``_NormPartial._reduce_value``: its transform, Partial's all-reduce (direct), its
+    inverse transform."""
+    norm = cast(_NormPartial, current.placements[0])
+    reduced = _collectives.all_reduce_sum(norm._pre_reduce_transform(local), group, False)
+    assert reduced is not None  # synchronous: never left to torch
+    return norm._post_reduce_transform(reduced)
 
 
 def redistribute_argument(

@@ -676,3 +676,80 @@ def test_from_local_backward_plans_do_not_leak_into_redistribute(
             source.redistribute(placements=[Partial()])
         errors.append(str(raised.value))
     assert errors[0] == errors[1] and "Partial" in errors[0], errors
+
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.distributed(world_size=2, timeout=120)
+def test_partitions_and_norm_reductions_skip_torchs_function(
+    rank: int, world_size: int, impl: str
+) -> None:
+    """Replicate -> Partial and Replicate -> a norm's partial are the target placement's own
+    partition, and a norm's partial -> Replicate is its transform around the direct all-reduce:
+    never torch's ``redistribute_local_tensor``, bitwise (values, layout, identity) as it, in the
+    argument redistributions of an addmm's bias and of stacked gradient norms (clipping), on the
+    first call and on every hit. Under a dispatch mode torch's function runs them."""
+    from torch.distributed.tensor._ops._math_ops import _NormPartial
+    from torch.distributed.tensor._redistribute import redistribute_local_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from dtdispatch import _collectives, _tensor
+
+    dispatcher.install(impl)
+    mesh = mesh_1d()
+    local = _value((3, 4)) + rank
+    replicate = DTensor.from_local(_value((3, 4)), mesh, (Replicate(),))
+    for target in (
+        Partial("sum"),
+        Partial("avg"),
+        Partial("max"),
+        Partial("min"),
+        _NormPartial(2),
+        _NormPartial(3),
+        _NormPartial(1.5),
+    ):
+        spec = _tensor.DTensorSpec(mesh, (target,), tensor_meta=replicate._spec.tensor_meta)
+        for src, dst in ((replicate._spec, spec), (spec, replicate._spec)):
+            if type(src.placements[0]) is Partial:
+                continue  # Partial -> Replicate: test_direct_collectives_replace_torchs_function
+            got = _tensor.redistribute_argument(local, src, dst)
+            want = redistribute_local_tensor(local, src, dst)
+            assert (got is local) == (want is local), (src, dst)
+            same(got, want, f"{src.placements} -> {dst.placements}")
+
+    calls: list[str] = []
+    reduced: list[str] = []
+    shard = distribute_tensor(_value((4, 6)), mesh, (Shard(0),))
+    full = distribute_tensor(_value((4, 6)), mesh, (Replicate(),))
+    x = distribute_tensor(_value((4, 6)), mesh, (Shard(1),))
+    w = distribute_tensor(_value((6, 5)), mesh, (Shard(0),))
+    bias = distribute_tensor(_value((5,)), mesh, (Replicate(),))
+    stock = {"shard": shard, "full": full, "x": x, "w": w, "bias": bias}
+    fast = {name: dtdispatch.accelerate(t.detach()) for name, t in stock.items()}
+
+    def ops(t: dict[str, DTensor]) -> list[torch.Tensor]:
+        norms = [torch.linalg.vector_norm(t[n], p) for n in ("shard", "full") for p in (2.0, 3.0)]
+        total = torch.stack(norms[::2])  # Replicate -> _NormPartial(2)
+        return [
+            total,
+            total.full_tensor(),  # _NormPartial(2) -> Replicate
+            torch.addmm(t["bias"], t["x"], t["w"]),  # bias: Replicate -> Partial
+            torch.stack(norms[1::2]).redistribute(mesh, (Replicate(),)),  # _NormPartial(3)
+        ]
+
+    with ExitStack() as stack:
+        stack.enter_context(
+            _recording(_tensor, "redistribute_local_tensor", lambda *a, **_: calls.append(str(a)))
+        )
+        stack.enter_context(
+            _recording(_collectives, "all_reduce_sum", lambda *_, **__: reduced.append("sum"))
+        )
+        for _ in range(3):
+            for got, want in zip(ops(fast), ops(stock), strict=True):
+                same(got, want, "ops")
+        assert calls == [], calls
+        assert len(reduced) == 2 * 3, reduced  # the two norm reductions
+        with CommDebugMode():
+            for got, want in zip(ops(fast), ops(stock), strict=True):
+                same(got, want, "under CommDebugMode")
+        assert calls, "under a dispatch mode the partitions took dtdispatch's own path"
