@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.tensor._random as dt_random
+import torch.distributed.tensor.debug
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -1484,6 +1485,13 @@ def _failure(program: Program) -> str | None:
     dispatcher.install(program.impl)
     found: str | None = None
     try:
+        # NOTE: torch's sharding caches outlive a program, and its C++ one keys a Python scalar
+        # operand as a 0-d Replicate DTensor of its dtype: after ``p + q`` (q such a DTensor),
+        # stock replays the Partial output for ``p + 1.5`` and adds the scalar on every rank (a
+        # wrong value; the other order raises). Cleared, each program's stock run is what it is in
+        # a fresh process, so a failure reproduces alone (ARCHITECTURE "Where dtdispatch differs
+        # from stock on purpose").
+        _clear_sharding_caches()
         stock = _run(program, DTensor, mesh)
         if _any_rank(_excluded(stock) is not None):
             return None
@@ -1499,6 +1507,11 @@ def _failure(program: Program) -> str | None:
     finally:
         dispatcher.install(previous)
     return _first_report(found)
+
+
+_clear_sharding_caches: Callable[[], None] = getattr(
+    torch.distributed.tensor.debug, "_clear_sharding_prop_cache", lambda: None
+)
 
 
 def _first_report(found: str | None) -> str | None:

@@ -272,3 +272,33 @@ def test_an_exclusion_matches_where_stock_raised(rank: int, world_size: int) -> 
     assert stock.line == 0 and isinstance(stock.exc, NotImplementedError)
     assert "Meta tensors" in str(stock.exc) and _excluded(stock) is None
     assert failure(equal) is None
+
+
+@pytest.mark.distributed(world_size=2, timeout=60)
+def test_a_program_does_not_see_torchs_caches_of_earlier_ones(rank: int, world_size: int) -> None:
+    """Seed 61, programs 2251 and 9000 (2 ranks), shrunk: after the first adds a 0-d Partial and a
+    0-d Replicate float64 DTensor, stock's C++ sharding cache answered the second's ``Partial +
+    1.136`` with a Partial output (wrong values) in the same process. Each program's stock run
+    starts from cleared sharding caches, as in a fresh process."""
+    first = Program(
+        mesh="1d",
+        impl="python",
+        inputs=(
+            Input((6,), dtype="float64", placements=("P",), requires_grad=True, seed=112422264),
+        ),
+        lines=("t1 = t0.float().sum() + t0.abs().sum()",),
+        rng_seed=1,
+    )
+    second = Program(
+        mesh="1d",
+        impl="native",
+        inputs=(Input((4, 1, 4), placements=("S2",), seed=491739734),),
+        lines=(
+            "with implicit_replication(), torch.no_grad(): "
+            "t1 = (t0 + torch.ones((1, 4), dtype=torch.float32)).sum()",
+            "t2 = t1 + 1.136",
+        ),
+        rng_seed=610273320,
+    )
+    assert failure(first) is None
+    assert failure(second) is None

@@ -212,3 +212,37 @@ def test_views_of_empty_shards_match_stock(
                         )
                     )
                 assert flags[1] == flags[0] and flags[2] == flags[0], (ambient, name, flags)
+
+
+@pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
+@pytest.mark.distributed(world_size=2, timeout=60)
+def test_a_python_scalar_is_keyed_apart_from_a_0d_dtensor(
+    rank: int, world_size: int, impl: str, above: bool
+) -> None:
+    """``p + q`` (q a 0-d Replicate DTensor of the scalar's dtype) and ``p + 1.136``, in both
+    orders: each as stock computes it with torch's sharding caches cleared just before. Stock's
+    C++ cache keys the Python scalar as that DTensor (ARCHITECTURE "Where dtdispatch differs from
+    stock on purpose"); dtdispatch's keys keep them apart, in any order."""
+    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+    mesh = mesh_1d()
+
+    def operands(wrap: Callable[[DTensor], DTensor]) -> tuple[DTensor, DTensor]:
+        p = DTensor.from_local(torch.tensor(1.5 + rank), mesh, [Partial()], run_check=False)
+        q = DTensor.from_local(torch.tensor(2.0, dtype=torch.float64), mesh, [Replicate()])
+        return wrap(p), wrap(q)
+
+    calls: dict[str, Callable[[DTensor, DTensor], Any]] = {
+        "p + q": lambda p, q: p + q,
+        "p + 1.136": lambda p, q: p + 1.136,
+    }
+    for order in (list(calls), list(reversed(calls))):
+        with variant(impl, above):
+            fast_p, fast_q = operands(dtdispatch.accelerate)
+            fast = [outcome(calls[name], fast_p, fast_q) for name in order * 2]
+        stock = []
+        for name in order * 2:
+            _clear_sharding_prop_cache()
+            stock.append(outcome(calls[name], *operands(lambda t: t)))
+        for name, f, s in zip(order * 2, fast, stock, strict=True):
+            same_outcome(f, s, f"{order}: {name}")
