@@ -678,7 +678,6 @@ def test_from_local_backward_plans_do_not_leak_into_redistribute(
     assert errors[0] == errors[1] and "Partial" in errors[0], errors
 
 
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.distributed(world_size=2, timeout=120)
 def test_partitions_and_norm_reductions_skip_torchs_function(
@@ -689,6 +688,7 @@ def test_partitions_and_norm_reductions_skip_torchs_function(
     never torch's ``redistribute_local_tensor``, bitwise (values, layout, identity) as it, in the
     argument redistributions of an addmm's bias and of stacked gradient norms (clipping), on the
     first call and on every hit. Under a dispatch mode torch's function runs them."""
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec
     from torch.distributed.tensor._ops._math_ops import _NormPartial
     from torch.distributed.tensor._redistribute import redistribute_local_tensor
     from torch.distributed.tensor.debug import CommDebugMode
@@ -708,7 +708,7 @@ def test_partitions_and_norm_reductions_skip_torchs_function(
         _NormPartial(3),
         _NormPartial(1.5),
     ):
-        spec = _tensor.DTensorSpec(mesh, (target,), tensor_meta=replicate._spec.tensor_meta)
+        spec = DTensorSpec(mesh, (target,), tensor_meta=replicate._spec.tensor_meta)
         for src, dst in ((replicate._spec, spec), (spec, replicate._spec)):
             if type(src.placements[0]) is Partial:
                 continue  # Partial -> Replicate: test_direct_collectives_replace_torchs_function
