@@ -599,7 +599,9 @@ def _run(
     kind = plan.kind
     if kind == _SAME:
         return local
-    if kind == _CHUNK and type(local) is torch.Tensor:
+    # NOTE: the two local-only plans below skip torch's function (the chunk is a narrow where torch
+    # splits): only where no mode or trace sees how the local was made.
+    if kind == _CHUNK and type(local) is torch.Tensor and _collectives.unobserved():
         # Mirrors Shard._replicate_to_shard: torch.chunk(local, chunks, dim)[index].clone(), and an
         # empty shard (new_zeros) for an index past the last chunk of an uneven split.
         dim = plan.dim

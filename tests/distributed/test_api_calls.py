@@ -241,8 +241,8 @@ def _direct_cases(mesh: Any, calls: list[str]) -> None:
             mesh, (4, 6), (Shard(0),), lambda t: t.redistribute(mesh, (Replicate(),)), "mode"
         )
     assert comm.get_total_counts() > 0
-    # the three forwards; each backward (Replicate -> Shard) is a local chunk
-    assert len(calls) == 3, calls
+    # the three forwards, and the one backward (its local chunk: the mode sees torch's split)
+    assert len(calls) == 4, calls
     calls.clear()
     _check_call(
         mesh, (6, 4), (Shard(1),), lambda t: t.t().redistribute(mesh, (Replicate(),)),
@@ -753,3 +753,43 @@ def test_partitions_and_norm_reductions_skip_torchs_function(
             for got, want in zip(ops(fast), ops(stock), strict=True):
                 same(got, want, "under CommDebugMode")
         assert calls, "under a dispatch mode the partitions took dtdispatch's own path"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.distributed(world_size=2, timeout=120)
+def test_a_dispatch_mode_sees_the_ops_of_stocks_local_chunk(
+    rank: int, world_size: int, impl: str
+) -> None:
+    """Replicate -> Shard is a local chunk: under a dispatch mode the mode sees the ops stock runs
+    (torch's split and clone), and gets the same values, on every call; with no mode active the
+    chunk never calls torch's function."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dtdispatch import _tensor
+
+    class Log(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    dispatcher.install(impl)
+    mesh = mesh_1d()
+    calls: list[str] = []
+    for shape, dim in (((4, 3), 0), ((5, 3), 0), ((4, 3), 1)):  # even, uneven, the last dim
+        stock = distribute_tensor(_value(shape), mesh, (Replicate(),))
+        fast = dtdispatch.accelerate(stock.detach())
+        for _ in range(2):  # the call that makes the plan and a call that replays it
+            with Log() as want_log:
+                want = stock.redistribute(mesh, (Shard(dim),))
+            with Log() as got_log:
+                got = fast.redistribute(mesh, (Shard(dim),))
+            assert got_log.ops == want_log.ops, (shape, dim, got_log.ops, want_log.ops)
+            same(got, want, f"{shape} -> Shard({dim}) under a dispatch mode")
+        with _recording(_tensor, "redistribute_local_tensor", lambda *_, **__: calls.append("")):
+            want = stock.redistribute(mesh, (Shard(dim),))
+            same(fast.redistribute(mesh, (Shard(dim),)), want, f"{shape} -> Shard({dim})")
+    assert calls == [], "with no mode active the chunk took torch's function"
