@@ -15,7 +15,16 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from dtdispatch import _above, _compat, _dispatcher, _native, _telemetry, _tensor, _training
+from dtdispatch import (
+    _above,
+    _compat,
+    _dispatcher,
+    _hash_seed,
+    _native,
+    _telemetry,
+    _tensor,
+    _training,
+)
 from dtdispatch import cache as _cache
 from dtdispatch._grads import reduce_partial_grads
 from dtdispatch._tensor import AutogradFastDTensor, FastDTensor, as_fast, as_stock, role
@@ -36,6 +45,10 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+# NOTE: at import, before any sharding strategy is chosen: torch's caches keep the first choice,
+# for stock DTensors and FastDTensors alike.
+_hash_seed.install()
 
 
 _RETYPABLE = (DTensor, FastDTensor, AutogradFastDTensor)
