@@ -192,3 +192,21 @@ def test_shrinking_moves_meta_inputs_to_the_cpu_together() -> None:
     devices = [{inp.device for inp in c.inputs} for c in _candidates(program)]
     assert {"cpu"} in devices
     assert all(len(d) == 1 for d in devices)
+
+
+def test_a_raised_outcome_says_where_it_was_raised() -> None:
+    """A failure report names the function, file and line an exception came from (a failure that
+    needs a long history to reproduce is then diagnosable from the report alone)."""
+    from dtdispatch.testing.fuzz import _Outcome, _outcome_text
+
+    def materialize() -> None:
+        raise AssertionError
+
+    try:
+        materialize()
+    except AssertionError as exc:
+        raised = exc
+    text = _outcome_text(_Outcome({}, 2, raised))
+    assert text.startswith("line 2 AssertionError:  (raised in materialize, "), text
+    assert f"{__file__}:" in text, text
+    assert _outcome_text(_Outcome({}, None, None)) == "no error"

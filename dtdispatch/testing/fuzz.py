@@ -1397,9 +1397,16 @@ def _excluded(stock: _Outcome) -> str | None:
 
 
 def _outcome_text(outcome: _Outcome) -> str:
+    """"no error", or the line, the exception and where it was raised (the innermost frame: a
+    failure that needs a long history to reproduce says where it comes from)."""
     if outcome.line is None:
         return "no error"
-    return f"line {outcome.line} {type(outcome.exc).__name__}: {outcome.exc}"
+    exc = outcome.exc
+    frames = traceback.extract_tb(exc.__traceback__) if exc is not None else []
+    text = f"line {outcome.line} {type(exc).__name__}: {exc}"
+    if frames:
+        text += f" (raised in {frames[-1].name}, {frames[-1].filename}:{frames[-1].lineno})"
+    return text
 
 
 def _diff(program: Program, stock: _Outcome, fast: _Outcome, label: str) -> str | None:
