@@ -13,7 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from torch.distributed.tensor import Partial
+from torch.distributed.tensor.placement_types import _MaskPartial
 
 from dtdispatch import _hash_seed
 
@@ -66,25 +68,45 @@ def test_ranks_with_different_hash_seeds_agree_on_strategies() -> None:
 
 
 def test_partials_hash_is_seed_independent_and_keeps_equality() -> None:
-    """Installed (at import): equal Partials hash alike, the hash is not Python's seeded string
-    hash, and installing again changes nothing."""
+    """Installed (at import): equal placements hash alike, the hash is not Python's seeded string
+    hash nor a buffer's address, and installing again changes nothing."""
     assert Partial.__hash__ is _hash_seed._stable_hash
-    before = hash(Partial("max"))
+    assert _MaskPartial.__hash__ is _hash_seed._stable_mask_hash
+    before = hash(Partial("max")), hash(_mask())
     _hash_seed.install()
-    assert hash(Partial("max")) == before
+    assert (hash(Partial("max")), hash(_mask())) == before
     for op in ("sum", "avg", "max", "min", "product"):
         assert Partial(op) == Partial(op) and hash(Partial(op)) == hash(Partial(op))
         if sys.flags.hash_randomization:
             assert hash(Partial(op)) != 1 + hash(op)
     assert len({Partial("sum"), Partial("sum"), Partial("max")}) == 2
+    one, other = _mask(), _mask()
+    same_buffer = _MaskPartial(  # type: ignore[no-untyped-call]
+        reduce_op="sum", mask_buffer=one.mask_buffer, offset_shape=one.offset_shape, offset_dim=0
+    )
+    assert one != other and hash(one) == hash(other)  # equality still asks for the same buffer
+    assert one == same_buffer and len({one, other, same_buffer}) == 2
+
+
+def _mask() -> _MaskPartial:
+    return _MaskPartial(reduce_op="sum", offset_shape=torch.Size([8, 4]), offset_dim=0)  # type: ignore[no-untyped-call]
+
+
+_HASHES = """
+import dtdispatch, torch
+from torch.distributed.tensor import Partial
+from torch.distributed.tensor.placement_types import _MaskPartial
+mask = _MaskPartial(reduce_op="sum", offset_shape=torch.Size([8, 4]), offset_dim=0)
+print(hash(Partial("sum")), hash(mask))
+"""
 
 
 @pytest.mark.parametrize("seed", ["0", "1"])
-def test_partials_hash_is_the_same_under_every_seed(seed: str) -> None:
-    """A fresh process's hash of Partial("sum") is this process's, whatever its seed."""
-    code = "import dtdispatch, torch.distributed.tensor as t; print(hash(t.Partial('sum')))"
+def test_partials_hash_is_the_same_in_every_process(seed: str) -> None:
+    """A fresh process's hashes of a Partial and a _MaskPartial are this process's, whatever its
+    hash seed and its mask buffer's address."""
     out = subprocess.run(
-        [sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed}, text=True,
+        [sys.executable, "-c", _HASHES], env={**os.environ, "PYTHONHASHSEED": seed}, text=True,
         capture_output=True, timeout=TIMEOUT_S, check=True,
     ).stdout
-    assert int(out) == hash(Partial("sum"))
+    assert [int(h) for h in out.split()] == [hash(Partial("sum")), hash(_mask())]
