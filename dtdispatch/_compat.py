@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed.tensor._redistribute
+import torch.distributed.tensor.debug
 import torch.distributed.tensor.placement_types
 from torch.distributed.tensor import DTensor, Shard
 from torch.distributed.tensor._ops._math_ops import _NormPartial
@@ -24,6 +25,7 @@ __all__ = [
     "SUBCLASS_DISPATCH",
     "TO_LOCAL_KEEPS_PARAM",
     "ExplicitRedistributionContext",
+    "clear_sharding_caches",
     "explicit_redistribution_local",
     "format_implicit_redistribution_msg",
     "is_compiling",
@@ -90,6 +92,20 @@ ALL_GATHER_VIEW_LAYOUT = hasattr(torch._utils, "_maybe_view_chunk_cat")
 # then the direct all-reduce may stand in the middle (``_tensor._run``).
 NORM_REDUCE_BY_TRANSFORMS = {"_pre_reduce_transform", "_post_reduce_transform"} <= set(
     _NormPartial._reduce_value.__code__.co_names
+)
+
+def _clear_sharding_caches_by_hand() -> None:
+    """Without torch's ``_clear_sharding_prop_cache``: its two caches, each where it exists."""
+    _propagator.propagate_op_sharding.cache_clear()  # type: ignore[no-untyped-call]
+    clear_fast_path = getattr(torch._C, "_clear_DTensor_sharding_propagator_cache", None)
+    if clear_fast_path is not None:
+        clear_fast_path()
+
+
+# Empties torch's sharding caches, the Python one and the C++ fast path's (each decision made since
+# is made again): torch's own "clear all" where it has one.
+clear_sharding_caches: Callable[[], None] = getattr(
+    torch.distributed.tensor.debug, "_clear_sharding_prop_cache", _clear_sharding_caches_by_hand
 )
 
 # Registers a collective's work with torch's work registry, where ``wait_tensor`` finds it; without

@@ -37,7 +37,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.tensor._random as dt_random
-import torch.distributed.tensor.debug
 import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -51,7 +50,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.checkpoint import checkpoint
 
 import dtdispatch
-from dtdispatch import FastDTensor, _tensor
+from dtdispatch import FastDTensor, _compat, _tensor
 from dtdispatch import _dispatcher as dispatcher
 from dtdispatch import cache as _cache
 from dtdispatch._tensor import FAST_TYPES
@@ -1498,7 +1497,7 @@ def _failure(program: Program) -> str | None:
         # wrong value; the other order raises). Cleared, each program's stock run is what it is in
         # a fresh process, so a failure reproduces alone (ARCHITECTURE "Where dtdispatch differs
         # from stock on purpose").
-        _clear_sharding_caches()
+        _compat.clear_sharding_caches()
         stock = _run(program, DTensor, mesh)
         if _any_rank(_excluded(stock) is not None):
             return None
@@ -1514,11 +1513,6 @@ def _failure(program: Program) -> str | None:
     finally:
         dispatcher.install(previous)
     return _first_report(found)
-
-
-_clear_sharding_caches: Callable[[], None] = getattr(
-    torch.distributed.tensor.debug, "_clear_sharding_prop_cache", lambda: None
-)
 
 
 def _first_report(found: str | None) -> str | None:

@@ -19,8 +19,8 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.placement_types import _StridedShard
 
 import dtdispatch
+from dtdispatch import _compat, cache
 from dtdispatch import _dispatcher as dispatcher
-from dtdispatch import cache
 from dtdispatch.testing import mesh_1d, mesh_2d, sub_mesh
 
 from ._compare import IMPLS, Outcome, outcome, same_outcome
@@ -422,8 +422,7 @@ def _stock_outcome(call: Call) -> Outcome:
     a pair can replay that side's decision (topk's ``k`` is not in torch's key: stock then returns
     a DTensor whose shape disagrees with its local tensor). The reference must not inherit that.
     """
-    torch._C._clear_DTensor_sharding_propagator_cache()
-    DTensor._op_dispatcher.sharding_propagator.propagate_op_sharding.cache_clear()
+    _compat.clear_sharding_caches()
     return outcome(call, False)
 
 

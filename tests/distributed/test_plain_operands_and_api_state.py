@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 from torch.distributed.tensor.experimental import implicit_replication
 
 import dtdispatch
-from dtdispatch import FastDTensor
+from dtdispatch import FastDTensor, _compat
 from dtdispatch.testing import mesh_1d
 
 from ._compare import IDS, VARIANTS, outcome, same_outcome, variant
@@ -223,8 +223,6 @@ def test_a_python_scalar_is_keyed_apart_from_a_0d_dtensor(
     orders: each as stock computes it with torch's sharding caches cleared just before. Stock's
     C++ cache keys the Python scalar as that DTensor (ARCHITECTURE "Where dtdispatch differs from
     stock on purpose"); dtdispatch's keys keep them apart, in any order."""
-    from torch.distributed.tensor.debug import _clear_sharding_prop_cache
-
     mesh = mesh_1d()
 
     def operands(wrap: Callable[[DTensor], DTensor]) -> tuple[DTensor, DTensor]:
@@ -242,7 +240,7 @@ def test_a_python_scalar_is_keyed_apart_from_a_0d_dtensor(
             fast = [outcome(calls[name], fast_p, fast_q) for name in order * 2]
         stock = []
         for name in order * 2:
-            _clear_sharding_prop_cache()
+            _compat.clear_sharding_caches()
             stock.append(outcome(calls[name], *operands(lambda t: t)))
         for name, f, s in zip(order * 2, fast, stock, strict=True):
             same_outcome(f, s, f"{order}: {name}")
