@@ -7,8 +7,10 @@ Wall clock on a shared 2-core VM moves by more than the differences worth measur
 counts do not. Each (model, workload, variant) runs in its own process under
 ``valgrind --tool=callgrind`` with instrumentation off until the measured loop: ``--warmup`` calls
 first (plans cached, optimizer state made), then ``--calls`` calls with collection on, switched by
-callgrind's client requests from a small C library built here with the system compiler. World size
-1 (gloo). Variants: ``stock`` (torch's parallel styles on plain DTensors), ``default``
+callgrind's client requests from a small C library built here with the system compiler. Gloo;
+with ``--world-size N`` above 1, rank 0 runs under callgrind and ranks 1..N-1 natively (the
+client requests do nothing outside valgrind), and the count is rank 0's, its gloo threads
+included. Variants: ``stock`` (torch's parallel styles on plain DTensors), ``default``
 (``dtdispatch.accelerate``), ``off`` (the same with the path above dispatch off,
 ``DTDISPATCH_ABOVE=0``). Prints millions of instructions per call and the ratio to stock. Needs
 ``valgrind`` and its ``callgrind.h`` header; takes about half a minute per process.
@@ -53,7 +55,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(1)
     init_distributed()
-    mesh = init_device_mesh("cpu", (1,))
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     if args.variant == "off":
         _dispatcher.install(_native.DEFAULT, above=False)
     run = step._runs(args.model, mesh)["stock" if args.variant == "stock" else "dtdispatch"]
@@ -76,43 +78,55 @@ def _measure(
     variant: str,
     port: int,
 ) -> float:
-    env = dict(
-        os.environ,
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK="0",
-        WORLD_SIZE="1",
-        LOCAL_RANK="0",
-        LOCAL_WORLD_SIZE="1",
-    )
+    def env(rank: int) -> dict[str, str]:
+        n = str(args.world_size)
+        return dict(
+            os.environ,
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            WORLD_SIZE=n,
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=n,
+        )
+
     prefix = out / f"{model}.{workload}.{variant}"
-    subprocess.run(
-        [
-            "valgrind",
-            "--tool=callgrind",
-            "--instr-atstart=no",
-            "--collect-atstart=no",
-            f"--callgrind-out-file={prefix}.%p",
-            sys.executable,
-            __file__,
-            "--worker",
-            "--library",
-            library,
-            "--model",
-            model,
-            "--workload",
-            workload,
-            "--variant",
-            variant,
-            "--warmup",
-            str(args.warmup),
-            "--calls",
-            str(args.calls),
-        ],
-        env=env,
-        check=True,
-        capture_output=True,
-    )
+    valgrind = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        "--collect-atstart=no",
+        f"--callgrind-out-file={prefix}.%p",
+    ]
+    worker = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--library",
+        library,
+        "--model",
+        model,
+        "--workload",
+        workload,
+        "--variant",
+        variant,
+        "--warmup",
+        str(args.warmup),
+        "--calls",
+        str(args.calls),
+    ]
+    others = [
+        subprocess.Popen(worker, env=env(rank), stdout=subprocess.DEVNULL)
+        for rank in range(1, args.world_size)
+    ]
+    try:
+        subprocess.run(valgrind + worker, env=env(0), check=True, capture_output=True)
+    except BaseException:
+        for other in others:
+            other.kill()
+        raise
+    if any(other.wait(timeout=300) for other in others):
+        raise RuntimeError(f"a rank other than 0 failed in {prefix.name}")
     for dump in out.glob(f"{prefix.name}.*.1"):
         totals = re.search(r"^totals: (\d+)", dump.read_text(), re.M)
         if totals:
@@ -126,6 +140,9 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", default=["step", "forward"])
     parser.add_argument("--warmup", type=int, default=6)
     parser.add_argument("--calls", type=int, default=10)
+    parser.add_argument(
+        "--world-size", type=int, default=1, help="ranks; rank 0 is measured (default: 1)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--library", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
@@ -142,7 +159,10 @@ def main() -> None:
         subprocess.run(
             ["cc", "-shared", "-fPIC", "-O2", "-o", library, str(out / "toggle.c")], check=True
         )
-        print(f"M instructions per call ({args.calls} after {args.warmup} warm-up), world size 1")
+        print(
+            f"M instructions per call ({args.calls} after {args.warmup} warm-up), "
+            f"world size {args.world_size}, rank 0"
+        )
         print("| model: workload | stock | default | off | default/stock | off/stock |")
         print("|---|---|---|---|---|---|")
         port = 29800
