@@ -11,6 +11,7 @@ path above dispatch on and off, each call twice (the plan, then the cached repla
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -134,31 +135,62 @@ def _flags(out: torch.Tensor, source: torch.Tensor) -> tuple[Any, ...]:
     )
 
 
+NO_DETACH_STRATEGY = "torch 2.12: no sharding strategy for aten.detach_"
+
+
+def _flags_of(
+    call: Callable[[bool], tuple[torch.Tensor, torch.Tensor]], fast: bool, where: tuple[Any, ...]
+) -> tuple[Any, ...] | str:
+    """``_flags`` of ``call(fast)``'s (output, source), or ``NO_DETACH_STRATEGY`` where it raises
+    torch 2.12's missing ``detach_`` strategy: 2.12's DTensor has no sharding strategy for
+    ``aten.detach_``, which its API calls run under inference mode on a source that requires grad
+    (2.13 registers one), so stock raises there (and so does dtdispatch where it takes stock's
+    path); dtdispatch's own API calls return what 2.13 and later return (ARCHITECTURE "Where
+    dtdispatch differs from stock on purpose"). No other case may raise."""
+    try:
+        out, source = call(fast)
+    except NotImplementedError as exc:
+        if "aten.detach_.default" not in str(exc):
+            raise
+        assert where[0] == "inference_mode" and where[1], where
+        return NO_DETACH_STRATEGY
+    return _flags(out, source)
+
+
 @pytest.mark.parametrize(("impl", "above"), VARIANTS, ids=IDS)
 @pytest.mark.distributed(world_size=2, timeout=120)
 def test_api_calls_under_ambient_modes_match_stock(
     rank: int, world_size: int, impl: str, above: bool
 ) -> None:
+    """Each DTensor API call's output under no_grad, inference mode and grad mode has stock's
+    autograd state and identity relations, on the plan-making and the replaying call (where stock
+    raises torch 2.12's missing ``detach_`` strategy, the two agree with each other)."""
     mesh = mesh_1d()
+
+    def api_call(name: str, grad: bool, context: Any, fast: bool) -> Any:
+        t = distribute_tensor(torch.arange(4.0), mesh, [Shard(0)])
+        t = (dtdispatch.accelerate(t) if fast else t).requires_grad_(grad)
+        with context():
+            return _API_CALLS[name](t, mesh), t
+
+    def from_local(name: str, grad: bool, context: Any, fast: bool) -> Any:
+        local = torch.arange(2.0).requires_grad_(grad)
+        with context():
+            return (FastDTensor if fast else DTensor).from_local(local, mesh, [Shard(0)]), local
+
     with variant(impl, above):
         for ambient, context in _AMBIENT.items():
             for grad in (True, False):
-                for name, call in _API_CALLS.items():
-                    flags = []
-                    for fast in (False, True, True):  # stock, dtdispatch plan, replay
-                        t = distribute_tensor(torch.arange(4.0), mesh, [Shard(0)])
-                        t = (dtdispatch.accelerate(t) if fast else t).requires_grad_(grad)
-                        with context():
-                            out = call(t, mesh)
-                        flags.append(_flags(out, t))
-                    assert flags[1] == flags[0] and flags[2] == flags[0], (ambient, grad, name)
-                flags = []
-                for cls in (DTensor, FastDTensor, FastDTensor):
-                    local = torch.arange(2.0).requires_grad_(grad)
-                    with context():
-                        out = cls.from_local(local, mesh, [Shard(0)])
-                    flags.append(_flags(out, local))
-                assert flags[1] == flags[0] and flags[2] == flags[0], (ambient, grad, "from_local")
+                for name in (*_API_CALLS, "from_local"):
+                    run = from_local if name == "from_local" else api_call
+                    where = (ambient, grad, name)
+                    call = functools.partial(run, name, grad, context)
+                    # stock, dtdispatch's plan-making call, its replay
+                    flags = [_flags_of(call, fast, where) for fast in (False, True, True)]
+                    if flags[0] == NO_DETACH_STRATEGY:
+                        assert flags[2] == flags[1], where
+                    else:
+                        assert flags[1] == flags[0] and flags[2] == flags[0], where
 
 
 _VIEWS: dict[str, Callable[[DTensor], Any]] = {
