@@ -16,7 +16,7 @@ BUILD_INPUTS := pyproject.toml setup.py $(wildcard dtdispatch/_native/*.c dtdisp
 # make compat: the suite on other torch releases, each in a venv of its own, $(COMPAT_DIR)/torch-V,
 # reused when present (also one made by hand with that torch in it). Their Linux wheels are CUDA
 # builds (about 5 GB each with the nvidia-* dependencies); they run on CPU.
-TORCH_COMPAT ?= 2.14.1 2.15.0
+TORCH_COMPAT ?= 2.12.1 2.14.1 2.15.0
 COMPAT_DIR ?= .compat
 
 .PHONY: install demo fuzz test lint clean compat compat-one clients clients-venvs clients-venv-one opinfo
