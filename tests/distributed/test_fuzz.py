@@ -275,6 +275,50 @@ def test_an_exclusion_matches_where_stock_raised(rank: int, world_size: int) -> 
 
 
 @pytest.mark.distributed(world_size=2, timeout=60)
+def test_a_lookup_reduced_twice_is_excluded_only_beside_a_second_lookup(
+    rank: int, world_size: int
+) -> None:
+    """Seed 64, program 246 (4 ranks), shrunk and on 2 ranks: a vocab-sharded lookup's output
+    reduced twice (by ``mm``'s redistribution, then when read) raises on stock and on dtdispatch
+    (the first reduction released the mask). With a second lookup of the same shapes alive,
+    stock's shared mask buffer makes its second reduction raise ``IndexError`` in ``apply_mask``
+    instead (excluded: dtdispatch gives each lookup its own mask); with one lookup both raise the
+    same and the program is compared."""
+    from torch.distributed.tensor import DTensor
+
+    from dtdispatch._compat import clear_sharding_caches
+
+    two = Program(
+        mesh="1d",
+        impl="native",
+        inputs=(
+            Input((4, 2), placements=("S0",), seed=189787158),
+            Input((2,), dtype="int64", placements=("R",), seed=387213706, high=4),
+            Input((2, 2), placements=("R",), seed=470009837),
+        ),
+        lines=(
+            "t3 = F.embedding(t1, t0)",
+            "t4 = F.embedding(t1, t0)",
+            "t5 = torch.mm(t3, t2)",
+            "t6 = t3.sum().full_tensor()",
+        ),
+        rng_seed=1,
+    )
+    clear_sharding_caches()  # as failure() does before each stock run
+    stock = _run(two, DTensor, mesh_for("1d"))
+    assert stock.line == 3 and isinstance(stock.exc, IndexError), (stock.line, stock.exc)
+    assert _excluded(stock) is not None
+    assert failure(two) is None
+
+    one = replace(two, lines=tuple(line for line in two.lines if not line.startswith("t4")))
+    clear_sharding_caches()
+    stock = _run(one, DTensor, mesh_for("1d"))
+    assert stock.line == 2 and isinstance(stock.exc, AssertionError), (stock.line, stock.exc)
+    assert _excluded(stock) is None
+    assert failure(one) is None
+
+
+@pytest.mark.distributed(world_size=2, timeout=60)
 def test_a_program_does_not_see_torchs_caches_of_earlier_ones(rank: int, world_size: int) -> None:
     """Seed 61, programs 2251 and 9000 (2 ranks), shrunk: after the first adds a 0-d Partial and a
     0-d Replicate float64 DTensor, stock's C++ sharding cache answered the second's ``Partial +
