@@ -173,7 +173,7 @@ def test_api_calls_under_ambient_modes_match_stock(
         with context():
             return _API_CALLS[name](t, mesh), t
 
-    def from_local(name: str, grad: bool, context: Any, fast: bool) -> Any:
+    def from_local(grad: bool, context: Any, fast: bool) -> Any:
         local = torch.arange(2.0).requires_grad_(grad)
         with context():
             return (FastDTensor if fast else DTensor).from_local(local, mesh, [Shard(0)]), local
@@ -182,9 +182,11 @@ def test_api_calls_under_ambient_modes_match_stock(
         for ambient, context in _AMBIENT.items():
             for grad in (True, False):
                 for name in (*_API_CALLS, "from_local"):
-                    run = from_local if name == "from_local" else api_call
                     where = (ambient, grad, name)
-                    call = functools.partial(run, name, grad, context)
+                    if name == "from_local":
+                        call = functools.partial(from_local, grad, context)
+                    else:
+                        call = functools.partial(api_call, name, grad, context)
                     # stock, dtdispatch's plan-making call, its replay
                     flags = [_flags_of(call, fast, where) for fast in (False, True, True)]
                     if flags[0] == NO_DETACH_STRATEGY:
